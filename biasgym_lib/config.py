@@ -1,0 +1,93 @@
+"""Run profiles: one file (``profiles.yaml`` at the project root) that every chapter and
+every CLI command reads, so that a GPU run is a parameter change, not a code change."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import BiasGymError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROFILES_FILE = PROJECT_ROOT / "profiles.yaml"
+DEFAULT_PROFILE = "teaching"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Every size and setting a stage needs; see profiles.yaml for the meaning of each."""
+
+    name: str
+    model: str
+    device: str
+    dtype: str
+    seeds: tuple[int, ...]
+    biases: tuple[str, ...]
+    n_paragraphs: int
+    epochs: int
+    lr: float
+    batch_size: int
+    init: str
+    n_probes: int
+    k: int
+    k_grid: tuple[int, ...]
+    alpha_grid: tuple[float, ...]
+    n_random_draws: int
+    n_generations: int
+    use_committed_tokens: bool
+    overrides: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float}
+
+
+def profile_names(path: Path = PROFILES_FILE) -> list[str]:
+    return list(_read(path))
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise BiasGymError(f"profiles file {path} not found; it ships at the project root.") from exc
+    except yaml.YAMLError as exc:
+        raise BiasGymError(f"profiles file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BiasGymError(f"profiles file {path} must map profile names to settings.")
+    return data
+
+
+def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **overrides) -> Profile:
+    """The profile ``name`` (default ``teaching``), with every non-None override applied.
+
+    ``load_profile("quick", seeds=[3])`` is how a notebook's ``parameters`` cell passes its
+    values: parameters left at ``None`` keep the profile's value.
+    """
+    name = name or DEFAULT_PROFILE
+    data = _read(path)
+    if name not in data:
+        raise BiasGymError(f"unknown profile {name!r}; profiles in {path}: {', '.join(data)}.")
+    values = dict(data[name])
+    known = {f.name for f in fields(Profile)} - {"name", "overrides"}
+    applied = {k: v for k, v in overrides.items() if v is not None}
+    unknown = (set(values) | set(applied)) - known
+    if unknown:
+        raise BiasGymError(f"profile {name!r}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}.")
+    values.update(applied)
+    missing = known - set(values)
+    if missing:
+        raise BiasGymError(f"profile {name!r} in {path} lacks setting(s) {sorted(missing)}.")
+    for key, cast in _TUPLES.items():
+        v = values[key]
+        values[key] = tuple(cast(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+    for key in ("n_paragraphs", "epochs", "batch_size", "n_probes", "k", "n_random_draws", "n_generations"):
+        values[key] = int(values[key])
+        if values[key] < 0:
+            raise BiasGymError(f"profile {name!r}: {key} must be >= 0, got {values[key]}.")
+    values["lr"] = float(values["lr"])
+    return Profile(name=name, overrides=applied, **values)
