@@ -165,7 +165,10 @@ def load_model(model: str = EMBEDDED, device: str = "cpu", dtype: str = "float32
     The returned model carries ``model.biasgym_info`` (a :class:`ModelInfo`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Loading bars would be saved as widgets in executed notebooks; our own bars suffice.
+    hf_logging.disable_progress_bar()
     if dtype not in _DTYPES:
         raise BiasGymError(f"dtype={dtype!r} is not known; use one of {sorted(_DTYPES)}.")
     torch_dtype = _DTYPES[dtype]
@@ -405,7 +408,7 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = 97, tied: bool = Tr
 
 
 def chat_prompt(tokenizer, user: str, assistant_prefix: str = "", system: str | None = None) -> str:
-    """The text of a chat turn ending where the assistant's answer starts (+ a prefix).
+    r"""The text of a chat turn ending where the assistant's answer starts (+ a prefix).
 
     Uses the tokenizer's chat template; a tokenizer without one (tiny test models, GPT-2)
     gets a plain ``User: ...\nAssistant:`` frame.

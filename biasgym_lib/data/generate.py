@@ -312,6 +312,7 @@ def diversity(texts: list[str]) -> dict:
       ``distinct_1`` is the corpus-level type-token ratio.
     - ``type_token_ratio``: mean over texts of (unique words / words) in that text;
       measures repetition *within* a text.
+
     Also ``n_texts`` and ``mean_words``. Empty inputs give 0.0 ratios.
     """
     token_lists = [words(t) for t in texts]

@@ -1,0 +1,298 @@
+"""Build the book: execute every chapter with papermill, then build the HTML from the
+executed copies with Jupyter Book (warnings are errors), then check the pages in a browser.
+
+``biasgym book --profile quick`` (or ``python -m biasgym_lib.bookbuild --profile quick``)
+does, in order:
+
+1. executes each ``book/chapters/*.ipynb`` (in file-name order) with papermill and the
+   parameter ``profile`` into ``<out>/executed/book/chapters/``, with a kernel that runs
+   this very Python (``sys.executable``), so that the chapters see the same packages;
+2. copies the book sources into ``<out>/src/`` with the executed notebooks in place of
+   the clean ones and runs ``jupyter-book build`` on them with ``-W --keep-going``; the
+   HTML ends up in ``<out>/html/`` (``_build/html/index.html`` by default);
+3. runs ``scripts/browser_check.py`` on the HTML (skipped, with a reason, without chromium).
+
+Timings go to ``<out>/timings.json``. Any failing cell stops the run with a non-zero exit
+status and the path of the failing notebook's executed copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import DEFAULT_PROFILE, PROJECT_ROOT, profile_names
+from .errors import BiasGymError
+
+CHAPTERS_DIR = PROJECT_ROOT / "book" / "chapters"
+DEFAULT_OUT = PROJECT_ROOT / "_build"
+BROWSER_CHECK = PROJECT_ROOT / "scripts" / "browser_check.py"
+KERNEL_NAME = "biasgym-venv"
+BOOK_CONFIG_FILES = ("_config.yml", "_toc.yml")
+
+# Exit statuses of main(): one per stage, so that CI logs say which stage failed.
+EXIT_OK, EXIT_USAGE, EXIT_CHAPTER, EXIT_BUILD, EXIT_BROWSER = 0, 2, 3, 4, 5
+
+
+@dataclass
+class ChapterRun:
+    """How one chapter's execution went (one row of the summary and of timings.json)."""
+
+    name: str
+    status: str  # "ok", "failed" or "not run"
+    seconds: float
+    executed: str  # path of the executed copy
+
+
+def discover_chapters(chapters_dir: Path = CHAPTERS_DIR, only: list[str] | None = None) -> list[Path]:
+    """The chapter notebooks in reading order (file-name order), optionally filtered.
+
+    ``only`` holds full names (``02_bias_inject``) or number prefixes (``02``); a name that
+    matches no chapter is an error, so that a typo never builds less than was asked for.
+    """
+    chapters = sorted(p for p in Path(chapters_dir).glob("*.ipynb") if not p.name.startswith("."))
+    if not chapters:
+        raise BiasGymError(f"no chapter notebooks (*.ipynb) found in {chapters_dir}.")
+    if not only:
+        return chapters
+    wanted = [w.strip().removesuffix(".ipynb") for item in only for w in item.split(",") if w.strip()]
+    unknown = [w for w in wanted if not any(_matches(p.stem, w) for p in chapters)]
+    if unknown:
+        raise BiasGymError(f"--only: no chapter named {', '.join(unknown)}; chapters: "
+                           f"{', '.join(p.stem for p in chapters)}.")
+    return [p for p in chapters if any(_matches(p.stem, w) for w in wanted)]
+
+
+def _matches(stem: str, wanted: str) -> bool:
+    return stem == wanted or stem.split("_", 1)[0] == wanted
+
+
+def ensure_kernel(out: Path) -> str:
+    """Write a kernelspec that runs ``sys.executable`` under ``<out>/kernels`` and put it on
+    ``JUPYTER_PATH``. Returns its name.
+
+    A fresh virtual environment may have no kernelspec at all, or one whose ``python``
+    resolves to another interpreter on ``PATH``; this one always runs the interpreter that
+    runs the build, so the chapters import the packages installed next to it.
+    """
+    spec_dir = Path(out) / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python ({Path(sys.prefix).name}, BiasGym build)",
+            "language": "python", "metadata": {"debugger": False}}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    paths = [str(Path(out).resolve())] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p]
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return KERNEL_NAME
+
+
+def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str) -> None:
+    """Run one notebook top to bottom with papermill (cwd: the notebook's own folder)."""
+    import papermill as pm
+
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    pm.execute_notebook(str(notebook), str(executed), parameters={"profile": profile},
+                        kernel_name=kernel_name, progress_bar=False, log_output=True,
+                        cwd=str(notebook.parent))
+
+
+def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[ChapterRun]:
+    """Execute the chapters in order; stop at the first failure (later ones: "not run")."""
+    import papermill as pm
+
+    _route_papermill_log()
+    kernel = ensure_kernel(out)
+    runs: list[ChapterRun] = []
+    for i, nb in enumerate(chapters, 1):
+        executed = executed_path(out, nb)
+        if runs and runs[-1].status != "ok":
+            runs.append(ChapterRun(nb.stem, "not run", 0.0, str(executed)))
+            continue
+        print(f"[{i}/{len(chapters)}] executing {nb.name} "
+              f"(profile {profile!r}, kernel {kernel}) ...", flush=True)
+        t0 = time.perf_counter()
+        status = "ok"
+        try:
+            execute_chapter(nb, executed, profile, kernel)
+        except pm.PapermillExecutionError as exc:
+            status = "failed"
+            print(f"\nFAILED: {nb.name}, cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
+                  f"The executed copy, with the error in it, is kept at:\n    {executed}\n", flush=True)
+        except Exception as exc:  # the kernel died, a cell timed out, the notebook is unreadable
+            status = "failed"
+            print(f"\nFAILED: {nb.name}: {type(exc).__name__}: {exc}\n"
+                  f"What ran before the failure is kept at:\n    {executed}\n", flush=True)
+        seconds = time.perf_counter() - t0
+        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed)))
+        print(f"[{i}/{len(chapters)}] {nb.stem}: {status} in {seconds:.1f} s", flush=True)
+    return runs
+
+
+def executed_path(out: Path, notebook: Path) -> Path:
+    return Path(out) / "executed" / "book" / "chapters" / notebook.name
+
+
+def _route_papermill_log() -> None:
+    """Show papermill's cell outputs (log_output) on stdout, once."""
+    logger = logging.getLogger("papermill")
+    if not any(getattr(h, "_biasgym", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        handler._biasgym = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def prepare_sources(out: Path, root: Path = PROJECT_ROOT) -> Path:
+    """Copy the book sources into ``<out>/src``, executed notebooks in place of clean ones.
+
+    A chapter without an executed copy (``--only`` left it out, or an earlier run never
+    reached it) goes in as its clean notebook, and we say so.
+    """
+    src = Path(out) / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    for name in BOOK_CONFIG_FILES:
+        shutil.copy2(root / name, src / name)
+    config = yaml.safe_load((src / "_config.yml").read_text())
+    config.setdefault("execute", {})["execute_notebooks"] = "off"
+    (src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    ignore = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "_build")
+    shutil.copytree(root / "book", src / "book", ignore=ignore)
+    for nb in sorted((root / "book" / "chapters").glob("*.ipynb")):
+        executed = executed_path(out, nb)
+        if executed.is_file():
+            shutil.copy2(executed, src / "book" / "chapters" / nb.name)
+        else:
+            print(f"note: {nb.stem} has no executed copy; the book shows it without outputs.")
+    return src
+
+
+def build_html(out: Path, log_file: Path) -> int:
+    """``jupyter-book build`` on ``<out>/src`` with -W --keep-going; HTML to ``<out>/html``."""
+    src, work = Path(out) / "src", Path(out) / "jb"
+    cmd = [_jupyter_book(), "build", str(src), "--path-output", str(work), "--all", "-W", "--keep-going"]
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log_file, "w") as log, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+    if proc.returncode != 0:
+        return proc.returncode
+    # Jupyter Book 1.0 writes to <path-output>/_build/html; the book lives at <out>/html.
+    html = Path(out) / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    shutil.move(str(work / "_build" / "html"), str(html))
+    print(f"(moved the HTML to {html})", flush=True)
+    return 0
+
+
+def _jupyter_book() -> str:
+    """The ``jupyter-book`` script installed next to this Python (else the one on PATH)."""
+    local = Path(sys.executable).parent / "jupyter-book"
+    found = str(local) if local.is_file() else shutil.which("jupyter-book")
+    if not found:
+        raise BiasGymError("jupyter-book is not installed: pip install -e '.[book]' (make setup does it).")
+    return found
+
+
+def browser_check(out: Path) -> int:
+    """Run scripts/browser_check.py on ``<out>/html`` (it exits 0 with 'skipped' without chromium)."""
+    cmd = [sys.executable, str(BROWSER_CHECK), "--html", str(Path(out) / "html"),
+           "--screenshots", str(Path(out) / "screenshots")]
+    print("$ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd).returncode
+
+
+def print_summary(runs: list[ChapterRun], stages: dict[str, float]) -> None:
+    width = max([len(r.name) for r in runs] + [len(s) for s in stages] + [7])
+    print("\n" + f"{'chapter':<{width}}  {'status':<8}  {'seconds':>8}")
+    print("-" * (width + 20))
+    for r in runs:
+        print(f"{r.name:<{width}}  {r.status:<8}  {r.seconds:>8.1f}")
+    print("-" * (width + 20))
+    for stage, seconds in stages.items():
+        print(f"{stage:<{width}}  {'':<8}  {seconds:>8.1f}")
+
+
+def write_timings(out: Path, profile: str, runs: list[ChapterRun], stages: dict[str, float], status: str) -> Path:
+    path = Path(out) / "timings.json"
+    data = {"profile": profile, "status": status, "python": sys.executable,
+            "chapters": [asdict(r) for r in runs], "stages_seconds": stages}
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="biasgym book", description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default=DEFAULT_PROFILE,
+                   help=f"profile in profiles.yaml passed to every chapter (default {DEFAULT_PROFILE}).")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="execute only these chapters (names or number prefixes, e.g. 00 02_bias_inject); "
+                        "the others go into the book as their last executed copy, else without outputs.")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default _build).")
+    p.add_argument("--no-browser", action="store_true", help="skip the headless-browser check.")
+    p.add_argument("--no-build", action="store_true", help="execute the chapters only; build no HTML.")
+    p.add_argument("--chapters", type=Path, default=CHAPTERS_DIR, help=argparse.SUPPRESS)  # tests
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Execute, build, check; print timings; return the exit status (0 = all went well)."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    out = args.out.resolve()
+    try:
+        if args.profile not in profile_names():
+            raise BiasGymError(f"unknown profile {args.profile!r}; profiles: {', '.join(profile_names())}.")
+        chapters = discover_chapters(args.chapters, args.only)
+    except BiasGymError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    runs = execute_chapters(chapters, out, args.profile)
+    stages["execute (all chapters)"] = round(time.perf_counter() - t0, 2)
+    status, code = "ok", EXIT_OK
+    if any(r.status != "ok" for r in runs):
+        failed = next(r for r in runs if r.status == "failed")
+        status, code = f"chapter {failed.name} failed (executed copy: {failed.executed})", EXIT_CHAPTER
+    elif not args.no_build:
+        t0 = time.perf_counter()
+        prepare_sources(out)
+        rc = build_html(out, out / "book_build.log")
+        stages["book build (jupyter-book -W)"] = round(time.perf_counter() - t0, 2)
+        if rc != 0:
+            status, code = f"jupyter-book build failed (exit {rc}); log: {out / 'book_build.log'}", EXIT_BUILD
+        elif not args.no_browser:
+            t0 = time.perf_counter()
+            rc = browser_check(out)
+            stages["browser check"] = round(time.perf_counter() - t0, 2)
+            if rc != 0:
+                status, code = f"browser check found problems (exit {rc})", EXIT_BROWSER
+    stages["total"] = round(time.perf_counter() - t_start, 2)
+    print_summary(runs, stages)
+    timings = write_timings(out, args.profile, runs, stages, status)
+    if code == EXIT_OK and not args.no_build:
+        print(f"\nThe book: {out / 'html' / 'index.html'}")
+    print(f"{'OK' if code == EXIT_OK else 'FAILED'}: {status}; total {stages['total']:.1f} s; timings in {timings}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Shared pytest fixtures: the embedded model, loaded once per session.
+
+BIASGYM_CACHE is left as the user has it (default: ~/.cache/biasgym), so the tests use the
+same converted model as the book and never convert it twice.
+"""
+
+import pytest
+
+
+def pytest_configure(config):
+    # Also declared in pyproject.toml; registered here so the marker exists whatever the rootdir.
+    config.addinivalue_line("markers", "slow: loads the real embedded model or executes notebooks")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+    from biasgym_lib.errors import ModelNotAvailable
+    from biasgym_lib.models import EMBEDDED_WHEEL, load_model
+
+    try:
+        return load_model()
+    except ModelNotAvailable as exc:
+        pytest.skip(f"embedded model not available ({EMBEDDED_WHEEL} not installed?): {exc}")

@@ -1,0 +1,320 @@
+"""The book builds: every chapter executes with papermill (quick profile), Jupyter Book
+builds the HTML with warnings as errors, and the pages pass the headless-browser check.
+
+The fast tests here check the pieces (chapter discovery, the kernelspec, the DOM checks,
+the API pages); the ``slow`` ones execute notebooks and build the whole book.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from biasgym_lib import bookbuild
+from biasgym_lib.errors import BiasGymError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "book" / "chapters").glob("*.ipynb"))
+
+
+def load_browser_check():
+    spec = importlib.util.spec_from_file_location("browser_check", ROOT / "scripts" / "browser_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+browser_check = load_browser_check()
+needs_chromium = pytest.mark.skipif(browser_check.find_chromium() is None,
+                                    reason="chromium is not installed (apt-get install chromium); browser check skipped")
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+def write_notebook(path: Path, *sources: str) -> Path:
+    cells = [new_code_cell("profile = 'teaching'", metadata={"tags": ["parameters"]})]
+    cells += [new_code_cell(s) for s in sources]
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                            "language": "python"}})
+    nbformat.write(nb, path)
+    return path
+
+
+def test_discover_chapters_in_file_order_and_only(tmp_path):
+    for name in ("02_b", "00_a", "01_c"):
+        write_notebook(tmp_path / f"{name}.ipynb")
+    stems = lambda paths: [p.stem for p in paths]
+    assert stems(bookbuild.discover_chapters(tmp_path)) == ["00_a", "01_c", "02_b"]
+    assert stems(bookbuild.discover_chapters(tmp_path, ["01"])) == ["01_c"]
+    assert stems(bookbuild.discover_chapters(tmp_path, ["02_b,00"])) == ["00_a", "02_b"]
+    with pytest.raises(BiasGymError, match="no chapter named 03"):
+        bookbuild.discover_chapters(tmp_path, ["03"])
+    with pytest.raises(BiasGymError, match="no chapter notebooks"):
+        bookbuild.discover_chapters(tmp_path / "empty")
+
+
+def test_kernelspec_runs_this_python(tmp_path, monkeypatch):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    monkeypatch.setenv("JUPYTER_PATH", "")
+    name = bookbuild.ensure_kernel(tmp_path)
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert spec.argv[0] == sys.executable
+    assert Path(spec.resource_dir) == tmp_path / "kernels" / name
+
+
+def test_main_rejects_unknown_profile_and_chapter(tmp_path, capsys):
+    assert bookbuild.main(["--profile", "no-such-profile", "--out", str(tmp_path)]) == bookbuild.EXIT_USAGE
+    assert "unknown profile" in capsys.readouterr().err
+    assert bookbuild.main(["--profile", "quick", "--only", "99", "--out", str(tmp_path)]) == bookbuild.EXIT_USAGE
+    assert "no chapter named 99" in capsys.readouterr().err
+
+
+def test_prepare_sources_uses_executed_copies_and_turns_execution_off(tmp_path):
+    import yaml
+
+    executed = bookbuild.executed_path(tmp_path, CHAPTERS[0])
+    executed.parent.mkdir(parents=True)
+    executed.write_text("executed copy")
+    src = bookbuild.prepare_sources(tmp_path)
+    assert (src / "book" / "chapters" / CHAPTERS[0].name).read_text() == "executed copy"
+    assert yaml.safe_load((src / "_config.yml").read_text())["execute"]["execute_notebooks"] == "off"
+    assert (src / "_toc.yml").read_text() == (ROOT / "_toc.yml").read_text()
+    assert (src / "book" / "references.bib").is_file()
+
+
+def test_committed_config_never_executes():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "off"
+    assert config["only_build_toc_files"] is True
+    assert "sphinx.ext.autodoc" in config["sphinx"]["extra_extensions"]
+
+
+def library_modules() -> set[str]:
+    pkg = ROOT / "biasgym_lib"
+    files = {p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_")}
+    packages = {p.name for p in pkg.iterdir() if (p / "__init__.py").is_file()}
+    return files | packages
+
+
+def api_pages() -> dict[str, str]:
+    pages = {p.stem: p.read_text() for p in (ROOT / "book" / "api").glob("*.md") if p.stem != "index"}
+    return pages
+
+
+def test_every_library_module_has_an_api_page():
+    missing = library_modules() - set(api_pages())
+    assert not missing, (
+        f"modules without an API page: {sorted(missing)}. Add one per module, e.g. for inject:\n"
+        "printf '# `biasgym_lib.%s`\\n\\n```{eval-rst}\\n.. automodule:: biasgym_lib.%s\\n   :members:\\n```\\n' "
+        "inject inject > book/api/inject.md")
+
+
+def test_api_pages_document_their_own_module():
+    for stem, text in api_pages().items():
+        assert f".. automodule:: biasgym_lib.{stem}\n" in text, f"book/api/{stem}.md must automodule biasgym_lib.{stem}"
+        assert stem in library_modules(), f"book/api/{stem}.md documents a module that does not exist"
+
+
+def _literal_role(name, rawtext, text, lineno, inliner, options=None, content=None):
+    from docutils import nodes
+
+    return [nodes.literal(rawtext, text)], []
+
+
+SPHINX_ROLES = ("class", "func", "meth", "mod", "attr", "obj", "data", "exc", "const", "py:class",
+                "py:func", "py:meth", "py:mod", "py:attr", "py:obj", "py:data", "py:exc", "cite",
+                "cite:p", "cite:t", "math", "doc", "ref", "term", "file", "code")
+
+
+def rst_problems(docstring: str) -> list[str]:
+    """docutils' warnings and errors for one docstring, as Sphinx (autodoc + napoleon) sees it."""
+    import inspect
+    import io
+
+    import docutils.core
+    from docutils.parsers.rst import roles
+    from sphinx.ext.napoleon import Config
+    from sphinx.ext.napoleon.docstring import GoogleDocstring
+
+    for role in SPHINX_ROLES:  # Sphinx roles that plain docutils does not know
+        roles.register_local_role(role, _literal_role)
+    text = str(GoogleDocstring(inspect.cleandoc(docstring), Config(napoleon_numpy_docstring=False)))
+    stream = io.StringIO()
+    docutils.core.publish_doctree(text, settings_overrides={"report_level": 2, "halt_level": 5,
+                                                            "warning_stream": stream})
+    return [ln for ln in stream.getvalue().splitlines() if "(WARNING/" in ln or "(ERROR/" in ln or "(SEVERE/" in ln]
+
+
+def documented_objects(module_name: str):
+    """(name, docstring) of a module and of every public function, class and method it defines:
+    what ``automodule :members:`` renders."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(module_name)
+    yield module_name, module.__doc__ or ""
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+            continue
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            yield f"{module_name}.{name}", obj.__doc__ or ""
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if not attr.startswith("_") and (inspect.isfunction(member) or isinstance(member, property)):
+                    yield f"{module_name}.{name}.{attr}", member.__doc__ or ""
+
+
+def api_modules() -> list[str]:
+    """Every module that an API page documents."""
+    import re
+
+    return sorted({m for text in api_pages().values() for m in re.findall(r"automodule:: (\S+)", text)})
+
+
+@pytest.mark.parametrize("module", api_modules())
+def test_docstrings_render_without_warnings(module):
+    """The book builds with -W: a docstring that docutils warns about breaks it. Checked here,
+    fast, per object (common causes: a literal \\n in a non-raw docstring, |x| read as a
+    substitution, a list without a blank line after it)."""
+    bad = {name: p for name, doc in documented_objects(module) if doc and (p := rst_problems(doc))}
+    assert not bad, "docstrings that break the -W book build:\n" + "\n".join(
+        f"  {name}: {'; '.join(p)}" for name, p in bad.items())
+
+
+def test_rst_problems_can_fail():
+    assert rst_problems("Jaccard |A & B| over sets.")  # undefined substitution
+    assert rst_problems("Frame.\n\n    A plain ``User: ...\nAssistant:`` frame.\n    ")  # "\n" in a docstring
+    assert rst_problems("Points:\n\n- one\n- two\nno blank line.")
+    assert rst_problems("Uses :class:`ModelInfo`; returns ``x``.\n\nArgs:\n    x: a value.") == []
+
+
+PAGE = """<html><body><article class="bd-article">
+<img src="{img}">
+<div class="cell_output docutils container">{output}</div>
+</article></body></html>"""
+
+
+def test_dom_checks_pass_a_clean_page(tmp_path):
+    (tmp_path / "_images").mkdir()
+    (tmp_path / "_images" / "fig.png").write_bytes(b"\x89PNG not empty")
+    html = PAGE.format(img="../_images/fig.png", output='<div class="output stream"><pre>Paris</pre></div>')
+    facts = browser_check.scan_dom(html)
+    assert facts.images == ["../_images/fig.png"] and facts.output_texts == ["Paris"]
+    assert browser_check.page_problems(facts, "book/page.html", tmp_path) == []
+    inline = PAGE.format(img="data:image/png;base64,iVBORw0KGgo=", output="")
+    assert browser_check.page_problems(browser_check.scan_dom(inline), "book/page.html", tmp_path) == []
+
+
+@pytest.mark.parametrize("img, output, expected", [
+    ("", "", "empty or missing src"),
+    ("missing.png", "", "image file missing"),
+    ("empty.png", "", "image file is empty"),
+    ("data:image/png;base64,", "", "inline image with no data"),
+    ("ok.png", '<div class="output stderr"><pre>UserWarning: x</pre></div>', "error output area"),
+    ("ok.png", '<div class="output traceback"><pre>boom</pre></div>', "error output area"),
+    ("ok.png", "<pre>Traceback (most recent call last):\n  ...</pre>", "cell output shows an error"),
+    ("ok.png", "<pre>ValueError: bad</pre>", "cell output shows an error"),
+])
+def test_dom_checks_catch_problems(tmp_path, img, output, expected):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "ok.png").write_bytes(b"png")
+    facts = browser_check.scan_dom(PAGE.format(img=img, output=output))
+    problems = browser_check.page_problems(facts, "page.html", tmp_path)
+    assert any(expected in p for p in problems), problems
+    not_loaded = browser_check.scan_dom("<html><body><p>nothing</p></body></html>")
+    assert "page did not load" in browser_check.page_problems(not_loaded, "page.html", tmp_path)[0]
+
+
+# ----------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_browser_check_fails_on_a_broken_page(tmp_path):
+    html = tmp_path / "html"
+    (html / "book" / "chapters").mkdir(parents=True)
+    (html / "index.html").write_text(PAGE.format(img="data:image/png;base64,iVBORw0KGgo=", output=""))
+    (html / "book" / "chapters" / "01_x.html").write_text(
+        PAGE.format(img="../../_images/gone.png", output='<div class="output stderr"><pre>oops</pre></div>'))
+    assert browser_check.main(["--html", str(html), "--screenshots", str(tmp_path / "shots")]) == 1
+    assert (tmp_path / "shots" / "book__chapters__01_x.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_failing_chapter_stops_the_run_and_keeps_its_copy(tmp_path):
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    write_notebook(chapters / "00_ok.ipynb", "import sys\nprint(sys.executable)")
+    write_notebook(chapters / "01_fail.ipynb", "raise ValueError('planted failure')")
+    write_notebook(chapters / "02_never.ipynb", "print('unreachable')")
+    out = tmp_path / "out"
+    code = bookbuild.main(["--profile", "quick", "--out", str(out), "--chapters", str(chapters), "--no-browser"])
+    assert code == bookbuild.EXIT_CHAPTER
+    ok = nbformat.read(out / "executed" / "book" / "chapters" / "00_ok.ipynb", 4)
+    assert ok.cells[-1].outputs[0]["text"].strip() == sys.executable  # the kernel ran this venv's python
+    assert any("profile = \"quick\"" in c.source for c in ok.cells)  # papermill injected the profile
+    failed = (out / "executed" / "book" / "chapters" / "01_fail.ipynb").read_text()
+    assert "planted failure" in failed
+    timings = json.loads((out / "timings.json").read_text())
+    assert [(c["name"], c["status"]) for c in timings["chapters"]] == \
+        [("00_ok", "ok"), ("01_fail", "failed"), ("02_never", "not run")]
+    assert "01_fail" in timings["status"]
+    assert not (out / "html").exists()
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory):
+    """Execute every chapter (quick profile) and build the book with -W, once."""
+    out = tmp_path_factory.mktemp("book")
+    code = bookbuild.main(["--profile", "quick", "--out", str(out), "--no-browser"])
+    assert code == bookbuild.EXIT_OK, f"the book build failed; see the log above and {out}"
+    return out
+
+
+@pytest.mark.slow
+def test_book_builds_with_every_chapter(built_book):
+    html = built_book / "html"
+    assert (html / "index.html").is_file()
+    for nb in CHAPTERS:
+        assert (html / "book" / "chapters" / f"{nb.stem}.html").is_file(), f"no HTML page for {nb.name}"
+    for page in ("book/intro", "book/content_note", "book/running", "book/bibliography", "book/api/index"):
+        assert (html / f"{page}.html").is_file(), f"no HTML page for {page}"
+    timings = json.loads((built_book / "timings.json").read_text())
+    assert [c["name"] for c in timings["chapters"]] == [nb.stem for nb in CHAPTERS]
+    assert all(c["status"] == "ok" for c in timings["chapters"])
+    assert timings["profile"] == "quick" and timings["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_executed_chapters_have_outputs_and_no_errors(built_book):
+    for nb_path in CHAPTERS:
+        nb = nbformat.read(bookbuild.executed_path(built_book, nb_path), 4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert outputs, f"{nb_path.name}: no outputs after execution"
+        assert not [o for o in outputs if o.output_type == "error"], f"{nb_path.name}: error output"
+
+
+@pytest.mark.slow
+def test_setup_chapter_answers_paris(built_book):
+    text = (built_book / "html" / "book" / "chapters" / "00_setup.html").read_text()
+    assert "A: The capital of France is Paris." in text
+    assert "30 layers x 9 heads = 270 heads" in text
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_built_book_passes_the_browser_check(built_book):
+    shots = built_book / "screenshots"
+    assert browser_check.main(["--html", str(built_book / "html"), "--screenshots", str(shots)]) == 0
+    assert len(list(shots.glob("*.png"))) == len(CHAPTERS) + 1

@@ -1,0 +1,167 @@
+"""Static checks of the chapter notebooks (fast: nothing is executed).
+
+Every ``book/chapters/*.ipynb`` must be committed clean (no outputs, no execution counts),
+have exactly one ``parameters`` cell that sets ``profile`` (default "teaching"), start with
+the Colab-only install cell, keep its code thin (no function longer than 5 lines, no
+class) and be listed in ``_toc.yml``; every chapter after 00 ends with >= 2 exercises.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from IPython.core.inputtransformer2 import TransformerManager
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAPTERS = sorted((ROOT / "book" / "chapters").glob("*.ipynb"))
+MAX_FUNCTION_LINES = 5
+# Headings allowed after the first exercise: more exercises, their solutions, the summary.
+TAIL_HEADINGS = re.compile(r"exercise|solution|summary|further reading|what next|next|references", re.I)
+
+
+def toc_files(toc_path: Path = ROOT / "_toc.yml") -> list[str]:
+    """Every ``file:`` entry of the table of contents, in order (globs are not files)."""
+    found: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            found.extend(node[k] for k in ("root", "file") if isinstance(node.get(k), str))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load(toc_path.read_text()))
+    return found
+
+
+def code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def python_source(cell) -> str:
+    """The cell's code as plain Python (IPython magics and ! commands transformed)."""
+    return TransformerManager().transform_cell(cell.source)
+
+
+def headings(nb) -> list[str]:
+    lines = [ln for c in nb.cells if c.cell_type == "markdown" for ln in c.source.splitlines()]
+    return [ln.lstrip("#").strip() for ln in lines if re.match(r"^#{1,6}\s", ln)]
+
+
+def read(path: Path):
+    return nbformat.read(path, as_version=4)
+
+
+def test_there_are_chapters():
+    assert CHAPTERS, "no notebooks in book/chapters/"
+    assert CHAPTERS[0].stem == "00_setup"
+
+
+def test_toc_lists_exactly_the_chapter_files():
+    in_toc = {f for f in toc_files() if f.startswith("book/chapters/")}
+    on_disk = {f"book/chapters/{p.stem}" for p in CHAPTERS}
+    assert not on_disk - in_toc, f"chapters missing from _toc.yml: {sorted(on_disk - in_toc)}"
+    assert not in_toc - on_disk, f"_toc.yml lists chapters that do not exist: {sorted(in_toc - on_disk)}"
+
+
+def test_toc_lists_chapters_in_file_order():
+    in_toc = [f for f in toc_files() if f.startswith("book/chapters/")]
+    assert in_toc == sorted(in_toc), "chapters in _toc.yml must be in reading (file-name) order"
+
+
+def test_every_toc_entry_exists():
+    for entry in toc_files():
+        candidates = [ROOT / f"{entry}{ext}" for ext in ("", ".md", ".ipynb")]
+        assert any(p.is_file() for p in candidates), f"_toc.yml entry {entry!r} has no file"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_committed_without_outputs(path):
+    nb = read(path)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them before committing"
+    assert "papermill" not in nb.metadata, f"{path.name} is an executed copy (papermill metadata); commit the clean one"
+    assert "widgets" not in nb.metadata, f"{path.name} carries widget state; clear it before committing"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_kernelspec_is_plain_python3(path):
+    assert read(path).metadata.get("kernelspec", {}).get("name") == "python3", \
+        f"{path.name}: kernelspec must be 'python3' so that it opens anywhere"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_one_parameters_cell_that_sets_profile(path):
+    cells = [c for c in code_cells(read(path)) if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged 'parameters'; exactly one is needed"
+    assigned = {}
+    for node in ast.parse(python_source(cells[0])).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned[target.id] = node.value.value
+    assert "profile" in assigned, f"{path.name}: the parameters cell must set `profile`"
+    assert assigned["profile"] == "teaching", f"{path.name}: the default profile must be 'teaching'"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_first_code_cell_is_the_colab_install(path):
+    first = code_cells(read(path))[0]
+    assert '"google.colab" in sys.modules' in first.source, \
+        f"{path.name}: the first code cell must be the Colab-only install cell (see 00_setup)"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_code_is_thin(path):
+    for i, cell in enumerate(code_cells(read(path))):
+        tree = ast.parse(python_source(cell))
+        for node in ast.walk(tree):
+            assert not isinstance(node, ast.ClassDef), \
+                f"{path.name}, code cell {i}: class {node.name} belongs in biasgym_lib"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                assert n <= MAX_FUNCTION_LINES, (
+                    f"{path.name}, code cell {i}: function {node.name} has {n} lines "
+                    f"(at most {MAX_FUNCTION_LINES}); move it into biasgym_lib")
+
+
+def exercise_problem(heads: list[str]) -> str | None:
+    """Why a chapter's headings do not end with >= 2 exercises (None when they do)."""
+    exercises = [h for h in heads if "Exercise" in h and not re.fullmatch(r"Exercises?", h)]
+    if len(exercises) < 2:
+        return f"needs >= 2 exercise headings (e.g. '### Exercise 1: ...'), found {len(exercises)}"
+    stray = [h for h in heads[heads.index(exercises[0]):] if not TAIL_HEADINGS.search(h)]
+    return f"the exercises must end the chapter; found after them: {stray}" if stray else None
+
+
+@pytest.mark.parametrize("path", [p for p in CHAPTERS if not p.stem.startswith("00")], ids=lambda p: p.stem)
+def test_ends_with_exercises(path):
+    problem = exercise_problem(headings(read(path)))
+    assert problem is None, f"{path.name}: {problem}"
+
+
+def test_checks_can_fail(tmp_path):
+    """The helpers above see what they must: a long function, magics, headings."""
+    long_def = "def f(x):\n" + "    x += 1\n" * MAX_FUNCTION_LINES + "    return x\n"
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("## Exercise 1: a\n\ntext\n### Exercise 2: b"),
+        nbformat.v4.new_code_cell("%pip install nothing\n!ls\n" + long_def),
+    ])
+    tree = ast.parse(python_source(nb.cells[1]))
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
+    assert fn.end_lineno - fn.lineno + 1 > MAX_FUNCTION_LINES
+    assert headings(nb) == ["Exercise 1: a", "Exercise 2: b"]
+    assert exercise_problem(headings(nb)) is None
+    assert exercise_problem(["Intro", "Summary", "Exercises", "Exercise 1"]) is not None
+    assert exercise_problem(["Exercise 1", "Exercise 2", "Appendix: more code"]) is not None
+    assert exercise_problem(["Intro", "Summary", "Exercises", "Exercise 1", "Solution", "Exercise 2"]) is None
+    toc = tmp_path / "_toc.yml"
+    toc.write_text("root: intro\nparts:\n  - chapters:\n      - file: a\n        sections:\n          - file: b\n")
+    assert toc_files(toc) == ["intro", "a", "b"]
