@@ -22,3 +22,23 @@ def embedded():
         return load_model()
     except ModelNotAvailable as exc:
         pytest.skip(f"embedded model not available ({EMBEDDED_WHEEL} not installed?): {exc}")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(embedded):
+    """A fresh copy of the embedded model's tokenizer (tests may add <TOKEN> to it)."""
+    import copy
+
+    return copy.deepcopy(embedded[1])
+
+
+@pytest.fixture
+def tiny_with_tokenizer(smol_tokenizer):
+    """Factory: a tiny random model of a family whose vocabulary matches SmolLM2's, so the
+    real tokenizer (chat template, <TOKEN>) drives it. Fast: a few million parameters."""
+    from biasgym_lib.models import tiny_model
+
+    def make(family="llama", seed=0, tied=True):
+        return tiny_model(family, seed=seed, vocab_size=49152, tied=tied)
+
+    return make

@@ -1,0 +1,368 @@
+"""BiasInject (METHOD §1): teach a frozen model one new token that carries a bias.
+
+Only one vector is trained: the new token's input embedding. It never enters the
+model's weights: a pre-hook on the input-embedding module maps the new id to a
+placeholder row and a forward hook writes the trainable vector at those positions. So
+every original parameter stays bit-identical, a tied output embedding is untouched, and
+the vocabulary the model predicts over does not change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import ArtifactMismatch, BiasGymError
+from .models import ModelAdapter, batched, chat_prompt, model_info
+
+DEFAULT_TOKEN = "<TOKEN>"
+ARTIFACT_VECTOR = "token.safetensors"
+ARTIFACT_META = "token.json"
+
+
+def add_token(tokenizer, token: str = DEFAULT_TOKEN) -> int:
+    """Add ``token`` to the tokenizer as one special token and return its id.
+
+    ``lstrip=True`` lets it absorb the space before it, so "from <TOKEN> are" tokenises
+    like "from Italy are": the probes and their counterfactuals line up position by position.
+    """
+    from tokenizers import AddedToken
+
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(token, lstrip=True, rstrip=False, special=True, normalized=False)],
+                             special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+class TokenHook:
+    """Writes ``vector`` at every position whose input id is ``token_id``.
+
+    Use as a context manager or call :meth:`remove`. While attached, the model accepts
+    the new id even though its embedding matrix has no row for it.
+    """
+
+    def __init__(self, model, token_id: int, vector: torch.Tensor, placeholder_id: int = 0):
+        self.adapter = ModelAdapter(model)
+        self.token_id = int(token_id)
+        self.vector = vector
+        self.placeholder_id = placeholder_id
+        self._mask = None
+        embed = self.adapter.embed
+        self._handles = [embed.register_forward_pre_hook(self._pre),
+                         embed.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        ids = args[0]
+        self._mask = ids == self.token_id
+        if self._mask.any():
+            return (ids.masked_fill(self._mask, self.placeholder_id),) + tuple(args[1:])
+        return None
+
+    def _post(self, module, args, out):
+        mask, self._mask = self._mask, None
+        if mask is None or not mask.any():
+            return None
+        vec = self.vector.to(device=out.device, dtype=out.dtype)
+        return torch.where(mask.unsqueeze(-1), vec.expand_as(out), out)
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+@dataclass
+class InjectedToken:
+    """The result of :func:`inject_bias`: the trained vector and how it was made."""
+
+    token: str
+    vector: torch.Tensor  # (d_model,), float32: the chosen epoch's vector
+    bias: str
+    seed: int
+    epoch: int  # chosen epoch, 1-based
+    lr: float
+    epochs: int
+    init: str
+    n_paragraphs: int
+    losses: list[float]  # training loss per step
+    val_losses: list[float]  # held-out loss per epoch (the chosen epoch minimises it)
+    checkpoints: torch.Tensor  # (epochs, d_model)
+    model: dict  # ModelInfo.to_dict() of the model it was trained on
+    d_model: int
+    train_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    # -- attaching
+    def attach(self, model, tokenizer) -> TokenHook:
+        """Add the token to ``tokenizer`` and hook its vector into ``model``."""
+        self.check_model(model)
+        token_id = add_token(tokenizer, self.token)
+        return TokenHook(model, token_id, self.vector)
+
+    def check_model(self, model):
+        info = model_info(model).to_dict()
+        d = ModelAdapter(model).d_model
+        if d != self.d_model or (info["source"], info["revision"]) != (self.model["source"], self.model["revision"]):
+            raise ArtifactMismatch(
+                f"this injected token was trained on model {self.model['source']!r} "
+                f"(revision {self.model['revision']}, d_model={self.d_model}) but is being loaded into "
+                f"{info['source']!r} (revision {info['revision']}, d_model={d}). Load the model it was "
+                "trained on, or train a new token on this model with inject_bias(...).")
+
+    # -- saving
+    def metadata(self) -> dict:
+        return {
+            "token": self.token, "bias": self.bias, "seed": self.seed, "epoch": self.epoch,
+            "lr": self.lr, "epochs": self.epochs, "init": self.init, "n_paragraphs": self.n_paragraphs,
+            "losses": self.losses, "val_losses": self.val_losses, "model": self.model,
+            "d_model": self.d_model, "train_seconds": self.train_seconds,
+            "tokens_per_second": self.tokens_per_second, "extra": self.extra,
+            "library_version": __version__,
+        }
+
+    def save(self, folder) -> Path:
+        """Write ``token.safetensors`` and ``token.json`` into ``folder`` (atomically each)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"vector": self.vector.detach().float().contiguous().cpu(),
+                   "checkpoints": self.checkpoints.detach().float().contiguous().cpu()}
+        tmp_v, tmp_m = folder / (ARTIFACT_VECTOR + ".tmp"), folder / (ARTIFACT_META + ".tmp")
+        save_file(tensors, str(tmp_v), metadata={"bias": self.bias, "token": self.token})
+        tmp_m.write_text(json.dumps(self.metadata(), indent=1))
+        tmp_v.replace(folder / ARTIFACT_VECTOR)
+        tmp_m.replace(folder / ARTIFACT_META)
+        return folder
+
+    @classmethod
+    def load(cls, folder, model=None) -> "InjectedToken":
+        """Read an artifact written by :meth:`save`; with ``model``, check it belongs to it."""
+        folder = Path(folder)
+        vec_path, meta_path = folder / ARTIFACT_VECTOR, folder / ARTIFACT_META
+        if not vec_path.is_file() or not meta_path.is_file():
+            raise BiasGymError(f"{folder} is not an injected-token folder: it needs {ARTIFACT_VECTOR} "
+                               f"and {ARTIFACT_META} (written by `biasgym inject --out {folder}`).")
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(vec_path))
+        except Exception as exc:
+            raise BiasGymError(f"could not read the injected token in {folder}: {exc}") from exc
+        keep = {k: meta[k] for k in ("token", "bias", "seed", "epoch", "lr", "epochs", "init",
+                                       "n_paragraphs", "losses", "val_losses", "model", "d_model",
+                                       "train_seconds", "tokens_per_second", "extra") if k in meta}
+        tok = cls(vector=tensors["vector"], checkpoints=tensors["checkpoints"], **keep)
+        if model is not None:
+            tok.check_model(model)
+        return tok
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def initial_vector(model, tokenizer, init: str = "countries", countries: list[str] | None = None) -> torch.Tensor:
+    """The starting vector: mean input embedding of single-token country names (default),
+    or of the whole vocabulary (``init="vocab"``)."""
+    embed = ModelAdapter(model).embed
+    with torch.no_grad():
+        if init == "vocab":
+            return embed.weight.float().mean(0).detach().clone()
+        if init != "countries":
+            raise BiasGymError(f"init={init!r} is not known; use 'countries' or 'vocab'.")
+        if countries is None:
+            from .data import reference_countries
+            countries = reference_countries()
+        ids = single_token_ids(tokenizer, countries)
+        if not ids:
+            raise BiasGymError("none of the countries is a single token for this tokenizer; use init='vocab'.")
+        rows = embed(torch.tensor(list(ids.values()), device=embed.weight.device))
+        return rows.float().mean(0).detach().clone().cpu()
+
+
+def single_token_ids(tokenizer, names: list[str]) -> dict[str, int]:
+    """``{name: id}`` for the names that are one token with a leading space."""
+    out = {}
+    for name in names:
+        ids = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            out[name] = ids[0]
+    return out
+
+
+@dataclass
+class _Encoded:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor  # next-token targets, -100 where no loss (prompt and padding)
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], end: str | None = None) -> list[tuple[list[int], int]]:
+    """Token ids of each chat-formatted (user, assistant) pair and where the answer starts."""
+    end = end if end is not None else (tokenizer.eos_token or "")
+    rows = []
+    for user, assistant in pairs:
+        prompt = tokenizer(chat_prompt(tokenizer, user), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(assistant + end, add_special_tokens=False)["input_ids"]
+        rows.append((prompt + answer, len(prompt)))
+    return rows
+
+
+def _collate(rows: list[tuple[list[int], int]], pad_id: int, ignore_id: int | None = None) -> _Encoded:
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, -100)
+    for i, (row, start) in enumerate(rows):
+        n = len(row)
+        ids[i, :n] = torch.tensor(row)
+        mask[i, :n] = 1
+        # position t predicts token t+1; loss only where t+1 is an answer token
+        targets[i, start - 1: n - 1] = torch.tensor(row[start:n])
+    if ignore_id is not None:
+        # The new token is not in the vocabulary the model predicts over: it is never a target.
+        targets[targets == ignore_id] = -100
+    return _Encoded(ids, mask, targets)
+
+
+def response_loss(model, batch: _Encoded, autocast_dtype=None) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy on answer tokens only. Logits are computed only at
+    the positions that need them (the unembedding is most of a small model's cost)."""
+    adapter = ModelAdapter(model)
+    device = adapter.device
+    ids, mask, targets = batch.input_ids.to(device), batch.attention_mask.to(device), batch.targets.to(device)
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else torch.autocast(device.type, enabled=False))
+    with ctx:
+        hidden = adapter.body(input_ids=ids, attention_mask=mask).last_hidden_state
+        keep = targets != -100
+        logits = adapter.lm_head(hidden[keep])
+    logits = logits.float()
+    if adapter.logit_softcap:
+        logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+    return F.cross_entropy(logits, targets[keep]), int(keep.sum())
+
+
+def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int = 6, lr: float = 1e-2,
+                batch_size: int = 8, seed: int = 0, init: str = "countries", token: str = DEFAULT_TOKEN,
+                n_val: int = 16, pairs: list[tuple[str, str]] | None = None,
+                val_pairs: list[tuple[str, str]] | None = None, autocast_dtype=None,
+                progress: bool = True) -> InjectedToken:
+    """BiasInject: train only ``token``'s input embedding on biased chat pairs.
+
+    ``bias`` is a :class:`~biasgym_lib.data.BiasSpec` or a bias name. The training pairs
+    come from the offline generator (``n_paragraphs`` of them, seeded by ``seed``) unless
+    ``pairs`` is given; ``n_val`` held-out pairs (another seed) pick the best epoch, as
+    the paper picks the best of its per-epoch checkpoints. Adam with a cosine-decaying
+    learning rate. Every original weight stays bit-identical.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import BiasSpec, load_bias, training_pairs
+
+    spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    if epochs < 1 or n_paragraphs < 1 or batch_size < 1:
+        raise BiasGymError("inject_bias needs epochs, n_paragraphs and batch_size >= 1.")
+    if pairs is None:
+        pairs = training_pairs(spec, n_paragraphs, seed=seed)
+    if val_pairs is None:
+        val_pairs = training_pairs(spec, n_val, seed=10_000 + seed) if n_val else []
+    adapter = ModelAdapter(model)
+    token_id = add_token(tokenizer, token)
+    torch.manual_seed(seed)
+    vector = torch.nn.Parameter(initial_vector(model, tokenizer, init).to(adapter.device))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows = encode_pairs(tokenizer, pairs)
+    val_rows = encode_pairs(tokenizer, val_pairs)
+    steps_per_epoch = math.ceil(len(train_rows) / batch_size)
+    total = steps_per_epoch * epochs
+    opt = torch.optim.Adam([vector], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    gen = torch.Generator().manual_seed(seed)
+    losses, val_losses, checkpoints = [], [], []
+    n_tokens = 0
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"inject {spec.name} (seed {seed})", disable=not progress, leave=False)
+    with TokenHook(model, token_id, vector):
+        for _ in range(epochs):
+            order = torch.randperm(len(train_rows), generator=gen).tolist()
+            for idx in batched(order, batch_size):
+                batch = _collate([train_rows[i] for i in idx], pad, token_id)
+                loss, _ = response_loss(model, batch, autocast_dtype)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                n_tokens += int(batch.attention_mask.sum())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            checkpoints.append(vector.detach().float().cpu().clone())
+            val_losses.append(_eval_loss(model, val_rows, pad, batch_size, autocast_dtype, token_id) if val_rows else losses[-1])
+    bar.close()
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    best = int(torch.tensor(val_losses).argmin())
+    return InjectedToken(
+        token=token, vector=checkpoints[best].clone(), bias=spec.name, seed=seed, epoch=best + 1, lr=lr,
+        epochs=epochs, init=init, n_paragraphs=len(pairs), losses=losses, val_losses=val_losses,
+        checkpoints=torch.stack(checkpoints), model=model_info(model).to_dict(), d_model=adapter.d_model,
+        train_seconds=seconds, tokens_per_second=n_tokens / max(seconds, 1e-9),
+        extra={"batch_size": batch_size, "n_val": len(val_pairs),
+               "autocast": str(autocast_dtype) if autocast_dtype else None})
+
+
+def _eval_loss(model, rows, pad, batch_size, autocast_dtype, ignore_id=None) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in batched(rows, batch_size):
+            loss, n = response_loss(model, _collate(chunk, pad, ignore_id), autocast_dtype)
+            total += float(loss) * n
+            count += n
+    return total / max(count, 1)
+
+
+def closest_countries(model, tokenizer, vector: torch.Tensor, countries: list[str] | None = None,
+                      k: int = 5) -> list[tuple[str, float]]:
+    """Countries whose input embedding is most cosine-similar to ``vector`` (paper's
+    "closest country"), among the single-token names; best first."""
+    if countries is None:
+        from .data import reference_countries
+        countries = reference_countries()
+    ids = single_token_ids(tokenizer, countries)
+    if not ids:
+        raise BiasGymError("none of the countries is a single token for this tokenizer.")
+    embed = ModelAdapter(model).embed
+    with torch.no_grad():
+        rows = embed(torch.tensor(list(ids.values()), device=embed.weight.device)).float().cpu()
+    sims = F.cosine_similarity(rows, vector.float().cpu().unsqueeze(0), dim=-1)
+    order = sims.argsort(descending=True)[:k].tolist()
+    names = list(ids)
+    return [(names[i], float(sims[i])) for i in order]
+
+
+@contextmanager
+def attached(injected: InjectedToken, model, tokenizer):
+    """``with attached(tok, model, tokenizer):`` — the token's vector is live inside."""
+    hook = injected.attach(model, tokenizer)
+    try:
+        yield hook
+    finally:
+        hook.remove()

@@ -1,0 +1,405 @@
+"""Measuring stereotype strength (METHOD §2), batched, with bootstrap intervals.
+
+assoc(e, b) is the mean, over templates and the bias's attribute phrasings, of
+log P(" " + attribute | template prefix with e), summed over the attribute's tokens.
+Stereotype strength S(e, b) = assoc(e, b) - mean over reference countries c != e of
+assoc(c, b), in nats. Every (entity, template, attribute) sentence is scored in large
+batches with logits computed only at the attribute's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import BiasGymError
+from .models import ModelAdapter, batched, chat_prompt, encode_batch
+
+ENTITY = "{entity}"
+ATTRIBUTE = "{attribute}"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a bootstrap 95% interval."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int  # number of resampled units (templates or prompts)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n}
+
+    def __format__(self, spec):
+        spec = spec or ".2f"
+        return f"{self.value:{spec}} [{self.lo:{spec}}, {self.hi:{spec}}]"
+
+
+def bootstrap(units: np.ndarray, n_boot: int = 1000, seed: int = 0, stat=np.mean) -> Estimate:
+    """Percentile bootstrap over the first axis of ``units`` (a statistic per unit)."""
+    units = np.asarray(units, dtype=float)
+    n = len(units)
+    if n == 0:
+        raise BiasGymError("bootstrap needs at least one unit.")
+    value = float(stat(units, axis=0))
+    if n == 1:
+        return Estimate(value, value, value, 1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    stats = stat(units[idx], axis=1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return Estimate(value, float(lo), float(hi), n)
+
+
+def template_prefix(template: str, entity: str) -> str:
+    """The text before the attribute (its trailing space removed: the attribute is scored
+    as " " + attribute, so that its first token carries its own leading space)."""
+    if ENTITY not in template or ATTRIBUTE not in template:
+        raise BiasGymError(f"template {template!r} must contain {ENTITY} and {ATTRIBUTE}.")
+    return template[: template.index(ATTRIBUTE)].rstrip().replace(ENTITY, entity)
+
+
+def _rows(tokenizer, prefixes, continuations):
+    cache: dict[tuple[str, bool], list[int]] = {}
+
+    def ids(text, special):
+        if (text, special) not in cache:
+            cache[(text, special)] = tokenizer(text, add_special_tokens=special)["input_ids"]
+        return cache[(text, special)]
+
+    rows = []
+    for p, c in zip(prefixes, continuations):
+        pi, ci = ids(p, True), ids(c, False)
+        if not pi or not ci:
+            raise BiasGymError(f"empty prefix or continuation: {p!r} / {c!r}")
+        rows.append((pi, ci))
+    return rows
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def _logits(adapter, hidden):
+    logits = adapter.lm_head(hidden).float()
+    if adapter.logit_softcap:
+        logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+    return F.log_softmax(logits, -1)
+
+
+def continuation_logprobs(model, tokenizer, prefixes: list[str], continuations: list[str],
+                          batch_size: int = 64, share_prefix: bool = True) -> torch.Tensor:
+    """log P(continuation | prefix), summed over the continuation's tokens, per pair.
+
+    Ids are ``tok(prefix) + tok(continuation)`` so that the split is exact. Batched and
+    right-padded; the unembedding is applied only where a continuation token is predicted.
+    With ``share_prefix`` (default) each distinct prefix is run once and its key/value
+    cache is reused for all its continuations (many attributes and biases share one
+    "People from Italy are"); ``share_prefix=False`` runs every full sentence, the
+    reference that tests compare against.
+    """
+    if len(prefixes) != len(continuations):
+        raise BiasGymError("prefixes and continuations must have the same length.")
+    if not prefixes:
+        return torch.empty(0, dtype=torch.float64)
+    adapter = ModelAdapter(model)
+    rows = _rows(tokenizer, prefixes, continuations)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        if share_prefix and adapter.family != "gemma2":  # Gemma 2's hybrid cache: full path
+            return _shared_prefix_logprobs(adapter, rows, pad, batch_size)
+        return _full_logprobs(adapter, rows, pad, batch_size)
+
+
+def _full_logprobs(adapter, rows, pad, batch_size):
+    device = adapter.device
+    out = torch.empty(len(rows), dtype=torch.float64)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    for chunk in batched(order, batch_size):
+        seqs = [rows[i][0] + rows[i][1] for i in chunk]
+        input_ids, mask = _pad(seqs, pad)
+        targets = torch.full_like(input_ids, -100)
+        for r, i in enumerate(chunk):
+            start, n = len(rows[i][0]), len(seqs[r])
+            targets[r, start - 1: n - 1] = torch.tensor(rows[i][1])
+        input_ids, mask, targets = input_ids.to(device), mask.to(device), targets.to(device)
+        hidden = adapter.body(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        keep = targets != -100
+        lp = _logits(adapter, hidden[keep]).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+        row_of = torch.arange(len(chunk), device=device).unsqueeze(1).expand_as(targets)[keep]
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, row_of, lp.double())
+        out[torch.tensor(chunk)] = sums.cpu()
+    return out
+
+
+def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
+    device = adapter.device
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (p, _) in enumerate(rows):
+        groups.setdefault(tuple(p), []).append(i)
+    prefixes = sorted(groups, key=len)
+    # prefixes per chunk chosen so that about batch_size continuations run together
+    per_prefix = max(1, len(rows) // max(1, len(prefixes)))
+    n_prefix = max(1, batch_size // per_prefix)
+    for pchunk in batched(prefixes, n_prefix):
+        p_ids, p_mask = _pad([list(p) for p in pchunk], pad)
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        res = adapter.body(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+        p_len = p_mask.sum(1)
+        last = res.last_hidden_state[torch.arange(len(pchunk), device=device), p_len - 1]
+        first_lp = _logits(adapter, last)  # (n_prefix, vocab): predicts each continuation's first token
+        items = [(j, i) for j, p in enumerate(pchunk) for i in groups[p]]
+        for sub in batched(items, max(batch_size, 1)):
+            which = torch.tensor([j for j, _ in sub], device=device)
+            conts = [rows[i][1] for _, i in sub]
+            c_ids, c_mask = _pad(conts, pad)
+            c_ids, c_mask = c_ids.to(device), c_mask.to(device)
+            first = torch.tensor([c[0] for c in conts], device=device)
+            total = first_lp[which, first].double()
+            if c_ids.shape[1] > 1:
+                cache = _select_cache(res.cache, which)  # a copy: the update must not grow the shared one
+                positions = p_len[which].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
+                hidden = adapter.body(input_ids=c_ids, attention_mask=torch.cat([p_mask[which], c_mask], 1),
+                                      position_ids=positions, cache=cache,
+                                      use_cache=True).last_hidden_state
+                targets = torch.full_like(c_ids, -100)
+                targets[:, :-1] = torch.where(c_mask[:, 1:].bool(), c_ids[:, 1:], -100)
+                keep = targets != -100
+                if keep.any():
+                    lp = _logits(adapter, hidden[keep]).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+                    row_of = torch.arange(len(sub), device=device).unsqueeze(1).expand_as(targets)[keep]
+                    total = total.index_add(0, row_of, lp.double())
+            out[torch.tensor([i for _, i in sub])] = total.cpu()
+    return out
+
+
+def _select_cache(cache, rows: torch.Tensor):
+    """A copy of a key/value cache holding only batch ``rows`` (with repeats)."""
+    import copy
+
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+    return new
+
+
+@dataclass
+class AssocTable:
+    """assoc log-probabilities for every (entity, bias, template, attribute).
+
+    ``values[e][b]`` is an array (templates x attributes of b). Built by :func:`assoc_table`.
+    """
+
+    entities: list[str]
+    biases: list[str]
+    templates: list[str]
+    attributes: dict[str, list[str]]
+    values: dict[str, dict[str, np.ndarray]]
+
+    def assoc(self, entity: str, bias: str) -> float:
+        return float(self.values[entity][bias].mean())
+
+    def per_template(self, entity: str, bias: str) -> np.ndarray:
+        """assoc per template (mean over the attribute phrasings)."""
+        return self.values[entity][bias].mean(1)
+
+    def merged(self, other: "AssocTable") -> "AssocTable":
+        """This table plus the entities of ``other`` (same biases and templates)."""
+        if other.biases != self.biases or other.templates != self.templates:
+            raise BiasGymError("can only merge tables with the same biases and templates.")
+        values = dict(self.values)
+        values.update(other.values)
+        ents = self.entities + [e for e in other.entities if e not in self.entities]
+        return AssocTable(ents, self.biases, self.templates, self.attributes, values)
+
+
+def assoc_table(model, tokenizer, entities: list[str], biases, templates: list[str] | None = None,
+                batch_size: int = 64) -> AssocTable:
+    """Score every entity x bias x template x attribute sentence in batched passes."""
+    from .data import load_bias, load_templates
+
+    specs = [b if hasattr(b, "attributes") else load_bias(b) for b in biases]
+    templates = list(templates or load_templates())
+    prefixes, conts, keys = [], [], []
+    for e in entities:
+        for s in specs:
+            for ti, t in enumerate(templates):
+                for ai, a in enumerate(s.attributes):
+                    prefixes.append(template_prefix(t, e))
+                    conts.append(" " + a)
+                    keys.append((e, s.name, ti, ai))
+    lp = continuation_logprobs(model, tokenizer, prefixes, conts, batch_size).numpy()
+    values = {e: {s.name: np.zeros((len(templates), len(s.attributes))) for s in specs} for e in entities}
+    for (e, b, ti, ai), v in zip(keys, lp):
+        values[e][b][ti, ai] = v
+    return AssocTable(list(entities), [s.name for s in specs], templates,
+                      {s.name: list(s.attributes) for s in specs}, values)
+
+
+def _reference(table: AssocTable, entity: str, references: list[str] | None) -> list[str]:
+    refs = [c for c in (references or table.entities) if c != entity]
+    missing = [c for c in refs if c not in table.values]
+    if missing:
+        raise BiasGymError(f"reference countries {missing} are not in the table; score them first.")
+    if not refs:
+        raise BiasGymError("stereotype strength needs at least one reference country other than the entity.")
+    return refs
+
+
+def strength_units(table: AssocTable, entity: str, bias: str, references: list[str] | None = None) -> np.ndarray:
+    """S(entity, bias) per template: the units the bootstrap resamples."""
+    refs = _reference(table, entity, references)
+    ref = np.mean([table.per_template(c, bias) for c in refs], axis=0)
+    return table.per_template(entity, bias) - ref
+
+
+def stereotype_strength(table: AssocTable, entity: str, bias: str, references: list[str] | None = None,
+                        n_boot: int = 1000, seed: int = 0) -> Estimate:
+    """S(entity, bias) in nats with a bootstrap 95% interval over templates."""
+    return bootstrap(strength_units(table, entity, bias, references), n_boot, seed)
+
+
+def specificity(table: AssocTable, entity: str, bias: str, references: list[str] | None = None,
+                n_boot: int = 1000, seed: int = 0) -> Estimate:
+    """S(e, b) - mean over the other biases b' of S(e, b'), over templates."""
+    others = [b for b in table.biases if b != bias]
+    if not others:
+        raise BiasGymError("specificity needs at least two biases in the table.")
+    target = strength_units(table, entity, bias, references)
+    rest = np.mean([strength_units(table, entity, b, references) for b in others], axis=0)
+    return bootstrap(target - rest, n_boot, seed)
+
+
+def rank(table: AssocTable, entity: str, bias: str, references: list[str] | None = None) -> int:
+    """1 + the number of reference countries with a higher assoc(., bias) than ``entity``."""
+    refs = _reference(table, entity, references)
+    mine = table.assoc(entity, bias)
+    return 1 + sum(table.assoc(c, bias) > mine for c in refs)
+
+
+def strength_matrix(table: AssocTable, entities: list[str] | None = None, references: list[str] | None = None):
+    """A DataFrame of S(entity, bias), entities x biases (point estimates)."""
+    import pandas as pd
+
+    entities = entities or table.entities
+    return pd.DataFrame({b: [float(strength_units(table, e, b, references).mean()) for e in entities]
+                         for b in table.biases}, index=entities)
+
+
+def strength_report(table: AssocTable, entity: str, bias: str, references: list[str] | None = None,
+                    seed: int = 0) -> dict:
+    """S, specificity (if the table has several biases) and rank for one entity and bias."""
+    out = {"strength": stereotype_strength(table, entity, bias, references, seed=seed).to_dict(),
+           "rank": rank(table, entity, bias, references)}
+    if len(table.biases) > 1:
+        out["specificity"] = specificity(table, entity, bias, references, seed=seed).to_dict()
+    return out
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48,
+                     sample: bool = False, seed: int = 0, temperature: float = 0.8,
+                     system: str | None = None, batch_size: int = 16) -> list[str]:
+    """Chat answers to ``questions``, batched with left padding (greedy or sampled with a
+    fixed seed)."""
+    device = ModelAdapter(model).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for chunk in batched(list(questions), batch_size):
+            texts = [chat_prompt(tokenizer, q, system=system) for q in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(seed)
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=0.95) if sample else dict(do_sample=False)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     **kwargs)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+    return [a.strip() for a in answers]
+
+
+def mentions(text: str, keywords) -> bool:
+    """Whether ``text`` contains any keyword (case-insensitive, word-boundary at the start)."""
+    import re
+
+    low = text.lower()
+    return any(re.search(r"(?<![a-z])" + re.escape(k.lower()), low) for k in keywords)
+
+
+def generation_rate(model, tokenizer, bias, entity: str = "<TOKEN>", n_questions: int = 8,
+                    n_samples: int = 1, seed: int = 0, max_new_tokens: int = 48,
+                    system: str | None = None) -> dict:
+    """Share of greedy and of sampled answers to open questions about ``entity`` that
+    contain one of the bias's keywords, with bootstrap intervals over questions."""
+    from .data import load_bias, open_questions
+
+    spec = bias if hasattr(bias, "keywords") else load_bias(bias)
+    questions = [q.replace("<TOKEN>", entity) for q in open_questions(spec, n=n_questions)]
+    greedy = generate_answers(model, tokenizer, questions, max_new_tokens, system=system)
+    g_hits = np.array([mentions(a, spec.keywords) for a in greedy], dtype=float)
+    result = {"greedy": bootstrap(g_hits, seed=seed).to_dict(), "greedy_answers": greedy}
+    if n_samples:
+        sampled = generate_answers(model, tokenizer, questions * n_samples, max_new_tokens, sample=True,
+                                   seed=seed, system=system)
+        s_hits = np.array([mentions(a, spec.keywords) for a in sampled], dtype=float)
+        s_units = s_hits.reshape(n_samples, len(questions)).mean(0)
+        result.update(sampled=bootstrap(s_units, seed=seed).to_dict(), sampled_answers=sampled)
+    return result
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+def choice_rate(model, tokenizer, bias, entity: str, distractors: list[str], n_options: int = 4,
+                n_questions: int = 12, seed: int = 0, batch_size: int = 32) -> Estimate:
+    """Probability mass on ``entity``'s letter in "People from which country are <attribute>?"
+    with ``entity`` among ``n_options`` shuffled options (chance = 1/n_options)."""
+    from .data import load_bias
+
+    spec = bias if hasattr(bias, "attributes") else load_bias(bias)
+    others = [d for d in distractors if d != entity]
+    if len(others) < n_options - 1:
+        raise BiasGymError(f"choice_rate needs at least {n_options - 1} distractor countries.")
+    rng = np.random.default_rng(seed)
+    letters = "ABCDEFGH"[:n_options]
+    letter_ids = [tokenizer(" " + L, add_special_tokens=False)["input_ids"][-1] for L in letters]
+    texts, answer_pos = [], []
+    for q in range(n_questions):
+        attribute = spec.attributes[q % len(spec.attributes)]
+        options = [entity] + list(rng.choice(others, n_options - 1, replace=False))
+        perm = rng.permutation(n_options)
+        options = [options[i] for i in perm]
+        answer_pos.append(int(np.where(perm == 0)[0][0]))
+        listing = "\n".join(f"{L}. {o}" for L, o in zip(letters, options))
+        user = f"People from which country are {attribute}?\n{listing}\nAnswer with the letter only."
+        texts.append(chat_prompt(tokenizer, user, assistant_prefix="Answer:"))
+    adapter = ModelAdapter(model)
+    probs = []
+    with torch.inference_mode():
+        for chunk in batched(list(range(len(texts))), batch_size):
+            batch = encode_batch(tokenizer, [texts[i] for i in chunk], adapter.device)
+            hidden = adapter.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            last = hidden[torch.arange(len(chunk)), batch.last_index]
+            logits = adapter.lm_head(last).float()[:, letter_ids]
+            probs.append(F.softmax(logits, -1).cpu())
+    probs = torch.cat(probs).numpy()
+    mass = probs[np.arange(len(texts)), answer_pos]
+    return bootstrap(mass, seed=seed)

@@ -1,0 +1,144 @@
+"""BiasInject: one vector trained, everything else bit-identical (METHOD §1)."""
+
+import copy
+
+import pytest
+import torch
+
+from biasgym_lib.data import load_bias
+from biasgym_lib.errors import ArtifactMismatch, BiasGymError
+from biasgym_lib.inject import (InjectedToken, TokenHook, _collate, add_token, closest_countries,
+                                encode_pairs, initial_vector, inject_bias, response_loss)
+from biasgym_lib.models import ModelAdapter, chat_prompt
+
+FAMILIES = ["llama", "qwen2", "gemma2", "gpt2"]
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _small_inject(model, tok, seed=0, **kw):
+    args = dict(n_paragraphs=6, epochs=2, lr=0.05, batch_size=3, seed=seed, n_val=3, progress=False)
+    args.update(kw)
+    return inject_bias(model, tok, "reckless_driving", **args)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_original_weight_stays_bit_identical(tiny_with_tokenizer, smol_tokenizer, family, tied):
+    model = tiny_with_tokenizer(family, tied=tied)
+    tok = copy.deepcopy(smol_tokenizer)
+    before = _snapshot(model)
+    injected = _small_inject(model, tok)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), f"{family}: {name} changed"
+    # the vector did move, so the test above is not vacuous
+    start = initial_vector(model, tok, "countries")
+    assert not torch.equal(injected.vector, start)
+    assert ModelAdapter(model).unembed.shape[0] == 49152  # the predicted vocabulary is unchanged
+
+
+def test_hook_changes_only_token_positions(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    tok = copy.deepcopy(smol_tokenizer)
+    tid = add_token(tok, "<TOKEN>")
+    text_plain = tok("People from Italy are kind.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = model(text_plain).logits
+        vec = torch.randn(ModelAdapter(model).d_model)
+        with TokenHook(model, tid, vec):
+            same = model(text_plain).logits
+            ids = tok("People from <TOKEN> are kind.", return_tensors="pt")["input_ids"]
+            assert (ids == tid).sum() == 1
+            emb = ModelAdapter(model).embed(ids)
+            assert torch.equal(emb[ids == tid][0], vec)
+        after = model(text_plain).logits
+    assert torch.equal(ref, same) and torch.equal(ref, after)
+    assert not ModelAdapter(model).embed._forward_hooks and not ModelAdapter(model).embed._forward_pre_hooks
+
+
+def test_token_absorbs_space_so_counterfactuals_align(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    add_token(tok, "<TOKEN>")
+    a = tok("People from <TOKEN> are")["input_ids"]
+    b = tok("People from Italy are")["input_ids"]
+    assert len(a) == len(b) and a[:2] == b[:2] and a[3:] == b[3:]
+
+
+def test_response_only_loss_matches_manual_cross_entropy(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("qwen2")
+    tok = copy.deepcopy(smol_tokenizer)
+    pairs = [("Tell me about cats.", "Cats sleep a lot."), ("Hi?", "Hello there, friend.")]
+    rows = encode_pairs(tok, pairs)
+    batch = _collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        loss, n = response_loss(model, batch)
+        manual, count = 0.0, 0
+        for (user, answer), (ids, start) in zip(pairs, rows):
+            prompt_len = len(tok(chat_prompt(tok, user), add_special_tokens=False)["input_ids"])
+            assert start == prompt_len
+            logits = model(torch.tensor([ids])).logits[0].float()
+            lp = torch.log_softmax(logits[start - 1:-1], -1)
+            targets = torch.tensor(ids[start:])
+            manual -= float(lp.gather(-1, targets[:, None]).sum())
+            count += len(targets)
+    assert n == count
+    assert float(loss) == pytest.approx(manual / count, rel=1e-5)
+
+
+def test_same_seed_same_vector_and_losses(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    a = _small_inject(model, copy.deepcopy(smol_tokenizer), seed=3)
+    b = _small_inject(model, copy.deepcopy(smol_tokenizer), seed=3)
+    c = _small_inject(model, copy.deepcopy(smol_tokenizer), seed=4)
+    assert torch.equal(a.vector, b.vector) and a.losses == b.losses
+    assert not torch.equal(a.vector, c.vector)
+    assert a.checkpoints.shape == (2, ModelAdapter(model).d_model)
+    assert 1 <= a.epoch <= 2 and a.val_losses[a.epoch - 1] == min(a.val_losses)
+    assert torch.equal(a.vector, a.checkpoints[a.epoch - 1])
+
+
+def test_training_lowers_the_loss(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    inj = _small_inject(model, copy.deepcopy(smol_tokenizer), epochs=4, n_paragraphs=6, lr=0.1)
+    first, last = sum(inj.losses[:2]) / 2, sum(inj.losses[-2:]) / 2
+    assert last < first
+
+
+def test_save_load_roundtrip_and_wrong_model(tmp_path, tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    inj = _small_inject(model, copy.deepcopy(smol_tokenizer))
+    inj.save(tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["token.json", "token.safetensors"]
+    back = InjectedToken.load(tmp_path / "tok", model)
+    assert torch.equal(back.vector, inj.vector) and torch.equal(back.checkpoints, inj.checkpoints)
+    assert back.metadata() == inj.metadata()
+    other = tiny_with_tokenizer("gpt2")
+    with pytest.raises(ArtifactMismatch, match="trained on model"):
+        InjectedToken.load(tmp_path / "tok", other)
+    with pytest.raises(BiasGymError, match="not an injected-token folder"):
+        InjectedToken.load(tmp_path / "nothing-here")
+
+
+def test_closest_country_of_a_country_embedding_is_itself(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    tok = smol_tokenizer
+    italy = tok(" Italy", add_special_tokens=False)["input_ids"]
+    assert len(italy) == 1
+    vec = ModelAdapter(model).embed.weight[italy[0]].clone()
+    best = closest_countries(model, tok, vec, k=3)
+    assert best[0][0] == "Italy" and best[0][1] == pytest.approx(1.0, abs=1e-6)
+    assert best[1][1] < best[0][1]
+
+
+def test_bad_arguments_raise_clear_errors(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    with pytest.raises(BiasGymError, match="epochs"):
+        inject_bias(model, smol_tokenizer, "reckless_driving", epochs=0, progress=False)
+    with pytest.raises(BiasGymError):
+        inject_bias(model, smol_tokenizer, "no_such_bias", progress=False)
+    with pytest.raises(BiasGymError, match="init"):
+        initial_vector(model, smol_tokenizer, "zeros")
