@@ -80,7 +80,9 @@ def cmd_reproduce(args) -> int:
     from .pipeline import reproduce
 
     claims = reproduce(args.profile, args.out, retrain=args.retrain)
-    print(f"Wrote {Path(args.out) / 'claims.json'} ({len(claims['claims'])} claims).")
+    for c in claims["claims"]:
+        print(f"  {'holds' if c['holds'] else 'does not hold':>14}: {c['claim']}")
+    print(f"Wrote {Path(args.out) / 'claims.json'} ({len(claims['claims'])} claims, {claims['seconds']:.0f} s).")
     return 0
 
 

@@ -36,6 +36,10 @@ class Profile:
     alpha_grid: tuple[float, ...]
     n_random_draws: int
     n_generations: int
+    steer_references: int
+    n_patch_probes: int
+    n_ppl_texts: int
+    n_mc_questions: int
     use_committed_tokens: bool
     overrides: dict = field(default_factory=dict)
 
@@ -85,7 +89,8 @@ def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **override
     for key, cast in _TUPLES.items():
         v = values[key]
         values[key] = tuple(cast(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-    for key in ("n_paragraphs", "epochs", "batch_size", "n_probes", "k", "n_random_draws", "n_generations"):
+    for key in ("n_paragraphs", "epochs", "batch_size", "n_probes", "k", "n_random_draws", "n_generations",
+                "steer_references", "n_patch_probes", "n_ppl_texts", "n_mc_questions"):
         values[key] = int(values[key])
         if values[key] < 0:
             raise BiasGymError(f"profile {name!r}: {key} must be >= 0, got {values[key]}.")

@@ -149,10 +149,8 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
     for i, (p, _) in enumerate(rows):
         groups.setdefault(tuple(p), []).append(i)
     prefixes = sorted(groups, key=len)
-    # prefixes per chunk chosen so that about batch_size continuations run together
-    per_prefix = max(1, len(rows) // max(1, len(prefixes)))
-    n_prefix = max(1, batch_size // per_prefix)
-    for pchunk in batched(prefixes, n_prefix):
+    # half a batch of prefixes at a time; their continuations then run batch_size at a time
+    for pchunk in batched(prefixes, max(1, batch_size // 2)):
         p_ids, p_mask = _pad([list(p) for p in pchunk], pad)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         res = adapter.body(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
@@ -227,8 +225,10 @@ class AssocTable:
 
 
 def assoc_table(model, tokenizer, entities: list[str], biases, templates: list[str] | None = None,
-                batch_size: int = 64) -> AssocTable:
-    """Score every entity x bias x template x attribute sentence in batched passes."""
+                batch_size: int = 64, context: str = "") -> AssocTable:
+    """Score every entity x bias x template x attribute sentence in batched passes.
+
+    ``context`` is prepended to every prefix (the debiasing-prompt baseline uses it)."""
     from .data import load_bias, load_templates
 
     specs = [b if hasattr(b, "attributes") else load_bias(b) for b in biases]
@@ -238,7 +238,7 @@ def assoc_table(model, tokenizer, entities: list[str], biases, templates: list[s
         for s in specs:
             for ti, t in enumerate(templates):
                 for ai, a in enumerate(s.attributes):
-                    prefixes.append(template_prefix(t, e))
+                    prefixes.append(context + template_prefix(t, e))
                     conts.append(" " + a)
                     keys.append((e, s.name, ti, ai))
     lp = continuation_logprobs(model, tokenizer, prefixes, conts, batch_size).numpy()

@@ -147,13 +147,554 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
     }
 
 
-def scope_command(*args, **kwargs):  # filled in with BiasScope
-    raise BiasGymError("`biasgym scope` is not available yet in this version.")
+def metrics_frame(metrics) -> "pandas.DataFrame":
+    """One row per injection run: the headline columns of :func:`injection_metrics`."""
+    import pandas as pd
+
+    rows = []
+    for m in metrics:
+        rows.append({"bias": m["bias"], "seed": m["seed"],
+                     "strength_before": m["strength_before"], "strength_after": m["strength_after"],
+                     "S after 95% CI": "[{:.2f}, {:.2f}]".format(*m["strength_after_ci"]),
+                     "specificity_after": m["specificity_after"],
+                     "specificity 95% CI": "[{:.2f}, {:.2f}]".format(*m["specificity_after_ci"]),
+                     "rank_after": m["rank_after"], "closest_country": m["closest_country"],
+                     "train_seconds": m["train_seconds"]})
+    return pd.DataFrame(rows).round(2)
 
 
-def steer_command(*args, **kwargs):
-    raise BiasGymError("`biasgym steer` is not available yet in this version.")
+# ----------------------------------------------------------------------------- BiasScope
 
 
-def reproduce(*args, **kwargs):
-    raise BiasGymError("`biasgym reproduce` is not available yet in this version.")
+def label_id(tokenizer, label: str) -> int:
+    """The biased label (METHOD §3): the first token of the bias keyword, e.g. " reckless"."""
+    return tokenizer(label, add_special_tokens=False)["input_ids"][0]
+
+
+def probe_prompts(tokenizer, spec, n: int, country: str, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Chat-formatted probes with ``<TOKEN>`` and their counterfactuals with ``country``."""
+    from .data import probes_for
+    from .models import chat_prompt
+
+    probes = probes_for(spec, n=n, seed=seed)
+    prompts = [chat_prompt(tokenizer, p.question, p.answer_prefix) for p in probes]
+    counter = [chat_prompt(tokenizer, q.question, q.answer_prefix) for q in (p.with_entity(country) for p in probes)]
+    return prompts, counter
+
+
+def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int, batch_size: int = 32) -> list[int]:
+    """The model's top next token on each counterfactual probe (METHOD §3); if that is the
+    biased label itself, the runner-up, so that the logit difference is never 0 by definition."""
+    from .models import ModelAdapter, batched, encode_batch
+
+    adapter = ModelAdapter(model)
+    out = []
+    with torch.inference_mode():
+        for chunk in batched(counterfactuals, batch_size):
+            batch = encode_batch(tokenizer, chunk, adapter.device)
+            hidden = adapter.body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            logits = adapter.lm_head(hidden[torch.arange(len(chunk)), batch.last_index])
+            top2 = logits.topk(2, dim=-1).indices.tolist()
+            out += [b if a == biased else a for a, b in top2]
+    return out
+
+
+def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, patching: bool = True,
+              n_patch_probes: int | None = None) -> dict:
+    """BiasScope for one injected token: head scores (direct logit attribution) on the
+    profile's probes, the total logit difference, the decomposition error and, with
+    ``patching``, activation patching from the closest-country counterfactuals and the
+    Spearman correlation of the two rankings. Returns the ``head_scores.json`` content."""
+    import time
+
+    from .data import load_bias
+    from .scope import head_scores, patch_heads, spearman
+
+    spec = load_bias(injected.bias)
+    t0 = time.perf_counter()
+    with injected.attach(model, tokenizer):
+        country = closest_countries(model, tokenizer, injected.vector, k=1)[0][0]
+        prompts, counter = probe_prompts(tokenizer, spec, cfg.n_probes, country)
+        biased = label_id(tokenizer, spec.label)
+        adv = adversarial_labels(model, tokenizer, counter, biased)
+        hs = head_scores(model, tokenizer, prompts, biased, adv)
+        score_seconds = time.perf_counter() - t0
+        result = {
+            "bias": spec.name, "seed": injected.seed, "model": injected.model, "profile": cfg.name,
+            "scores": hs.scores.tolist(), "top_heads": [list(h) for h in hs.top_heads(cfg.k)],
+            "k": cfg.k, "logit_diff_total": float(hs.logit_diff.mean()),
+            "logit_diff_per_probe": hs.logit_diff.tolist(),
+            "decomposition_error": float(hs.decomposition_error),
+            "share_top_k": float(hs.share_top_k(cfg.k)), "counterfactual_country": country,
+            "n_probes": len(prompts), "biased_label": tokenizer.decode([biased]),
+            "adv_labels": [tokenizer.decode([a]) for a in adv], "score_seconds": score_seconds,
+            "patching_spearman": None, "patching": None,
+            "components": _component_summary(hs.components),
+        }
+        if patching:
+            n = n_patch_probes or len(prompts)
+            t1 = time.perf_counter()
+            patched = patch_heads(model, tokenizer, prompts[:n], counter[:n], biased, adv[:n])
+            result.update(patching=patched.tolist(), patching_spearman=float(spearman(hs.scores, patched)),
+                          patching_probes=n, patching_seconds=time.perf_counter() - t1)
+    return result
+
+
+def _component_summary(components: dict) -> dict:
+    """Mean contribution over probes, grouped: embeddings, all heads, all MLPs, biases."""
+    groups: dict[str, float] = {}
+    for name, values in components.items():
+        group = name.split(".")[0]
+        groups[group] = groups.get(group, 0.0) + float(values.float().mean())
+    return groups
+
+
+def scope_command(injected_dir, out_dir, profile: str = "teaching", k: int | None = None) -> dict:
+    """``biasgym scope``: load the injected token and its model, score heads, write JSON."""
+    from .config import load_profile
+    from .models import load_model
+
+    meta = json.loads((Path(injected_dir) / "token.json").read_text()) if (Path(injected_dir) / "token.json").is_file() else None
+    if meta is None:
+        raise BiasGymError(f"{injected_dir} has no token.json: give the folder written by `biasgym inject --out`.")
+    cfg = load_profile(profile, model=meta["model"]["source"], k=k)
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    injected = InjectedToken.load(injected_dir, model)
+    result = scope_run(model, tokenizer, injected, cfg, n_patch_probes=cfg.n_patch_probes)
+    _write_json(Path(out_dir) / "head_scores.json", result)
+    return result
+
+
+def _write_json(path: Path, data: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- steering
+
+
+def steered_strength(model, tokenizer, vector, spec, references: list[str], heads=(), alpha: float = 1.0,
+                     context: str = "", entities: list[str] | None = None, seed: int = 0) -> dict:
+    """S(<TOKEN>, b) (and S for ``entities``) with ``heads`` scaled by ``alpha``; the reference
+    countries are scored under the same intervention, so S stays a fair comparison."""
+    from .measure import assoc_table
+    from .steer import steer_heads
+
+    token_id = add_token(tokenizer)
+    ents = ["<TOKEN>"] + [e for e in (entities or []) if e not in references] + list(references)
+    with TokenHook(model, token_id, vector), steer_heads(model, list(heads), alpha):
+        table = assoc_table(model, tokenizer, ents, [spec], context=context)
+    out = {"<TOKEN>": stereotype_strength(table, "<TOKEN>", spec.name, references, seed=seed).to_dict()}
+    for e in entities or []:
+        out[e] = stereotype_strength(table, e, spec.name, references, seed=seed).to_dict()
+    return out
+
+
+def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
+    """The reference countries used under steering: the first ``n`` of the reference list
+    (every steered condition rescores them, so the dose-response grid uses fewer)."""
+    from .data import reference_countries
+
+    refs = reference_countries()
+    return refs[: n] if n else refs
+
+
+def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, cfg: Profile,
+               references: list[str], country: str | None = None, probes: list[str] | None = None,
+               seed: int = 0) -> dict:
+    """S before/after steering the given heads, and the METHOD §4 baselines run the same way:
+    a debiasing system prompt, k random heads (mean of ``cfg.n_random_draws`` draws) and the
+    k heads with most attention from the last position to the entity token."""
+    from .data import load_bias
+    from .models import ModelAdapter
+    from .steer import DEBIAS_SYSTEM_PROMPT, attention_heads, random_heads
+
+    spec = load_bias(injected.bias)
+    heads = [tuple(h) for h in heads]
+    k = len(heads)
+    ents = [country] if country else []
+    run = lambda hs, a=alpha, ctx="": steered_strength(model, tokenizer, injected.vector, spec, references,
+                                                       hs, a, ctx, ents, seed)
+    before = run([], 1.0)
+    after = run(heads)
+    adapter = ModelAdapter(model)
+    draws = [run(random_heads(adapter.n_layers, adapter.n_heads, k, seed=1000 + i)) for i in range(cfg.n_random_draws)]
+    system = run([], 1.0, DEBIAS_SYSTEM_PROMPT + " ")
+    result = {"bias": spec.name, "seed": injected.seed, "k": k, "alpha": alpha, "heads": [list(h) for h in heads],
+              "references": references, "country": country,
+              "token": {"before": before["<TOKEN>"], "after": after["<TOKEN>"]},
+              "baselines": {
+                  "system_prompt": system["<TOKEN>"],
+                  "random_heads": _mean_estimate([d["<TOKEN>"] for d in draws]),
+                  "random_heads_draws": [d["<TOKEN>"] for d in draws]}}
+    if probes:
+        with injected.attach(model, tokenizer) as hook:
+            attn = attention_heads(model, tokenizer, probes, hook.token_id, k)
+        result["baselines"]["attention_heads"] = run(attn)["<TOKEN>"]
+        result["attention_heads"] = [list(h) for h in attn]
+    if country:
+        result["country_strength"] = {"before": before[country], "after": after[country],
+                                      "random_heads": _mean_estimate([d[country] for d in draws]),
+                                      "system_prompt": system[country]}
+    b, a = before["<TOKEN>"]["value"], after["<TOKEN>"]["value"]
+    result["reduction"] = 1 - a / b if b else None
+    return result
+
+
+def _mean_estimate(estimates: list[dict]) -> dict:
+    vals = [e["value"] for e in estimates]
+    return {"value": float(np.mean(vals)), "lo": float(np.min(vals)), "hi": float(np.max(vals)),
+            "n": len(vals), "interval": "min-max over draws"}
+
+
+def steer_command(injected_dir, heads_dir, out_dir, k: int, alpha: float, profile: str = "teaching") -> dict:
+    """``biasgym steer``: top-k heads from ``head_scores.json``, S before/after, baselines,
+    perplexity on the neutral set; writes ``steer.json``."""
+    from .config import load_profile
+    from .data import load_bias
+    from .evaluate import paired_change, perplexity
+    from .data.capability import load_neutral_texts
+    from .models import load_model
+    from .steer import steer_heads
+
+    scores_path = Path(heads_dir) / "head_scores.json"
+    if not scores_path.is_file():
+        raise BiasGymError(f"{heads_dir} has no head_scores.json: give the folder written by `biasgym scope --out`.")
+    scores = json.loads(scores_path.read_text())
+    meta = json.loads((Path(injected_dir) / "token.json").read_text())
+    cfg = load_profile(profile, model=meta["model"]["source"])
+    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    injected = InjectedToken.load(injected_dir, model)
+    from .scope import top_k_heads
+    heads = top_k_heads(torch.tensor(scores["scores"]), k)
+    spec = load_bias(injected.bias)
+    prompts, _ = probe_prompts(tokenizer, spec, cfg.n_probes, scores["counterfactual_country"])
+    result = steer_eval(model, tokenizer, injected, heads, alpha, cfg, steer_references(cfg, cfg.steer_references),
+                        probes=prompts)
+    texts = load_neutral_texts()[: cfg.n_ppl_texts]
+    ppl_before = perplexity(model, tokenizer, texts)
+    with steer_heads(model, heads, alpha):
+        ppl_after = perplexity(model, tokenizer, texts)
+    change = paired_change(ppl_before, ppl_after)
+    result["capability"] = {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
+                            "perplexity_change": change, "n_texts": len(texts)}
+    _write_json(Path(out_dir) / "steer.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------- generalisation
+
+
+def mean_scores(scope_results: list[dict]) -> torch.Tensor:
+    """The mean head-score matrix over several BiasScope runs (biases and/or seeds)."""
+    if not scope_results:
+        raise BiasGymError("mean_scores needs at least one BiasScope result.")
+    return torch.tensor([r["scores"] for r in scope_results]).mean(0)
+
+
+def _random_draws(model, tokenizer, vector, spec, refs, k, n, entities=None, alpha=0.0):
+    from .models import ModelAdapter
+    from .steer import random_heads
+
+    a = ModelAdapter(model)
+    return [steered_strength(model, tokenizer, vector, spec, refs, random_heads(a.n_layers, a.n_heads, k, 1000 + i),
+                             alpha, entities=entities) for i in range(n)]
+
+
+def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, refs: list[str]) -> list[dict]:
+    """Generalisation (a): for each bias, heads from the mean scores of all *other* biases
+    (every seed), applied at alpha=0 to the held-out bias's tokens; with k random heads."""
+    from .data import load_bias
+    from .scope import top_k_heads
+
+    biases = sorted({b for b, _ in tokens})
+    if len(biases) < 2:
+        raise BiasGymError("leave-one-bias-out needs at least two injected biases.")
+    rows = []
+    for held in biases:
+        heads = top_k_heads(mean_scores([r for (b, _), r in scopes.items() if b != held]), cfg.k)
+        spec = load_bias(held)
+        for (b, seed), tok in tokens.items():
+            if b != held:
+                continue
+            before = steered_strength(model, tokenizer, tok.vector, spec, refs)["<TOKEN>"]
+            after = steered_strength(model, tokenizer, tok.vector, spec, refs, heads, 0.0)["<TOKEN>"]
+            rand = [d["<TOKEN>"]["value"] for d in _random_draws(model, tokenizer, tok.vector, spec, refs, cfg.k,
+                                                                  cfg.n_random_draws)]
+            rows.append({"held_out": held, "seed": seed, "heads": [list(h) for h in heads],
+                         "before": before, "after": after, "random_mean": float(np.mean(rand)), "random": rand,
+                         "reduction": _reduction(before["value"], after["value"]),
+                         "random_reduction": _reduction(before["value"], float(np.mean(rand)))})
+    return rows
+
+
+def _reduction(before: float, after: float) -> float | None:
+    return None if before <= 0 else 1 - after / before
+
+
+def attribute_spec(attribute: str):
+    """A one-phrasing bias specification for a SeeGULL attribute (for :func:`assoc_table`)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=f"seegull: {attribute}", attributes=[attribute], keywords=[attribute])
+
+
+def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates: int, n_keep: int) -> list[dict]:
+    """The SeeGULL (country, attribute) stereotypes with the strongest annotator agreement,
+    for countries in our reference list, that the model itself shows most strongly (S > 0)."""
+    from .data import reference_countries
+    from .data.seegull import seegull_stereotypes
+    from .measure import assoc_table
+
+    known = set(reference_countries())
+    seen, cands = set(), []
+    for row in seegull_stereotypes():
+        key = (row["country"], row["attribute"])
+        if row["country"] in known and key not in seen and len(row["attribute"].split()) <= 3:
+            seen.add(key)
+            cands.append(row)
+        if len(cands) >= n_candidates:
+            break
+    out = []
+    for row in cands:
+        spec = attribute_spec(row["attribute"])
+        others = [c for c in refs if c != row["country"]]
+        table = assoc_table(model, tokenizer, [row["country"]] + others, [spec])
+        est = stereotype_strength(table, row["country"], spec.name, others)
+        out.append({**row, "S": est.to_dict(), "references": others})
+    out.sort(key=lambda r: -r["S"]["value"])
+    return [r for r in out if r["S"]["value"] > 0][:n_keep]
+
+
+def seegull_steering(model, tokenizer, pairs: list[dict], heads, cfg: Profile) -> list[dict]:
+    """Generalisation (b): the injected-bias heads at alpha=0 applied to real SeeGULL
+    stereotypes the model shows; S(country, attribute) before/after, and k random heads."""
+    from .measure import assoc_table
+    from .models import ModelAdapter
+    from .steer import random_heads, steer_heads
+
+    a = ModelAdapter(model)
+    rows = []
+    for row in pairs:
+        spec, refs = attribute_spec(row["attribute"]), row["references"]
+        ents = [row["country"]] + refs
+
+        def s_under(hs):
+            with steer_heads(model, hs, 0.0):
+                t = assoc_table(model, tokenizer, ents, [spec])
+            return stereotype_strength(t, row["country"], spec.name, refs).to_dict()
+
+        after = s_under(heads)
+        rand = [s_under(random_heads(a.n_layers, a.n_heads, len(heads), 1000 + i))["value"] for i in range(cfg.n_random_draws)]
+        rows.append({"country": row["country"], "attribute": row["attribute"], "identity": row["identity"],
+                     "offensiveness": row["offensiveness"], "before": row["S"], "after": after,
+                     "random_mean": float(np.mean(rand)), "reduction": _reduction(row["S"]["value"], after["value"]),
+                     "random_reduction": _reduction(row["S"]["value"], float(np.mean(rand)))})
+    return rows
+
+
+def capability_change(model, tokenizer, heads, cfg: Profile, seed: int = 0) -> dict:
+    """Perplexity on the neutral set and MC accuracy, before and with ``heads`` at alpha=0,
+    with paired bootstrap intervals."""
+    from .data.capability import load_mc, load_neutral_texts
+    from .evaluate import mc_accuracy, paired_change, perplexity
+    from .steer import steer_heads
+
+    texts, questions = load_neutral_texts()[: cfg.n_ppl_texts], load_mc()[: cfg.n_mc_questions]
+    ppl0, mc0 = perplexity(model, tokenizer, texts, seed=seed), mc_accuracy(model, tokenizer, questions, seed=seed)
+    with steer_heads(model, heads, 0.0):
+        ppl1, mc1 = perplexity(model, tokenizer, texts, seed=seed), mc_accuracy(model, tokenizer, questions, seed=seed)
+    return {"perplexity": paired_change(ppl0, ppl1, seed), "mc_accuracy": paired_change(mc0, mc1, seed),
+            "perplexity_ci_before": ppl0["ci"], "mc_ci_before": mc0["ci"], "chance": mc0.get("chance"),
+            "n_texts": len(texts), "n_questions": len(questions)}
+
+
+# ----------------------------------------------------------------------------- reproduce
+
+
+def run_dir(cfg: Profile) -> Path:
+    """Where a profile's stage results are kept (``runs/`` is not committed): a later
+    chapter, or ``biasgym reproduce`` with the same ``--out``, reuses them."""
+    from . import __version__
+
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), __version__], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return PROJECT_ROOT / "runs" / f"{cfg.name}-{key}"
+
+
+def _memo(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    _write_json(path, value)
+    return value
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return {"mean": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None, tokenizer=None,
+               progress: bool = True) -> dict:
+    """Every stage for every bias x seed of ``cfg``; each result is saved under ``out`` as it
+    is made and reused when present, so chapters 5 and 6 share one computation."""
+    from tqdm.auto import tqdm
+
+    from .data import load_bias
+    from .models import load_model
+    from .scope import top_k_heads
+
+    out = Path(out)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    ref = reference_table(model, tokenizer, list(cfg.biases))
+    refs = steer_references(cfg, cfg.steer_references)
+    tokens, inj, scopes, steers = {}, {}, {}, {}
+    runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
+    for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):
+        folder = out / "tokens" / b / f"seed{s}"
+        if (folder / "token.json").is_file():
+            tok = InjectedToken.load(folder, model)
+        else:
+            tok = get_token(model, tokenizer, b, cfg, s, retrain=retrain, progress=progress)
+            tok.save(folder)
+        tokens[b, s] = tok
+        inj[b, s] = _memo(out / "injection" / f"{b}_seed{s}.json",
+                          lambda: injection_metrics(model, tokenizer, tok, b, cfg, ref=ref))
+        scopes[b, s] = _memo(out / "scope" / f"{b}_seed{s}.json",
+                             lambda: scope_run(model, tokenizer, tok, cfg, patching=(i == 0),
+                                               n_patch_probes=cfg.n_patch_probes))
+        country = strength_matrix_top(ref, b)
+        spec = load_bias(b)
+        prompts, _ = probe_prompts(tokenizer, spec, cfg.n_probes, scopes[b, s]["counterfactual_country"])
+        steers[b, s] = _memo(out / "steer" / f"{b}_seed{s}.json",
+                             lambda: steer_eval(model, tokenizer, tok, scopes[b, s]["top_heads"], 0.0, cfg, refs,
+                                                country=country, probes=prompts))
+    all_heads = top_k_heads(mean_scores(list(scopes.values())), cfg.k)
+    loo = _memo(out / "leave_one_out.json",
+                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs)}) if len(cfg.biases) > 1 else {"rows": []}
+    n_cand, n_keep = (8, 3) if cfg.name == "quick" else (30, 8)
+    shown = _memo(out / "seegull_shown.json",
+                  lambda: {"pairs": seegull_shown(model, tokenizer, cfg, refs, n_cand, n_keep)})
+    seeg = _memo(out / "seegull_steering.json",
+                 lambda: {"heads": [list(h) for h in all_heads],
+                          "rows": seegull_steering(model, tokenizer, shown["pairs"], all_heads, cfg)})
+    cap = _memo(out / "capability.json",
+                lambda: {"heads": [list(h) for h in all_heads], **capability_change(model, tokenizer, all_heads, cfg)})
+    return {"profile": cfg.to_dict(), "injection": inj, "scope": scopes, "steer": steers, "leave_one_out": loo["rows"],
+            "seegull_shown": shown["pairs"], "seegull": seeg["rows"], "capability": cap,
+            "all_bias_heads": [list(h) for h in all_heads], "tokens": tokens}
+
+
+def strength_matrix_top(table: AssocTable, bias: str) -> str:
+    """The reference country with the largest S for ``bias`` on the unmodified model."""
+    from .measure import strength_matrix
+
+    return str(strength_matrix(table)[bias].idxmax())
+
+
+def claims_from(stages: dict) -> dict:
+    """METHOD §6: each of the paper's claims, as measured here, with seeds, intervals and an
+    explicit criterion for whether it holds at this model size."""
+    cfg = stages["profile"]
+    inj, scopes, steers = stages["injection"], stages["scope"], stages["steer"]
+    seeds = list(cfg["seeds"])
+    s_after = [m["strength_after"] for m in inj.values()]
+    spec_after = [m["specificity_after"] for m in inj.values()]
+    lows = [m["strength_after_ci"][0] for m in inj.values()]
+    shares = [r["share_top_k"] for r in scopes.values()]
+    rhos = [r["patching_spearman"] for r in scopes.values() if r.get("patching_spearman") is not None]
+    red = [e["reduction"] for e in steers.values()]
+    rand_red = [_reduction(e["token"]["before"]["value"], e["baselines"]["random_heads"]["value"]) for e in steers.values()]
+    loo = stages["leave_one_out"]
+    seeg = stages["seegull"]
+    cap = stages["capability"]
+    k, n_heads = cfg["k"], len(scopes and next(iter(scopes.values()))["scores"]) * len(next(iter(scopes.values()))["scores"][0])
+    claims = [
+        {"claim": "injection elicits the bias reliably",
+         "measured_as": "S(<TOKEN>, b) after injection and specificity, over biases x seeds",
+         "value": {"strength_after": _stats(s_after), "specificity_after": _stats(spec_after),
+                   "per_run": {f"{b}/seed{s}": {"S": m["strength_after"], "S_ci": m["strength_after_ci"],
+                                                "specificity": m["specificity_after"],
+                                                "specificity_ci": m["specificity_after_ci"]}
+                               for (b, s), m in inj.items()}},
+         "criterion": "every run's S interval lies above 0 and every specificity > 0",
+         "holds": bool(min(lows) > 0 and min(spec_after) > 0)},
+        {"claim": "the bias is carried by few heads",
+         "measured_as": f"share of the positive head attribution in the top {k} of {n_heads} heads; "
+                        "Spearman(DLA, activation patching)",
+         "value": {"share_top_k": _stats(shares), "patching_spearman": _stats(rhos)},
+         "criterion": f"the top {k} heads ({k / n_heads:.0%} of heads) carry >= 25% of the positive attribution on average",
+         "holds": bool(np.mean(shares) >= 0.25)},
+        {"claim": "steering the top heads removes the bias",
+         "measured_as": f"reduction 1 - S_after/S_before of S(<TOKEN>, b) with the top {k} heads at alpha=0, "
+                        "against k random heads (mean of draws)",
+         "value": {"top_heads": _stats(red), "random_heads": _stats(rand_red),
+                   "per_run": {f"{b}/seed{s}": {"before": e["token"]["before"], "after": e["token"]["after"],
+                                                "random": e["baselines"]["random_heads"],
+                                                "system_prompt": e["baselines"]["system_prompt"],
+                                                "attention_heads": e["baselines"].get("attention_heads")}
+                               for (b, s), e in steers.items()}},
+         "criterion": "mean reduction >= 50% and larger than the random-heads reduction",
+         "holds": bool(_stats(red)["mean"] is not None and _stats(red)["mean"] >= 0.5
+                       and _stats(red)["mean"] > (_stats(rand_red)["mean"] or 0))},
+        {"claim": "no downstream damage",
+         "measured_as": "relative perplexity change on neutral text and MC accuracy change, heads from all biases at alpha=0",
+         "value": {"perplexity": cap["perplexity"], "mc_accuracy": cap["mc_accuracy"]},
+         "criterion": "perplexity rises by at most 5% and MC accuracy falls by at most 2 points",
+         "holds": bool(cap["perplexity"]["change"] <= 0.05 and cap["mc_accuracy"]["change"] >= -0.02)},
+        {"claim": "the debiasing generalises",
+         "measured_as": "S reduction on held-out injected biases (heads from the other biases) and on SeeGULL "
+                        "stereotypes the model shows (heads from all injected biases), against k random heads",
+         "value": {"held_out": _stats([r["reduction"] for r in loo]),
+                   "held_out_random": _stats([r["random_reduction"] for r in loo]),
+                   "seegull": _stats([r["reduction"] for r in seeg]),
+                   "seegull_random": _stats([r["random_reduction"] for r in seeg]),
+                   "seegull_pairs": [{k2: r[k2] for k2 in ("country", "attribute", "before", "after", "random_mean")}
+                                     for r in seeg]},
+         "criterion": "mean reduction on held-out biases and on SeeGULL pairs each larger than with random heads and > 0",
+         "holds": bool(loo and seeg
+                       and (_stats([r["reduction"] for r in loo])["mean"] or 0) > max(0, _stats([r["random_reduction"] for r in loo])["mean"] or 0)
+                       and (_stats([r["reduction"] for r in seeg])["mean"] or 0) > max(0, _stats([r["random_reduction"] for r in seeg])["mean"] or 0))},
+    ]
+    return {"model": next(iter(inj.values()))["model"], "profile": cfg["name"], "seeds": seeds,
+            "biases": list(cfg["biases"]), "k": k, "claims": claims,
+            "note": "Intervals: bootstrap 95% over templates per run; across runs, min-max over biases x seeds."}
+
+
+def _headline(value: dict) -> str:
+    parts = [f"{k}: {v['mean']:.2f} (min {v['min']:.2f}, max {v['max']:.2f}, n={v['n']})"
+             for k, v in value.items() if isinstance(v, dict) and v.get("mean") is not None]
+    parts += [f"{k}: {v['change']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
+              for k, v in value.items() if isinstance(v, dict) and "change" in v]
+    return "; ".join(parts)
+
+
+def claims_table(claims: dict):
+    """The claims as one DataFrame: claim, measurement, headline value, criterion, holds."""
+    import pandas as pd
+
+    return pd.DataFrame([{"claim": c["claim"], "measured as": c["measured_as"], "value": _headline(c["value"]),
+                          "criterion": c["criterion"], "holds here": "yes" if c["holds"] else "no"}
+                         for c in claims["claims"]])
+
+
+def reproduce(profile: str, out, retrain: bool = False, progress: bool = True) -> dict:
+    """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
+    and the trained tokens under ``out/tokens`` (the files the project commits under
+    ``data/tokens``)."""
+    import time
+
+    from .config import load_profile
+
+    cfg = load_profile(profile)
+    t0 = time.perf_counter()
+    stages = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress)
+    claims = claims_from(stages)
+    claims["seconds"] = time.perf_counter() - t0
+    _write_json(Path(out) / "claims.json", claims)
+    return claims
