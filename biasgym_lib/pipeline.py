@@ -120,10 +120,11 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
     from .data import load_bias, reference_countries
 
     spec = load_bias(bias)
-    biases = list(dict.fromkeys([spec.name] + [b for b in cfg.biases if b != spec.name]))
-    if spec.name not in cfg.biases and len(biases) < 2:
-        biases = [spec.name] + list(cfg.biases)
-    ref = ref or reference_table(model, tokenizer, biases)
+    if ref is not None and spec.name in ref.biases:
+        biases = list(ref.biases)
+    else:  # a bias outside the profile (e.g. a reader's own spec): score it beside the profile's
+        biases = list(cfg.biases) if spec.name in cfg.biases else list(cfg.biases) + [spec.name]
+        ref = reference_table(model, tokenizer, biases)
     refs = reference_countries()
     start = initial_vector(model, tokenizer, injected.init)
     before = ref.merged(token_table(model, tokenizer, start, biases))

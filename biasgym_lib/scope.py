@@ -84,9 +84,9 @@ def _gather_last(x: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
 
 def _label_ids(ids, n: int, what: str, vocab: int) -> torch.Tensor:
     """One label id per prompt (an int is used for every prompt), validated."""
-    if isinstance(ids, int):
-        ids = [ids] * n
-    ids = torch.as_tensor(list(ids), dtype=torch.long)
+    ids = torch.as_tensor(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
+    if ids.ndim == 0:  # one id for every prompt
+        ids = ids.repeat(n)
     if ids.ndim != 1 or len(ids) != n:
         raise BiasGymError(f"{what} must be one token id or one id per prompt "
                            f"({n} prompts), got {len(ids)} ids.")
@@ -248,6 +248,7 @@ def capture_last_position(model: nn.Module, batch: Batch) -> LastPositionCapture
     return LastPositionCapture(**stacked, **single)
 
 
+@torch.no_grad()
 def residual_components(model: nn.Module, cap: LastPositionCapture) -> dict[str, torch.Tensor]:
     """Split the last residual stream into parts that add up to it exactly (float32):
 
@@ -407,6 +408,7 @@ def head_scores_from_batch(model: nn.Module, batch: Batch, biased_ids, adv_ids,
     return result
 
 
+@torch.no_grad()
 def _attribute(adapter: ModelAdapter, model: nn.Module, batch: Batch, biased: torch.Tensor,
                adv: torch.Tensor, prompts: list[str] | None) -> HeadScores:
     """DLA for one batch: one forward with hooks, then linear algebra only."""

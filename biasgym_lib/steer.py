@@ -257,7 +257,7 @@ def _attention_per_prompt(model: nn.Module, batch: Batch, entity_token_id) -> to
     count as the entity."""
     adapter = ModelAdapter(model)
     _check_batch(batch)
-    ids = [entity_token_id] if isinstance(entity_token_id, int) else [int(i) for i in entity_token_id]
+    ids = torch.as_tensor(entity_token_id, dtype=torch.long).flatten().tolist()
     if not ids:
         raise BiasGymError("entity_token_id is empty.")
     dev = adapter.device

@@ -19,6 +19,16 @@ BIASED = [5, 17, 40, 63]
 ADV = [9, 23, 41, 70]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine a thread pool makes each
+    small matmul wait for a core (100x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_batch(lengths, vocab=97, seed=0, pad=2):
     """Right-padded random prompts (ids 3..vocab-1) of the given lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +129,7 @@ def test_scores_do_not_depend_on_padding_or_chunking():
 def test_head_scores_from_text_matches_batch_entry():
     model, tok = tiny_model("qwen2"), CharTokenizer()
     prompts = ["ab", "hello world", "xyz!?", "a longer prompt here"]
-    hs = head_scores(model, tok, prompts, biased_ids=5, adv_ids=9, batch_size=3)
+    hs = head_scores(model, tok, prompts, biased_ids=5, adv_ids=torch.tensor(9), batch_size=3)
     assert hs.prompts == prompts and hs.biased_ids == [5] * 4
     from biasgym_lib.models import encode_batch
     ref = head_scores_from_batch(model, encode_batch(tok, prompts), 5, 9)

@@ -17,6 +17,16 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 HEADS = [(0, 1), (2, 4), (2, 0)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine a thread pool makes each
+    small matmul wait for a core (100x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def random_batch(lengths=(6, 10, 4), vocab=97, seed=0, pad=2):
     g = torch.Generator().manual_seed(seed)
     ids = torch.full((len(lengths), max(lengths)), pad, dtype=torch.long)

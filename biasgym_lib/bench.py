@@ -1,0 +1,161 @@
+"""``biasgym bench``: each fast path measured side by side with the naive way, in one run.
+
+Figures are ratios against the naive way on the embedded model. Where the naive way would
+take many minutes (one forward pass per head, or per sentence, for everything), it is
+timed on a subset and extrapolated linearly; the JSON says so next to each figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, repeat: int = 1):
+    best = float("inf")
+    out = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def matmul_gflops(dtype=torch.float32, n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def bench_load() -> dict:
+    from .models import load_model
+
+    old = os.environ.get("BIASGYM_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["BIASGYM_CACHE"] = tmp
+        try:
+            convert, _ = _timed(lambda: load_model())
+            cached, _ = _timed(lambda: load_model(), repeat=2)
+        finally:
+            if old is None:
+                os.environ.pop("BIASGYM_CACHE", None)
+            else:
+                os.environ["BIASGYM_CACHE"] = old
+    return {"gguf_conversion_s": convert, "cached_load_s": cached, "speedup": convert / cached}
+
+
+def bench_scoring(model, tok, n_loop: int = 40) -> dict:
+    from .data import load_biases, load_templates, reference_countries
+    from .measure import continuation_logprobs, template_prefix
+
+    countries, templates = reference_countries()[:30], load_templates()
+    prefixes, conts = [], []
+    for spec in list(load_biases().values())[:6]:
+        for c in countries:
+            for t in templates:
+                prefixes.append(template_prefix(t, c))
+                conts.append(" " + spec.attributes[0])
+    batched_s, fast = _timed(lambda: continuation_logprobs(model, tok, prefixes, conts))
+    full_s, full = _timed(lambda: continuation_logprobs(model, tok, prefixes, conts, share_prefix=False))
+    idx = list(range(0, len(prefixes), max(1, len(prefixes) // n_loop)))[:n_loop]
+    loop_s, loop = _timed(lambda: [continuation_logprobs(model, tok, [prefixes[i]], [conts[i]], share_prefix=False)
+                                   for i in idx])
+    per_sentence_total = loop_s / len(idx) * len(prefixes)
+    agree = max(abs(float(fast[i]) - float(v[0])) for i, v in zip(idx, loop))
+    return {"sentences": len(prefixes), "batched_shared_prefix_s": batched_s, "batched_full_s": full_s,
+            "per_sentence_s_extrapolated": per_sentence_total, "per_sentence_timed_on": len(idx),
+            "speedup_vs_per_sentence": per_sentence_total / batched_s,
+            "max_abs_difference_nats": agree, "shared_vs_full_max_diff": float((fast - full).abs().max())}
+
+
+def bench_heads(model, tok, n_probes: int = 40, n_loop_heads: int = 12) -> dict:
+    from .data import load_bias
+    from .models import ModelAdapter
+    from .pipeline import adversarial_labels, label_id, probe_prompts
+    from .scope import ablation_loop_scores, head_scores
+
+    spec = load_bias("reckless_driving")
+    prompts, counter = probe_prompts(tok, spec, n_probes, "Italy")
+    prompts = counter  # a real country: no injected token needed for a timing
+    biased = label_id(tok, spec.label)
+    adv = adversarial_labels(model, tok, counter, biased)
+    fast_s, hs = _timed(lambda: head_scores(model, tok, prompts, biased, adv))
+    a = ModelAdapter(model)
+    heads = [(l, h) for l in range(0, a.n_layers, max(1, a.n_layers // n_loop_heads)) for h in range(1)][:n_loop_heads]
+    loop_s, _ = _timed(lambda: ablation_loop_scores(model, tok, prompts, biased, adv, heads=heads))
+    loop_total = loop_s / len(heads) * a.n_heads_total
+    return {"probes": len(prompts), "heads": a.n_heads_total, "head_scores_s": fast_s,
+            "ablation_loop_s_extrapolated": loop_total, "ablation_loop_timed_on_heads": len(heads),
+            "speedup": loop_total / fast_s, "decomposition_error": float(hs.decomposition_error)}
+
+
+def bench_injection(model, tok, n_paragraphs: int = 16) -> dict:
+    """Tokens/s of inject_bias's loss (answer-position logits only) against a naive loop
+    that computes logits for every position through the full model forward."""
+    import torch.nn.functional as F
+
+    from .data import training_pairs
+    from .inject import TokenHook, _collate, add_token, encode_pairs, initial_vector, response_loss
+
+    pairs = training_pairs("reckless_driving", n_paragraphs, seed=0)
+    token_id = add_token(tok)
+    rows = encode_pairs(tok, pairs)
+    pad = tok.pad_token_id
+    batches = [_collate(rows[i:i + 8], pad, token_id) for i in range(0, len(rows), 8)]
+    n_tokens = sum(int(b.attention_mask.sum()) for b in batches)
+
+    def run(naive: bool):
+        vec = torch.nn.Parameter(initial_vector(model, tok))
+        opt = torch.optim.Adam([vec], lr=1e-2)
+        with TokenHook(model, token_id, vec):
+            for b in batches:
+                if naive:
+                    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+                    loss = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100)
+                else:
+                    loss, _ = response_loss(model, b)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return vec.detach().clone()
+
+    fast_s, v_fast = _timed(lambda: run(False))
+    naive_s, v_naive = _timed(lambda: run(True))
+    return {"tokens": n_tokens, "fast_tokens_per_s": n_tokens / fast_s, "naive_tokens_per_s": n_tokens / naive_s,
+            "speedup": naive_s / fast_s, "vectors_max_abs_diff": float((v_fast - v_naive).abs().max())}
+
+
+def run_bench(out) -> dict:
+    """Run every benchmark and write the JSON to ``out``."""
+    from . import __version__
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    result = {"library_version": __version__, "torch_threads": torch.get_num_threads(),
+              "matmul_gflops": {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}}
+    result["load"] = bench_load()
+    result["peak_rss_mb_after_load"] = _rss_mb()
+    model, tok = load_model()
+    result["scoring"] = bench_scoring(model, tok)
+    result["peak_rss_mb_after_scoring"] = _rss_mb()
+    result["heads"] = bench_heads(model, tok)
+    result["peak_rss_mb_after_heads"] = _rss_mb()
+    result["injection"] = bench_injection(model, tok)
+    result["peak_rss_mb_after_injection"] = _rss_mb()
+    result["total_s"] = time.perf_counter() - t0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,71 @@
+"""Profiles, the CLI's error handling, and the exercise checks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from biasgym_lib.cli import main
+from biasgym_lib.config import load_profile, profile_names
+from biasgym_lib.errors import BiasGymError
+from biasgym_lib.exercises import check
+
+
+def test_profiles_load_and_override():
+    assert {"quick", "teaching", "paper"} <= set(profile_names())
+    quick = load_profile("quick")
+    assert quick.model == "embedded" and len(quick.seeds) >= 1
+    teaching = load_profile("teaching")
+    assert len(teaching.seeds) >= 3, "every stated number needs >= 3 seeds (METHOD §5)"
+    paper = load_profile("paper")
+    assert paper.device == "cuda" and paper.model != "embedded"
+    over = load_profile("quick", seeds=[5, 6], k=None, model="gpt2")
+    assert over.seeds == (5, 6) and over.k == quick.k and over.model == "gpt2"
+    assert over.overrides == {"seeds": [5, 6], "model": "gpt2"}
+
+
+def test_profile_errors_are_clear(tmp_path):
+    with pytest.raises(BiasGymError, match="unknown profile 'nope'"):
+        load_profile("nope")
+    with pytest.raises(BiasGymError, match="unknown setting"):
+        load_profile("quick", bogus=3)
+    bad = tmp_path / "p.yaml"
+    bad.write_text("x: {model: embedded}\n")
+    with pytest.raises(BiasGymError, match="lacks setting"):
+        load_profile("x", path=bad)
+
+
+def test_cli_bad_bias_is_one_line_error(capsys, tmp_path):
+    rc = main(["inject", "--bias", "no_such_bias", "--profile", "quick", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error" in err and "no_such_bias" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists(), "a failed command must not leave a half-written artifact"
+
+
+def test_cli_scope_and_steer_need_their_folders(capsys, tmp_path):
+    assert main(["scope", "--injected", str(tmp_path), "--out", str(tmp_path / "s")]) == 2
+    assert "token.json" in capsys.readouterr().err
+    assert main(["steer", "--injected", str(tmp_path), "--heads", str(tmp_path), "--k", "3", "--alpha", "0",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "head_scores.json" in capsys.readouterr().err
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "biasgym_lib.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("inject", "scope", "steer", "reproduce", "book", "bench"):
+        assert command in out.stdout
+
+
+def test_exercise_checks_pass_and_fail(capsys):
+    assert check("E", 1.0, 1.0 + 1e-9)
+    assert not check("E", 1.1, 1.0, hint="look again")
+    assert "not yet" in capsys.readouterr().out
+    assert not check("E", None, 1.0)
+    assert "not answered" in capsys.readouterr().out
+    assert check("E", " Italy ", "italy")
+    assert check("E", [(1, 2), (3, 4)], [(1, 2), (3, 4)])
+    assert not check("E", [(3, 4), (1, 2)], [(1, 2), (3, 4)])
+    assert check("E", {(3, 4), (1, 2)}, {(1, 2), (3, 4)})
+    assert not check("E", "x", 1.0)
