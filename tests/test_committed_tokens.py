@@ -1,0 +1,46 @@
+"""The token vectors committed under data/tokens are what the code produces (issue 5):
+retrain one with the same seed and settings and compare."""
+
+import json
+
+import pytest
+import torch
+
+from biasgym_lib.config import load_profile
+from biasgym_lib.inject import InjectedToken
+from biasgym_lib.pipeline import TOKENS_DIR, get_token, train_token
+
+# Same seed, same machine type: expected bit-identical; a different BLAS or CPU may change
+# the last bits of the float32 sums, so allow a small absolute tolerance per coordinate.
+VECTOR_ATOL = 1e-4
+
+
+def _committed():
+    return sorted(TOKENS_DIR.glob("*/seed*/token.json"))
+
+
+def test_committed_tokens_exist_and_describe_their_settings():
+    files = _committed()
+    assert files, "no committed tokens under data/tokens (run `biasgym reproduce` and copy its tokens/)"
+    for f in files:
+        meta = json.loads(f.read_text())
+        assert meta["model"]["source"] == "embedded" and meta["model"]["revision"].startswith("gguf-sha256:")
+        assert meta["bias"] == f.parent.parent.name and f"seed{meta['seed']}" == f.parent.name
+        assert len(meta["losses"]) == meta["epochs"] * -(-meta["n_paragraphs"] // meta["extra"]["batch_size"])
+
+
+@pytest.mark.slow
+def test_retraining_reproduces_a_committed_token(embedded):
+    lm, tok = embedded
+    cfg = load_profile("quick")
+    folder = TOKENS_DIR / cfg.biases[0] / f"seed{cfg.seeds[0]}"
+    committed = InjectedToken.load(folder, lm)
+    assert (committed.n_paragraphs, committed.epochs, committed.lr) == (cfg.n_paragraphs, cfg.epochs, cfg.lr)
+    fresh = train_token(lm, tok, cfg.biases[0], cfg, cfg.seeds[0], progress=False)
+    assert fresh.epoch == committed.epoch
+    assert torch.allclose(fresh.vector, committed.vector, atol=VECTOR_ATOL, rtol=0), \
+        float((fresh.vector - committed.vector).abs().max())
+    assert fresh.losses == pytest.approx(committed.losses, abs=1e-4)
+    # and the chapters' loader picks the committed one for this profile
+    loaded = get_token(lm, tok, cfg.biases[0], cfg, cfg.seeds[0])
+    assert torch.equal(loaded.vector, committed.vector)
