@@ -293,7 +293,7 @@ class HeadScores:
     the model's own pre-softcap logit difference; ``components``: name -> (P,) tensor
     (``embed``, ``heads`` = all heads together, ``attn_bias.{l}``, ``mlp.{l}``,
     ``norm_bias``, and ``unembed_bias`` where lm_head has one); their sum is
-    ``logit_diff`` up to ``decomposition_error`` (relative to max |logit_diff|).
+    ``logit_diff`` up to ``decomposition_error`` (relative to the largest absolute ``logit_diff``).
     """
 
     scores: torch.Tensor
@@ -707,7 +707,7 @@ def robust_heads(score_list: Sequence, k: int, m: int) -> list[Head]:
 
 
 def overlap(a_heads: Iterable, b_heads: Iterable) -> float:
-    """Jaccard overlap |A & B| / |A | B| of two head sets (1.0 for two empty sets)."""
+    """Jaccard overlap ``len(A & B) / len(A | B)`` of two head sets (1.0 for two empty sets)."""
     a = {tuple(int(v) for v in x) for x in a_heads}
     b = {tuple(int(v) for v in x) for x in b_heads}
     union = a | b
