@@ -69,3 +69,14 @@ def test_exercise_checks_pass_and_fail(capsys):
     assert not check("E", [(3, 4), (1, 2)], [(1, 2), (3, 4)])
     assert check("E", {(3, 4), (1, 2)}, {(1, 2), (3, 4)})
     assert not check("E", "x", 1.0)
+
+
+def test_appendix_shows_a_complete_bench_result():
+    from biasgym_lib.config import PROJECT_ROOT
+
+    bench = json.loads((PROJECT_ROOT / "book" / "bench.json").read_text())
+    for section, key in [("load", "cached_load_s"), ("scoring", "speedup_vs_per_sentence"),
+                         ("heads", "speedup"), ("injection", "speedup")]:
+        assert bench[section][key] > 0
+    assert bench["injection"]["vectors_max_abs_diff"] < 1e-4  # fast and naive training agree
+    assert "bench.json" in (PROJECT_ROOT / "book" / "appendix_bench.md").read_text()
