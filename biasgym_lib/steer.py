@@ -204,7 +204,9 @@ class SteeringSpec:
         return spec
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_json(cls, path, model: nn.Module | None = None) -> "SteeringSpec":
