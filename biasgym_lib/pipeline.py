@@ -107,7 +107,21 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
         same = (meta.get("n_paragraphs"), meta.get("epochs"), meta.get("lr")) == (cfg.n_paragraphs, cfg.epochs, cfg.lr)
         if same and meta.get("model", {}).get("revision") == model_info(model).revision:
             return InjectedToken.load(folder, model)
-    return train_token(model, tokenizer, spec, cfg, seed, progress=progress)
+    # A token trained earlier with exactly these settings (another chapter, a previous run)
+    # is reused from the cache, so chapters never retrain the same token; retrain=True skips it.
+    cached = trained_token_cache(model, spec, cfg, seed)
+    if retrain is not True and (cached / "token.json").is_file():
+        return InjectedToken.load(cached, model)
+    token = train_token(model, tokenizer, spec, cfg, seed, progress=progress)
+    token.save(cached)
+    return token
+
+
+def trained_token_cache(model, spec, cfg: Profile, seed: int) -> Path:
+    """Cache folder of a trained token, keyed by model revision, bias spec and settings."""
+    key = json.dumps([model_info(model).to_dict(), spec.to_dict(), cfg.n_paragraphs, cfg.epochs, cfg.lr,
+                      cfg.batch_size, cfg.init, seed], sort_keys=True, default=str)
+    return cache_dir() / "tokens" / f"{spec.name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Profile,
