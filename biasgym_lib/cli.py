@@ -14,19 +14,11 @@ outputs only when it has finished (never a half-written artifact).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from .errors import BiasGymError
-
-
-def _write_json(path: Path, data: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 def _profile(args):
@@ -38,7 +30,7 @@ def _profile(args):
 def cmd_inject(args) -> int:
     from .data import load_bias
     from .models import load_model
-    from .pipeline import injection_metrics, train_token
+    from .pipeline import _write_json, injection_metrics, train_token
 
     cfg = _profile(args)
     spec = load_bias(args.bias)
