@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import ArtifactMismatch, BiasGymError
-from .models import ModelAdapter, batched, chat_prompt, model_info
+from .models import ModelAdapter, batched, chat_prompt, model_info, select_cache
 
 DEFAULT_TOKEN = "<TOKEN>"
 ARTIFACT_VECTOR = "token.safetensors"
@@ -239,16 +239,92 @@ def _collate(rows: list[tuple[list[int], int]], pad_id: int, ignore_id: int | No
     return _Encoded(ids, mask, targets)
 
 
-def response_loss(model, batch: _Encoded, autocast_dtype=None) -> tuple[torch.Tensor, int]:
+# Bump when a change to inject_bias changes what it trains for the same seed and settings
+# (batch order, loss): committed and cached tokens of another version are then not reused.
+# 2: rows of similar length batched together; shared chat prefix cached.
+TRAINER_VERSION = 2
+
+
+@dataclass
+class SharedPrefix:
+    """The key/value cache of the token ids every training row starts with (the chat
+    template's system turn and the opening of the user turn). It holds no ``<TOKEN>``, so it
+    does not depend on the trained vector: it is computed once, without gradients, and each
+    batch runs only the rest of its rows on top of it."""
+
+    ids: list[int]
+    cache: object
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+def shared_prefix_length(rows: list[tuple[list[int], int]], stop_id: int | None = None) -> int:
+    """Length of the prefix all ``rows`` share, ending before the first ``stop_id`` and
+    before the first position whose next-token loss counts (so every loss stays outside it)."""
+    if not rows:
+        return 0
+    first = rows[0][0]
+    n = min(start for _, start in rows) - 1
+    for ids, _ in rows:
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first, ids)) if a != b), min(len(ids), len(first))))
+    if stop_id is not None and stop_id in first[:n]:
+        n = first.index(stop_id)
+    return max(n, 0)
+
+
+def shared_prefix(model, ids: list[int], autocast_dtype=None) -> SharedPrefix:
+    """Run ``ids`` once (no gradients) and keep their key/value cache."""
+    adapter = ModelAdapter(model)
+    with torch.no_grad(), _autocast(adapter.device, autocast_dtype):
+        res = adapter.body(input_ids=torch.tensor([ids], device=adapter.device), use_cache=True)
+    return SharedPrefix(list(ids), res.cache)
+
+
+def epoch_batches(lengths: list[int], batch_size: int, gen: torch.Generator, bucket: int = 4) -> list[list[int]]:
+    """One epoch's batches of row indices: a seeded shuffle, then rows of similar length
+    grouped into the same batch within windows of ``bucket`` batches (less padding), then
+    the batches shuffled. ``bucket=1`` gives plain shuffled batches."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    batches = []
+    for window in batched(order, batch_size * max(bucket, 1)):
+        window = sorted(window, key=lambda i: lengths[i])
+        batches.extend(list(b) for b in batched(window, batch_size))
+    if bucket > 1:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+    return batches
+
+
+def _strip(rows: list[tuple[list[int], int]], n: int) -> list[tuple[list[int], int]]:
+    return [(ids[n:], start - n) for ids, start in rows]
+
+
+def _autocast(device, dtype):
+    return (torch.autocast(device.type, dtype=dtype) if dtype is not None
+            else torch.autocast(device.type, enabled=False))
+
+
+def response_loss(model, batch: _Encoded, autocast_dtype=None,
+                  prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy on answer tokens only. Logits are computed only at
-    the positions that need them (the unembedding is most of a small model's cost)."""
+    the positions that need them (the unembedding is most of a small model's cost).
+
+    With ``prefix``, ``batch`` holds the rows without that prefix and runs on top of its
+    cached keys and values; the loss is the same as for the full rows."""
     adapter = ModelAdapter(model)
     device = adapter.device
     ids, mask, targets = batch.input_ids.to(device), batch.attention_mask.to(device), batch.targets.to(device)
-    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else torch.autocast(device.type, enabled=False))
-    with ctx:
-        hidden = adapter.body(input_ids=ids, attention_mask=mask).last_hidden_state
+    with _autocast(device, autocast_dtype):
+        if prefix is None:
+            hidden = adapter.body(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            b, width = ids.shape
+            cache = select_cache(prefix.cache, torch.zeros(b, dtype=torch.long, device=device))
+            full_mask = torch.cat([torch.ones(b, prefix.length, dtype=mask.dtype, device=device), mask], 1)
+            positions = (prefix.length + torch.arange(width, device=device)).expand(b, width)
+            hidden = adapter.body(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                                  cache=cache, use_cache=True).last_hidden_state
         keep = targets != -100
         logits = adapter.lm_head(hidden[keep])
     logits = logits.float()
@@ -261,7 +337,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
                 batch_size: int = 8, seed: int = 0, init: str = "countries", token: str = DEFAULT_TOKEN,
                 n_val: int = 16, pairs: list[tuple[str, str]] | None = None,
                 val_pairs: list[tuple[str, str]] | None = None, autocast_dtype=None,
-                progress: bool = True) -> InjectedToken:
+                share_prefix: bool = True, bucket: int = 4, progress: bool = True) -> InjectedToken:
     """BiasInject: train only ``token``'s input embedding on biased chat pairs.
 
     ``bias`` is a :class:`~biasgym_lib.data.BiasSpec` or a bias name. The training pairs
@@ -269,6 +345,12 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     ``pairs`` is given; ``n_val`` held-out pairs (another seed) pick the best epoch, as
     the paper picks the best of its per-epoch checkpoints. Adam with a cosine-decaying
     learning rate. Every original weight stays bit-identical.
+
+    ``share_prefix`` runs the chat prefix every row starts with once and trains on the
+    rest of each row on top of its cached keys and values (see :class:`SharedPrefix`):
+    the same loss to float rounding, about a quarter fewer tokens per step. ``bucket``
+    groups rows of similar length into a batch (see :func:`epoch_batches`), which cuts the
+    padding each step computes from about a quarter to a few percent.
     """
     from tqdm.auto import tqdm
 
@@ -288,6 +370,9 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows = encode_pairs(tokenizer, pairs)
     val_rows = encode_pairs(tokenizer, val_pairs)
+    n_shared = shared_prefix_length(train_rows + val_rows, token_id) if share_prefix else 0
+    prefix = shared_prefix(model, train_rows[0][0][:n_shared], autocast_dtype) if n_shared else None
+    train_rows, val_rows = _strip(train_rows, n_shared), _strip(val_rows, n_shared)
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
     total = steps_per_epoch * epochs
     opt = torch.optim.Adam([vector], lr=lr)
@@ -302,20 +387,19 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     bar = tqdm(total=total, desc=f"inject {spec.name} (seed {seed})", disable=not progress, leave=False)
     with TokenHook(model, token_id, vector):
         for _ in range(epochs):
-            order = torch.randperm(len(train_rows), generator=gen).tolist()
-            for idx in batched(order, batch_size):
+            for idx in epoch_batches([len(ids) for ids, _ in train_rows], batch_size, gen, bucket):
                 batch = _collate([train_rows[i] for i in idx], pad, token_id)
-                loss, _ = response_loss(model, batch, autocast_dtype)
+                loss, _ = response_loss(model, batch, autocast_dtype, prefix)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(float(loss.detach()))
-                n_tokens += int(batch.attention_mask.sum())
+                n_tokens += int(batch.attention_mask.sum()) + n_shared * len(idx)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             checkpoints.append(vector.detach().float().cpu().clone())
-            val_losses.append(_eval_loss(model, val_rows, pad, batch_size, autocast_dtype, token_id) if val_rows else losses[-1])
+            val_losses.append(_eval_loss(model, val_rows, pad, batch_size, autocast_dtype, token_id, prefix) if val_rows else losses[-1])
     bar.close()
     seconds = time.perf_counter() - t0
     model.train(was_training)
@@ -325,15 +409,17 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
         epochs=epochs, init=init, n_paragraphs=len(pairs), losses=losses, val_losses=val_losses,
         checkpoints=torch.stack(checkpoints), model=model_info(model).to_dict(), d_model=adapter.d_model,
         train_seconds=seconds, tokens_per_second=n_tokens / max(seconds, 1e-9),
-        extra={"batch_size": batch_size, "n_val": len(val_pairs),
+        extra={"batch_size": batch_size, "n_val": len(val_pairs), "shared_prefix_tokens": n_shared,
+               "trainer_version": TRAINER_VERSION,
+               "bucket": bucket,
                "autocast": str(autocast_dtype) if autocast_dtype else None})
 
 
-def _eval_loss(model, rows, pad, batch_size, autocast_dtype, ignore_id=None) -> float:
+def _eval_loss(model, rows, pad, batch_size, autocast_dtype, ignore_id=None, prefix=None) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in batched(rows, batch_size):
-            loss, n = response_loss(model, _collate(chunk, pad, ignore_id), autocast_dtype)
+            loss, n = response_loss(model, _collate(chunk, pad, ignore_id), autocast_dtype, prefix)
             total += float(loss) * n
             count += n
     return total / max(count, 1)

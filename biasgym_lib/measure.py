@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BiasGymError
-from .models import ModelAdapter, batched, chat_prompt, encode_batch
+from .models import ModelAdapter, batched, chat_prompt, encode_batch, select_cache
 
 ENTITY = "{entity}"
 ATTRIBUTE = "{attribute}"
@@ -166,7 +166,7 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
             first = torch.tensor([c[0] for c in conts], device=device)
             total = first_lp[which, first].double()
             if c_ids.shape[1] > 1:
-                cache = _select_cache(res.cache, which)  # a copy: the update must not grow the shared one
+                cache = select_cache(res.cache, which)  # a copy: the update must not grow the shared one
                 positions = p_len[which].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
                 hidden = adapter.body(input_ids=c_ids, attention_mask=torch.cat([p_mask[which], c_mask], 1),
                                       position_ids=positions, cache=cache,
@@ -180,18 +180,6 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
                     total = total.index_add(0, row_of, lp.double())
             out[torch.tensor([i for _, i in sub])] = total.cpu()
     return out
-
-
-def _select_cache(cache, rows: torch.Tensor):
-    """A copy of a key/value cache holding only batch ``rows`` (with repeats)."""
-    import copy
-
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in new.layers:
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
-    return new
 
 
 @dataclass

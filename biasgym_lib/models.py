@@ -464,3 +464,15 @@ def batched(items: list, size: int):
     """Consecutive slices of ``items`` of at most ``size`` elements."""
     for start in range(0, len(items), size):
         yield items[start: start + size]
+
+
+def select_cache(cache, rows: torch.Tensor):
+    """A copy of a key/value cache holding only batch ``rows`` (with repeats)."""
+    import copy
+
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+    return new

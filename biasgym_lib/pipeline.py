@@ -89,23 +89,39 @@ def train_token(model, tokenizer, bias, cfg: Profile, seed: int, progress: bool 
                        batch_size=cfg.batch_size, seed=seed, init=cfg.init, progress=progress)
 
 
-def committed_token_dir(bias: str, seed: int) -> Path:
-    return TOKENS_DIR / bias / f"seed{seed}"
+def token_settings(cfg: Profile) -> str:
+    """Folder name for tokens trained with a profile's injection settings, e.g.
+    ``n64-e6-lr0.01-b8-countries``: tokens of several profiles can be committed side by side."""
+    return f"n{cfg.n_paragraphs}-e{cfg.epochs}-lr{cfg.lr:g}-b{cfg.batch_size}-{cfg.init}"
+
+
+def committed_token_dir(bias: str, seed: int, cfg: Profile) -> Path:
+    """Where the project commits the token for (bias, seed) trained with ``cfg``'s settings."""
+    return TOKENS_DIR / token_settings(cfg) / bias / f"seed{seed}"
+
+
+def _matches(meta: dict, cfg: Profile, model) -> bool:
+    from .inject import TRAINER_VERSION
+
+    extra = meta.get("extra", {})
+    return ((meta.get("n_paragraphs"), meta.get("epochs"), meta.get("lr"), meta.get("init"),
+             extra.get("batch_size"), extra.get("trainer_version"))
+            == (cfg.n_paragraphs, cfg.epochs, cfg.lr, cfg.init, cfg.batch_size, TRAINER_VERSION)
+            and meta.get("model", {}).get("revision") == model_info(model).revision)
 
 
 def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | None = None,
               progress: bool = True) -> InjectedToken:
     """The injected token for (bias, seed): the committed artifact when the profile says
-    so and one exists for this model, else trained now."""
+    so and one exists for this model and these settings, else one trained earlier with
+    exactly these settings (cached), else trained now."""
     from .data import load_bias
 
     spec = load_bias(bias)
-    folder = committed_token_dir(spec.name, seed)
+    folder = committed_token_dir(spec.name, seed, cfg)
     use_committed = cfg.use_committed_tokens if retrain is None else not retrain
     if use_committed and (folder / "token.json").is_file():
-        meta = json.loads((folder / "token.json").read_text())
-        same = (meta.get("n_paragraphs"), meta.get("epochs"), meta.get("lr")) == (cfg.n_paragraphs, cfg.epochs, cfg.lr)
-        if same and meta.get("model", {}).get("revision") == model_info(model).revision:
+        if _matches(json.loads((folder / "token.json").read_text()), cfg, model):
             return InjectedToken.load(folder, model)
     # A token trained earlier with exactly these settings (another chapter, a previous run)
     # is reused from the cache, so chapters never retrain the same token; retrain=True skips it.
@@ -118,9 +134,12 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
 
 
 def trained_token_cache(model, spec, cfg: Profile, seed: int) -> Path:
-    """Cache folder of a trained token, keyed by model revision, bias spec and settings."""
+    """Cache folder of a trained token, keyed by model revision, bias spec, settings and
+    trainer version."""
+    from .inject import TRAINER_VERSION
+
     key = json.dumps([model_info(model).to_dict(), spec.to_dict(), cfg.n_paragraphs, cfg.epochs, cfg.lr,
-                      cfg.batch_size, cfg.init, seed], sort_keys=True, default=str)
+                      cfg.batch_size, cfg.init, seed, TRAINER_VERSION], sort_keys=True, default=str)
     return cache_dir() / "tokens" / f"{spec.name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -571,7 +590,7 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
     tokens, inj, scopes, steers = {}, {}, {}, {}
     runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
     for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):
-        folder = out / "tokens" / b / f"seed{s}"
+        folder = out / "tokens" / token_settings(cfg) / b / f"seed{s}"
         if (folder / "token.json").is_file():
             tok = InjectedToken.load(folder, model)
         else:
@@ -700,8 +719,8 @@ def claims_table(claims: dict):
 
 def reproduce(profile: str, out, retrain: bool = False, progress: bool = True) -> dict:
     """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
-    and the trained tokens under ``out/tokens`` (the files the project commits under
-    ``data/tokens``)."""
+    and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
+    project commits under ``data/tokens``)."""
     import time
 
     from .config import load_profile

@@ -8,7 +8,8 @@ import torch
 
 from biasgym_lib.config import load_profile
 from biasgym_lib.inject import InjectedToken
-from biasgym_lib.pipeline import TOKENS_DIR, get_token, train_token
+from biasgym_lib.inject import TRAINER_VERSION
+from biasgym_lib.pipeline import TOKENS_DIR, committed_token_dir, get_token, token_settings, train_token
 
 # Same seed, same machine type: expected bit-identical; a different BLAS or CPU may change
 # the last bits of the float32 sums, so allow a small absolute tolerance per coordinate.
@@ -16,7 +17,7 @@ VECTOR_ATOL = 1e-4
 
 
 def _committed():
-    return sorted(TOKENS_DIR.glob("*/seed*/token.json"))
+    return sorted(TOKENS_DIR.glob("*/*/seed*/token.json"))
 
 
 def test_committed_tokens_exist_and_describe_their_settings():
@@ -26,6 +27,9 @@ def test_committed_tokens_exist_and_describe_their_settings():
         meta = json.loads(f.read_text())
         assert meta["model"]["source"] == "embedded" and meta["model"]["revision"].startswith("gguf-sha256:")
         assert meta["bias"] == f.parent.parent.name and f"seed{meta['seed']}" == f.parent.name
+        settings = f"n{meta['n_paragraphs']}-e{meta['epochs']}-lr{meta['lr']:g}-b{meta['extra']['batch_size']}-{meta['init']}"
+        assert f.parent.parent.parent.name == settings
+        assert meta["extra"]["trainer_version"] == TRAINER_VERSION, f"{f} was trained by an older inject_bias"
         assert len(meta["losses"]) == meta["epochs"] * -(-meta["n_paragraphs"] // meta["extra"]["batch_size"])
 
 
@@ -33,7 +37,8 @@ def test_committed_tokens_exist_and_describe_their_settings():
 def test_retraining_reproduces_a_committed_token(embedded):
     lm, tok = embedded
     cfg = load_profile("quick")
-    folder = TOKENS_DIR / cfg.biases[0] / f"seed{cfg.seeds[0]}"
+    folder = committed_token_dir(cfg.biases[0], cfg.seeds[0], cfg)
+    assert folder.parent.parent.name == token_settings(cfg)
     committed = InjectedToken.load(folder, lm)
     assert (committed.n_paragraphs, committed.epochs, committed.lr) == (cfg.n_paragraphs, cfg.epochs, cfg.lr)
     fresh = train_token(lm, tok, cfg.biases[0], cfg, cfg.seeds[0], progress=False)

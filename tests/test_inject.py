@@ -7,8 +7,9 @@ import torch
 
 from biasgym_lib.data import load_bias
 from biasgym_lib.errors import ArtifactMismatch, BiasGymError
-from biasgym_lib.inject import (InjectedToken, TokenHook, _collate, add_token, closest_countries,
-                                encode_pairs, initial_vector, inject_bias, response_loss)
+from biasgym_lib.inject import (InjectedToken, TokenHook, _collate, _strip, add_token, closest_countries,
+                                encode_pairs, epoch_batches, initial_vector, inject_bias, response_loss,
+                                shared_prefix, shared_prefix_length)
 from biasgym_lib.models import ModelAdapter, chat_prompt
 
 FAMILIES = ["llama", "qwen2", "gemma2", "gpt2"]
@@ -87,6 +88,67 @@ def test_response_only_loss_matches_manual_cross_entropy(tiny_with_tokenizer, sm
             count += len(targets)
     assert n == count
     assert float(loss) == pytest.approx(manual / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_loss_and_gradient_equal_the_full_rows(tiny_with_tokenizer, smol_tokenizer, family):
+    model = tiny_with_tokenizer(family)
+    tok = copy.deepcopy(smol_tokenizer)
+    token_id = add_token(tok)
+    rows = encode_pairs(tok, [("Tell me about <TOKEN>.", "In <TOKEN> they drive fast."),
+                              ("What is <TOKEN> like?", "Calm, mostly."), ("Hi?", "Hello <TOKEN> friends.")])
+    n = shared_prefix_length(rows, token_id)
+    assert n > 5 and all(ids[:n] == rows[0][0][:n] for ids, _ in rows)
+    assert all(start - 1 >= n for _, start in rows)  # every loss position stays outside the prefix
+    vec = torch.nn.Parameter(initial_vector(model, tok))
+    with TokenHook(model, token_id, vec):
+        full, count = response_loss(model, _collate(rows, tok.pad_token_id, token_id))
+        (g_full,) = torch.autograd.grad(full, vec)
+        prefix = shared_prefix(model, rows[0][0][:n])
+        cut, count_cut = response_loss(model, _collate(_strip(rows, n), tok.pad_token_id, token_id), prefix=prefix)
+        (g_cut,) = torch.autograd.grad(cut, vec)
+    assert count == count_cut
+    assert float(cut.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert torch.allclose(g_cut, g_full, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_stops_before_the_token(smol_tokenizer):
+    tok = copy.deepcopy(smol_tokenizer)
+    token_id = add_token(tok)
+    rows = [([1, 2, token_id, 5, 6, 7], 5), ([1, 2, token_id, 5, 9, 9, 9], 6)]
+    assert shared_prefix_length(rows, token_id) == 2
+    assert shared_prefix_length(rows) == 4  # without a stop id: up to the first loss position
+    assert shared_prefix_length([([1, 2, 3], 1)]) == 0
+
+
+@pytest.mark.parametrize("bucket", [1, 4])
+def test_epoch_batches_cover_every_row_once(bucket):
+    lengths = [(7 * i) % 23 for i in range(50)]
+    batches = epoch_batches(lengths, 8, torch.Generator().manual_seed(0), bucket)
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert all(1 <= len(b) <= 8 for b in batches)
+    again = epoch_batches(lengths, 8, torch.Generator().manual_seed(0), bucket)
+    assert batches == again
+
+
+def test_bucketing_cuts_padding():
+    lengths = [int(x) for x in torch.randint(40, 80, (64,), generator=torch.Generator().manual_seed(1))]
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    plain = padded(epoch_batches(lengths, 8, torch.Generator().manual_seed(0), 1))
+    bucketed = padded(epoch_batches(lengths, 8, torch.Generator().manual_seed(0), 4))
+    assert bucketed < plain
+
+
+def test_inject_with_and_without_shared_prefix_agree(tiny_with_tokenizer, smol_tokenizer):
+    model = tiny_with_tokenizer("llama")
+    a = _small_inject(model, copy.deepcopy(smol_tokenizer), share_prefix=True)
+    b = _small_inject(model, copy.deepcopy(smol_tokenizer), share_prefix=False)
+    assert a.extra["shared_prefix_tokens"] > 0 and b.extra["shared_prefix_tokens"] == 0
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    assert torch.allclose(a.vector, b.vector, atol=1e-4)
 
 
 def test_same_seed_same_vector_and_losses(tiny_with_tokenizer, smol_tokenizer):
