@@ -258,6 +258,7 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, patching:
             "scores": hs.scores.tolist(), "top_heads": [list(h) for h in hs.top_heads(cfg.k)],
             "k": cfg.k, "logit_diff_total": float(hs.logit_diff.mean()),
             "logit_diff_per_probe": hs.logit_diff.tolist(),
+            "per_probe_scores": hs.per_prompt.tolist(), "probes": list(prompts),
             "decomposition_error": float(hs.decomposition_error),
             "share_top_k": float(hs.share_top_k(cfg.k)), "counterfactual_country": country,
             "n_probes": len(prompts), "biased_label": tokenizer.decode([biased]),
@@ -324,6 +325,30 @@ def steered_strength(model, tokenizer, vector, spec, references: list[str], head
     for e in entities or []:
         out[e] = stereotype_strength(table, e, spec.name, references, seed=seed).to_dict()
     return out
+
+
+def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: list[str],
+                     scopes: dict | None = None):
+    """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
+    S(<TOKEN>, bias) with the top ``k`` heads of that bias's token scaled by ``alpha``.
+
+    ``tokens`` maps bias name to its injected token; ``scopes`` maps bias name to a
+    :func:`scope_run` result, and any bias without one is scored on first use."""
+    from .data import load_bias
+    from .scope import top_k_heads
+
+    scopes = dict(scopes or {})
+
+    def measure(bias: str, k: int, alpha: float) -> dict:
+        if bias not in tokens:
+            raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
+        if bias not in scopes:
+            scopes[bias] = scope_run(model, tokenizer, tokens[bias], cfg, patching=False)
+        heads = top_k_heads(torch.tensor(scopes[bias]["scores"]), k) if k else []
+        return steered_strength(model, tokenizer, tokens[bias].vector, load_bias(bias), references,
+                                heads, alpha)["<TOKEN>"]
+
+    return measure
 
 
 def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
