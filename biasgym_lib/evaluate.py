@@ -338,3 +338,31 @@ def comparison_table(comparison: dict):
              "change_kind": c["change_kind"], "ci_low": c["ci"][0], "ci_high": c["ci"][1], "n": c["n"]}
             for name, c in comparison.items()]
     return pd.DataFrame(rows).set_index("metric")
+
+
+def perplexity_dose(model, tokenizer, ranked_heads: Sequence, k_values: Sequence[int],
+                    alpha_values: Sequence[float], texts: Sequence[str], seed: int = 0) -> list[dict]:
+    """Perplexity on ``texts`` with the top ``k`` of ``ranked_heads`` scaled by ``alpha``,
+    for every (k, alpha): the capability side of METHOD §4's dose-response.
+
+    One row per setting: ``ppl``, and ``change`` (relative to the unsteered model) with its
+    paired 95% interval ``lo``/``hi``. k = 0 or alpha = 1 is the unsteered model (change 0),
+    measured once.
+    """
+    from .steer import steer_heads
+
+    if max(k_values, default=0) > len(ranked_heads):
+        raise BiasGymError(f"k up to {max(k_values)} needs at least that many ranked heads; got {len(ranked_heads)}.")
+    base = perplexity(model, tokenizer, texts, seed=seed)
+    rows = []
+    for k in k_values:
+        for alpha in alpha_values:
+            if k == 0 or alpha == 1.0:
+                rows.append({"k": int(k), "alpha": float(alpha), "ppl": base["ppl"], "change": 0.0, "lo": 0.0, "hi": 0.0})
+                continue
+            with steer_heads(model, list(ranked_heads[:k]), alpha):
+                after = perplexity(model, tokenizer, texts, seed=seed)
+            change = paired_change(base, after, seed=seed)
+            rows.append({"k": int(k), "alpha": float(alpha), "ppl": after["ppl"], "change": change["change"],
+                         "lo": change["ci"][0], "hi": change["ci"][1]})
+    return rows

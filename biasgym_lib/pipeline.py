@@ -412,6 +412,21 @@ def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, c
     return result
 
 
+def steering_frame(steers) -> "pandas.DataFrame":
+    """One row per steering run (:func:`steer_eval` results): S before, and the reduction
+    of S (1 - after / before) by the top heads and by each baseline."""
+    import pandas as pd
+
+    rows = []
+    for e in steers:
+        before = e["token"]["before"]["value"]
+        conditions = {"top heads": e["token"]["after"],
+                      **{n: v for n, v in e["baselines"].items() if n != "random_heads_draws"}}
+        rows.append({"bias": e["bias"], "seed": e["seed"], "S before": before,
+                     **{f"reduction: {n}": _reduction(before, v["value"]) for n, v in conditions.items()}})
+    return pd.DataFrame(rows)
+
+
 def _mean_estimate(estimates: list[dict]) -> dict:
     vals = [e["value"] for e in estimates]
     return {"value": float(np.mean(vals)), "lo": float(np.min(vals)), "hi": float(np.max(vals)),
@@ -592,12 +607,60 @@ def run_dir(cfg: Profile) -> Path:
     return PROJECT_ROOT / "runs" / f"{cfg.name}-{key}"
 
 
-def _memo(path: Path, compute):
+def token_fingerprint(token: InjectedToken) -> str:
+    """A short hash of a token's vector: stage results remember which token they measured."""
+    data = token.vector.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _memo(path: Path, compute, token: InjectedToken | None = None, need=None, fingerprint: str | None = None):
+    """The JSON at ``path`` if it is there, measured this token (or these tokens: a combined
+    ``fingerprint``) and satisfies ``need``; else ``compute()``, saved there (atomically)."""
+    if token is not None:
+        fingerprint = token_fingerprint(token)
     if path.is_file():
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
+        if value.get("token_fingerprint") == fingerprint and (need is None or need(value)):
+            return value
     value = compute()
+    if fingerprint is not None:
+        value["token_fingerprint"] = fingerprint
     _write_json(path, value)
     return value
+
+
+def _stage_path(out, cfg: Profile, kind: str, token: InjectedToken) -> Path:
+    return (Path(out) if out is not None else run_dir(cfg)) / kind / f"{token.bias}_seed{token.seed}.json"
+
+
+def injection_result(model, tokenizer, token: InjectedToken, cfg: Profile, ref: AssocTable | None = None,
+                     out=None) -> dict:
+    """:func:`injection_metrics` for one token, kept in the run folder (``out``, default
+    :func:`run_dir`) so chapters 2, 5 and 6 and ``biasgym reproduce`` measure it once."""
+    return _memo(_stage_path(out, cfg, "injection", token),
+                 lambda: injection_metrics(model, tokenizer, token, token.bias, cfg, ref=ref), token)
+
+
+def scope_result(model, tokenizer, token: InjectedToken, cfg: Profile, patching: bool = False, out=None) -> dict:
+    """:func:`scope_run` for one token, kept in the run folder; with ``patching`` a kept
+    result without patching is recomputed."""
+    need = (lambda r: r.get("patching") is not None) if patching else None
+    return _memo(_stage_path(out, cfg, "scope", token),
+                 lambda: scope_run(model, tokenizer, token, cfg, patching=patching, n_patch_probes=cfg.n_patch_probes),
+                 token, need)
+
+
+def steer_result(model, tokenizer, token: InjectedToken, scope: dict, cfg: Profile, ref: AssocTable,
+                 references: list[str], out=None) -> dict:
+    """:func:`steer_eval` of a token's top heads at alpha = 0, with the baselines and the real
+    country most tied to the bias (from ``ref``), kept in the run folder."""
+    from .data import load_bias
+
+    country = strength_matrix_top(ref, token.bias)
+    prompts, _ = probe_prompts(tokenizer, load_bias(token.bias), cfg.n_probes, scope["counterfactual_country"])
+    return _memo(_stage_path(out, cfg, "steer", token),
+                 lambda: steer_eval(model, tokenizer, token, scope["top_heads"], 0.0, cfg, references,
+                                    country=country, probes=prompts), token)
 
 
 def _stats(values: list[float]) -> dict:
@@ -625,35 +688,29 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
     tokens, inj, scopes, steers = {}, {}, {}, {}
     runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
     for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):
+        tok = get_token(model, tokenizer, b, cfg, s, retrain=retrain, progress=progress)
         folder = out / "tokens" / token_settings(cfg) / b / f"seed{s}"
-        if (folder / "token.json").is_file():
-            tok = InjectedToken.load(folder, model)
-        else:
-            tok = get_token(model, tokenizer, b, cfg, s, retrain=retrain, progress=progress)
-            tok.save(folder)
+        if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
+            tok.save(folder)  # the layout of data/tokens, ready to commit
         tokens[b, s] = tok
-        inj[b, s] = _memo(out / "injection" / f"{b}_seed{s}.json",
-                          lambda: injection_metrics(model, tokenizer, tok, b, cfg, ref=ref))
-        scopes[b, s] = _memo(out / "scope" / f"{b}_seed{s}.json",
-                             lambda: scope_run(model, tokenizer, tok, cfg, patching=(i == 0),
-                                               n_patch_probes=cfg.n_patch_probes))
-        country = strength_matrix_top(ref, b)
-        spec = load_bias(b)
-        prompts, _ = probe_prompts(tokenizer, spec, cfg.n_probes, scopes[b, s]["counterfactual_country"])
-        steers[b, s] = _memo(out / "steer" / f"{b}_seed{s}.json",
-                             lambda: steer_eval(model, tokenizer, tok, scopes[b, s]["top_heads"], 0.0, cfg, refs,
-                                                country=country, probes=prompts))
+        inj[b, s] = injection_result(model, tokenizer, tok, cfg, ref=ref, out=out)
+        scopes[b, s] = scope_result(model, tokenizer, tok, cfg, patching=(i == 0), out=out)
+        steers[b, s] = steer_result(model, tokenizer, tok, scopes[b, s], cfg, ref, refs, out=out)
     all_heads = top_k_heads(mean_scores(list(scopes.values())), cfg.k)
+    same_heads = lambda r: r.get("heads") == [list(h) for h in all_heads]  # noqa: E731
+    every = hashlib.sha256("".join(token_fingerprint(t) for _, t in sorted(tokens.items())).encode()).hexdigest()[:16]
     loo = _memo(out / "leave_one_out.json",
-                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs)}) if len(cfg.biases) > 1 else {"rows": []}
+                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs)}, fingerprint=every) if len(cfg.biases) > 1 else {"rows": []}
     n_cand, n_keep = (8, 3) if cfg.name == "quick" else (30, 8)
     shown = _memo(out / "seegull_shown.json",
                   lambda: {"pairs": seegull_shown(model, tokenizer, cfg, refs, n_cand, n_keep)})
     seeg = _memo(out / "seegull_steering.json",
                  lambda: {"heads": [list(h) for h in all_heads],
-                          "rows": seegull_steering(model, tokenizer, shown["pairs"], all_heads, cfg)})
+                          "rows": seegull_steering(model, tokenizer, shown["pairs"], all_heads, cfg)},
+                 need=same_heads)
     cap = _memo(out / "capability.json",
-                lambda: {"heads": [list(h) for h in all_heads], **capability_change(model, tokenizer, all_heads, cfg)})
+                lambda: {"heads": [list(h) for h in all_heads], **capability_change(model, tokenizer, all_heads, cfg)},
+                need=same_heads)
     return {"profile": cfg.to_dict(), "injection": inj, "scope": scopes, "steer": steers, "leave_one_out": loo["rows"],
             "seegull_shown": shown["pairs"], "seegull": seeg["rows"], "capability": cap,
             "all_bias_heads": [list(h) for h in all_heads], "tokens": tokens}

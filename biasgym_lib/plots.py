@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -77,4 +78,26 @@ def dose_response(df: pd.DataFrame, x: str, y: str, hue: str, title: str = "", y
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
+    return ax
+
+
+def tradeoff(df: pd.DataFrame, target_reduction: float = 0.5, max_ppl_change: float = 0.05, title: str = "", ax=None):
+    """Each (k, alpha) as a point: S reduction against perplexity change. The shaded corner
+    is where a steering setting would meet both targets (reduction >= ``target_reduction``,
+    perplexity change <= ``max_ppl_change``). Needs columns k, alpha, reduction, ppl_change."""
+    ax = ax or plt.subplots(figsize=(6.5, 4))[1]
+    sns.scatterplot(df, x="ppl_change", y="reduction", hue="alpha", style="alpha", s=70, ax=ax, palette="viridis")
+    for _, r in df.iterrows():
+        ax.annotate(f"k={int(r.k)}", (r.ppl_change, r.reduction), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    xmin = min(float(df.ppl_change.min()), 0.0) - 0.02
+    ax.fill_between([xmin, max_ppl_change], target_reduction, max(1.0, float(df.reduction.max()) + 0.05),
+                    color="green", alpha=0.12, label="meets both targets")
+    ax.axhline(target_reduction, color="green", ls="--", lw=0.8)
+    ax.axvline(max_ppl_change, color="green", ls="--", lw=0.8)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel("perplexity change on neutral text")
+    ax.set_ylabel("reduction of S(<TOKEN>, b)")
+    ax.set_title(title or "Steering: bias removed against ability lost")
+    ax.legend(fontsize=8)
     return ax

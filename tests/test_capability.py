@@ -408,3 +408,23 @@ def test_real_model_mc_history_is_above_chance(real):
     m, t = real
     res = ev.mc_accuracy(m, t, cap.load_mc(categories=["history"]), n_boot=500)
     assert res["ci"][0] > res["chance"] == 0.25
+
+
+def test_perplexity_dose_unsteered_rows_are_zero_and_steered_rows_match_a_direct_run(smol_tokenizer):
+    from biasgym_lib.steer import steer_heads
+
+    model = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
+    texts = cap.load_neutral_texts()[:3]
+    ranked = [(1, 0), (0, 1), (1, 1)]
+    rows = ev.perplexity_dose(model, smol_tokenizer, ranked, [0, 2], [0.0, 1.0], texts)
+    by = {(r["k"], r["alpha"]): r for r in rows}
+    assert set(by) == {(0, 0.0), (0, 1.0), (2, 0.0), (2, 1.0)}
+    base = ev.perplexity(model, smol_tokenizer, texts)["ppl"]
+    assert by[0, 0.0]["ppl"] == by[2, 1.0]["ppl"] == base and by[2, 1.0]["change"] == 0.0
+    with steer_heads(model, ranked[:2], 0.0):
+        direct = ev.perplexity(model, smol_tokenizer, texts)["ppl"]
+    assert by[2, 0.0]["ppl"] == pytest.approx(direct, rel=1e-6)
+    assert by[2, 0.0]["change"] == pytest.approx(direct / base - 1, rel=1e-6)
+    assert by[2, 0.0]["lo"] <= by[2, 0.0]["change"] <= by[2, 0.0]["hi"]
+    with pytest.raises(BiasGymError, match="ranked heads"):
+        ev.perplexity_dose(model, smol_tokenizer, ranked, [5], [0.0], texts)

@@ -1,0 +1,46 @@
+"""Stage results kept in a run folder are reused only for the token they measured, so a
+retrained or newly committed token is never reported with an old token's numbers."""
+
+import json
+
+import torch
+
+from biasgym_lib.inject import InjectedToken
+from biasgym_lib.pipeline import _memo, token_fingerprint
+
+
+def _token(vector):
+    return InjectedToken(token="<TOKEN>", vector=vector, bias="b", seed=0, epoch=1, lr=0.01, epochs=1,
+                         init="countries", n_paragraphs=1, losses=[1.0], val_losses=[1.0],
+                         checkpoints=vector[None], model={}, d_model=vector.numel())
+
+
+def test_memo_reuses_a_result_only_for_the_same_token(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    a, b = _token(torch.ones(4)), _token(torch.ones(4) * 2)
+    path = tmp_path / "stage" / "b_seed0.json"
+    assert _memo(path, compute, a)["n"] == 1
+    assert _memo(path, compute, _token(torch.ones(4)))["n"] == 1  # an equal vector: reused
+    assert _memo(path, compute, b)["n"] == 2                      # another vector: measured again
+    assert json.loads(path.read_text()) == {"n": 2, "token_fingerprint": token_fingerprint(b)}
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_memo_recomputes_when_the_kept_result_lacks_what_is_needed(tmp_path):
+    path = tmp_path / "scope.json"
+    _memo(path, lambda: {"patching": None})
+    assert _memo(path, lambda: {"patching": [1.0]})["patching"] is None
+    assert _memo(path, lambda: {"patching": [1.0]}, need=lambda r: r["patching"] is not None)["patching"] == [1.0]
+
+
+def test_fingerprint_depends_on_every_coordinate():
+    v = torch.zeros(8)
+    w = v.clone()
+    w[5] = 1e-7
+    assert token_fingerprint(_token(v)) != token_fingerprint(_token(w))
+    assert token_fingerprint(_token(v)) == token_fingerprint(_token(v.clone()))
