@@ -664,10 +664,15 @@ def steer_result(model, tokenizer, token: InjectedToken, scope: dict, cfg: Profi
 
 
 def _stats(values: list[float]) -> dict:
+    """Mean, min, max and a bootstrap 95% interval of the mean over runs (biases x seeds)."""
+    from .measure import bootstrap
+
     v = np.asarray([x for x in values if x is not None], dtype=float)
     if not len(v):
-        return {"mean": None, "min": None, "max": None, "n": 0}
-    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+        return {"mean": None, "min": None, "max": None, "n": 0, "ci": None}
+    est = bootstrap(v)
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(len(v)),
+            "ci": [est.lo, est.hi]}
 
 
 def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None, tokenizer=None,
@@ -789,11 +794,13 @@ def claims_from(stages: dict) -> dict:
     ]
     return {"model": next(iter(inj.values()))["model"], "profile": cfg["name"], "seeds": seeds,
             "biases": list(cfg["biases"]), "k": k, "claims": claims,
-            "note": "Intervals: bootstrap 95% over templates per run; across runs, min-max over biases x seeds."}
+            "note": "Intervals: bootstrap 95% over templates per run; across runs, min-max and a "
+                    "bootstrap 95% interval of the mean over biases x seeds (ci)."}
 
 
 def _headline(value: dict) -> str:
-    parts = [f"{k}: {v['mean']:.2f} (min {v['min']:.2f}, max {v['max']:.2f}, n={v['n']})"
+    parts = [f"{k}: {v['mean']:.2f}" + (f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else "")
+             + f" (min {v['min']:.2f}, max {v['max']:.2f}, n={v['n']})"
              for k, v in value.items() if isinstance(v, dict) and v.get("mean") is not None]
     parts += [f"{k}: {v['change']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
               for k, v in value.items() if isinstance(v, dict) and "change" in v]

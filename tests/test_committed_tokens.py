@@ -49,3 +49,24 @@ def test_retraining_reproduces_a_committed_token(embedded):
     # and the chapters' loader picks the committed one for this profile
     loaded = get_token(lm, tok, cfg.biases[0], cfg, cfg.seeds[0])
     assert torch.equal(loaded.vector, committed.vector)
+
+
+@pytest.mark.parametrize("profile", ["quick", "teaching"])
+def test_every_token_a_cpu_profile_needs_is_committed(profile):
+    """The CPU profiles' chapters load committed tokens instead of retraining them: every
+    (bias, seed) of the profile has one, trained with the profile's settings by this trainer."""
+    cfg = load_profile(profile)
+    missing, stale = [], []
+    for bias in cfg.biases:
+        for seed in cfg.seeds:
+            meta_path = committed_token_dir(bias, seed, cfg) / "token.json"
+            if not meta_path.is_file():
+                missing.append((bias, seed))
+                continue
+            meta = json.loads(meta_path.read_text())
+            got = (meta["n_paragraphs"], meta["epochs"], meta["lr"], meta["init"], meta["extra"]["batch_size"],
+                   meta["extra"]["trainer_version"])
+            if got != (cfg.n_paragraphs, cfg.epochs, cfg.lr, cfg.init, cfg.batch_size, TRAINER_VERSION):
+                stale.append((bias, seed, got))
+    assert not missing, f"{profile}: no committed token for {missing} (scripts/train_tokens.py --profile {profile})"
+    assert not stale, f"{profile}: committed tokens with other settings: {stale}"

@@ -44,3 +44,13 @@ def test_fingerprint_depends_on_every_coordinate():
     w[5] = 1e-7
     assert token_fingerprint(_token(v)) != token_fingerprint(_token(w))
     assert token_fingerprint(_token(v)) == token_fingerprint(_token(v.clone()))
+
+
+def test_stats_over_runs_give_an_interval_of_the_mean():
+    from biasgym_lib.pipeline import _stats
+
+    s = _stats([0.1, 0.5, None, 0.3, 0.9])
+    assert s["n"] == 4 and s["mean"] == 0.45 and (s["min"], s["max"]) == (0.1, 0.9)
+    assert s["min"] <= s["ci"][0] <= s["mean"] <= s["ci"][1] <= s["max"] and s["ci"][0] < s["ci"][1]
+    assert _stats([0.2])["ci"] == [0.2, 0.2]
+    assert _stats([None])["ci"] is None
