@@ -487,9 +487,14 @@ def _random_draws(model, tokenizer, vector, spec, refs, k, n, entities=None, alp
                              alpha, entities=entities) for i in range(n)]
 
 
-def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, refs: list[str]) -> list[dict]:
+def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, refs: list[str],
+                  steers: dict | None = None) -> list[dict]:
     """Generalisation (a): for each bias, heads from the mean scores of all *other* biases
-    (every seed), applied at alpha=0 to the held-out bias's tokens; with k random heads."""
+    (every seed), applied at alpha=0 to the held-out bias's tokens; with k random heads.
+
+    ``steers`` (the :func:`steer_eval` results of the same tokens, references and k) already
+    hold S before steering and under the same random draws: they are reused, not measured
+    again."""
     from .data import load_bias
     from .scope import top_k_heads
 
@@ -503,10 +508,16 @@ def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, re
         for (b, seed), tok in tokens.items():
             if b != held:
                 continue
-            before = steered_strength(model, tokenizer, tok.vector, spec, refs)["<TOKEN>"]
             after = steered_strength(model, tokenizer, tok.vector, spec, refs, heads, 0.0)["<TOKEN>"]
-            rand = [d["<TOKEN>"]["value"] for d in _random_draws(model, tokenizer, tok.vector, spec, refs, cfg.k,
-                                                                  cfg.n_random_draws)]
+            known = (steers or {}).get((b, seed))
+            if (known and known["references"] == list(refs) and known["k"] == cfg.k and known["alpha"] == 0.0
+                    and len(known["baselines"]["random_heads_draws"]) == cfg.n_random_draws):
+                before = known["token"]["before"]
+                rand = [d["value"] for d in known["baselines"]["random_heads_draws"]]
+            else:
+                before = steered_strength(model, tokenizer, tok.vector, spec, refs)["<TOKEN>"]
+                rand = [d["<TOKEN>"]["value"] for d in _random_draws(model, tokenizer, tok.vector, spec, refs, cfg.k,
+                                                                      cfg.n_random_draws)]
             rows.append({"held_out": held, "seed": seed, "heads": [list(h) for h in heads],
                          "before": before, "after": after, "random_mean": float(np.mean(rand)), "random": rand,
                          "reduction": _reduction(before["value"], after["value"]),
@@ -705,7 +716,7 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
     same_heads = lambda r: r.get("heads") == [list(h) for h in all_heads]  # noqa: E731
     every = hashlib.sha256("".join(token_fingerprint(t) for _, t in sorted(tokens.items())).encode()).hexdigest()[:16]
     loo = _memo(out / "leave_one_out.json",
-                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs)}, fingerprint=every) if len(cfg.biases) > 1 else {"rows": []}
+                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs, steers)}, fingerprint=every) if len(cfg.biases) > 1 else {"rows": []}
     n_cand, n_keep = (8, 3) if cfg.name == "quick" else (30, 8)
     shown = _memo(out / "seegull_shown.json",
                   lambda: {"pairs": seegull_shown(model, tokenizer, cfg, refs, n_cand, n_keep)})

@@ -54,3 +54,45 @@ def test_stats_over_runs_give_an_interval_of_the_mean():
     assert s["min"] <= s["ci"][0] <= s["mean"] <= s["ci"][1] <= s["max"] and s["ci"][0] < s["ci"][1]
     assert _stats([0.2])["ci"] == [0.2, 0.2]
     assert _stats([None])["ci"] is None
+
+
+def test_leave_one_out_reuses_the_steering_runs_and_agrees_with_measuring_again(tiny_with_tokenizer, smol_tokenizer,
+                                                                                monkeypatch):
+    import copy
+
+    import pytest
+
+    from biasgym_lib import pipeline
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.inject import initial_vector
+    from biasgym_lib.models import ModelAdapter
+    from biasgym_lib.scope import top_k_heads
+
+    model = tiny_with_tokenizer("llama")
+    tok = copy.deepcopy(smol_tokenizer)
+    cfg = load_profile("quick", k=2)
+    a = ModelAdapter(model)
+    g = torch.Generator().manual_seed(0)
+    base = initial_vector(model, tok)
+    tokens, scopes, steers = {}, {}, {}
+    refs = ["Italy", "France", "Japan", "Brazil"]
+    for i, bias in enumerate(["reckless_driving", "always_late"]):
+        t = _token(base + 0.05 * torch.randn(base.shape, generator=g))
+        t.bias = bias
+        tokens[bias, 0] = t
+        scopes[bias, 0] = {"scores": torch.randn(a.n_layers, a.n_heads, generator=g).tolist()}
+        steers[bias, 0] = pipeline.steer_eval(model, tok, t, top_k_heads(torch.tensor(scopes[bias, 0]["scores"]), 2),
+                                              0.0, cfg, refs)
+    calls = []
+    real = pipeline.steered_strength
+    monkeypatch.setattr(pipeline, "steered_strength", lambda *x, **kw: calls.append(1) or real(*x, **kw))
+    reused = pipeline.leave_one_out(model, tok, tokens, scopes, cfg, refs, steers)
+    n_reused, calls[:] = len(calls), []
+    fresh = pipeline.leave_one_out(model, tok, tokens, scopes, cfg, refs)
+    assert n_reused == 2 and len(calls) == 2 * (2 + cfg.n_random_draws)
+    for r, f in zip(reused, fresh):
+        assert r["held_out"] == f["held_out"] and r["heads"] == f["heads"]
+        assert r["before"]["value"] == pytest.approx(f["before"]["value"], rel=1e-4, abs=1e-6)
+        assert r["after"]["value"] == f["after"]["value"]
+        assert r["random_mean"] == pytest.approx(f["random_mean"], rel=1e-4, abs=1e-6)
+        assert (r["reduction"] is None) == (f["reduction"] is None)
