@@ -111,6 +111,7 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
     - ``inject_bias``: what inject_bias really does, also grouping rows of similar length
       into a batch. Different batches give a slightly different vector, so agreement is
       shown by the held-out loss each vector reaches.
+
     Tokens are counted without padding and with the shared prefix, the same for all three.
     """
     import torch.nn.functional as F
