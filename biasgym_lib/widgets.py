@@ -33,7 +33,25 @@ def _widgets():
     return ipywidgets
 
 
-class SteeringExplorer:
+class _LiveView:
+    """What both explorers share: redraw the reading and the figure into the widget, and
+    show the widget when the explorer is the last expression of a cell."""
+
+    def _redraw(self):
+        u = self._ui
+        u["label"].value = f"<b>{html.escape(self.text())}</b>"
+        u["plot"].clear_output(wait=True)
+        with u["plot"]:
+            self.figure()
+            plt.show()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget())
+
+
+class SteeringExplorer(_LiveView):
     """Controls for (bias, k, alpha) over ``measure(bias, k, alpha) -> {"value", "lo", "hi"}``.
 
     Each point is measured once and cached in :attr:`results` (a tidy DataFrame via
@@ -147,19 +165,10 @@ class SteeringExplorer:
         for name in ("bias", "k", "alpha"):
             if u[name].value != self.state[name]:
                 u[name].value = self.state[name]
-        u["label"].value = f"<b>{html.escape(self.text())}</b>"
-        u["plot"].clear_output(wait=True)
-        with u["plot"]:
-            self.figure()
-            plt.show()
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget())
+        self._redraw()
 
 
-class HeadExplorer:
+class HeadExplorer(_LiveView):
     """Pick a head; see its direct logit attribution on every probe.
 
     ``per_probe`` is (probes, layers, heads), e.g. ``scope_run(...)["per_probe_scores"]``;
@@ -249,13 +258,4 @@ class HeadExplorer:
         u = self._ui
         if (u["layer"].value, u["head"].value) != self.head:
             u["layer"].value, u["head"].value = self.head
-        u["label"].value = f"<b>{html.escape(self.text())}</b>"
-        u["plot"].clear_output(wait=True)
-        with u["plot"]:
-            self.figure()
-            plt.show()
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget())
+        self._redraw()
