@@ -341,27 +341,39 @@ def comparison_table(comparison: dict):
 
 
 def perplexity_dose(model, tokenizer, ranked_heads: Sequence, k_values: Sequence[int],
-                    alpha_values: Sequence[float], texts: Sequence[str], seed: int = 0) -> list[dict]:
+                    alpha_values: Sequence[float], texts: Sequence[str], seed: int = 0,
+                    measured: dict | None = None) -> list[dict]:
     """Perplexity on ``texts`` with the top ``k`` of ``ranked_heads`` scaled by ``alpha``,
     for every (k, alpha): the capability side of METHOD §4's dose-response.
 
     One row per setting: ``ppl``, and ``change`` (relative to the unsteered model) with its
     paired 95% interval ``lo``/``hi``. k = 0 or alpha = 1 is the unsteered model (change 0),
     measured once.
+
+    ``measured`` maps ``(k, alpha)`` to a :func:`perplexity` result already measured on the
+    same texts with those heads (``(0, 1.0)``: the unsteered model); those settings are not
+    measured again.
     """
     from .steer import steer_heads
 
     if max(k_values, default=0) > len(ranked_heads):
         raise BiasGymError(f"k up to {max(k_values)} needs at least that many ranked heads; got {len(ranked_heads)}.")
-    base = perplexity(model, tokenizer, texts, seed=seed)
+    measured = {(int(k), float(a)): r for (k, a), r in (measured or {}).items()}
+    for (k, a), r in measured.items():
+        if r.get("metric") != "perplexity" or r.get("fingerprint") != _fingerprint([512, *texts]):
+            raise BiasGymError(f"measured[({k}, {a})] is not a perplexity result on these texts "
+                               "(default max_length); measure it with perplexity(model, tokenizer, texts).")
+    base = measured.get((0, 1.0)) or perplexity(model, tokenizer, texts, seed=seed)
     rows = []
     for k in k_values:
         for alpha in alpha_values:
             if k == 0 or alpha == 1.0:
                 rows.append({"k": int(k), "alpha": float(alpha), "ppl": base["ppl"], "change": 0.0, "lo": 0.0, "hi": 0.0})
                 continue
-            with steer_heads(model, list(ranked_heads[:k]), alpha):
-                after = perplexity(model, tokenizer, texts, seed=seed)
+            after = measured.get((int(k), float(alpha)))
+            if after is None:
+                with steer_heads(model, list(ranked_heads[:k]), alpha):
+                    after = perplexity(model, tokenizer, texts, seed=seed)
             change = paired_change(base, after, seed=seed)
             rows.append({"k": int(k), "alpha": float(alpha), "ppl": after["ppl"], "change": change["change"],
                          "lo": change["ci"][0], "hi": change["ci"][1]})

@@ -166,13 +166,14 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
             first = torch.tensor([c[0] for c in conts], device=device)
             total = first_lp[which, first].double()
             if c_ids.shape[1] > 1:
+                # the last token of a continuation predicts nothing we score: it is not run
+                inp, inp_mask = c_ids[:, :-1], c_mask[:, :-1]
                 cache = select_cache(res.cache, which)  # a copy: the update must not grow the shared one
-                positions = p_len[which].unsqueeze(1) + torch.arange(c_ids.shape[1], device=device)
-                hidden = adapter.body(input_ids=c_ids, attention_mask=torch.cat([p_mask[which], c_mask], 1),
+                positions = p_len[which].unsqueeze(1) + torch.arange(inp.shape[1], device=device)
+                hidden = adapter.body(input_ids=inp, attention_mask=torch.cat([p_mask[which], inp_mask], 1),
                                       position_ids=positions, cache=cache,
                                       use_cache=True).last_hidden_state
-                targets = torch.full_like(c_ids, -100)
-                targets[:, :-1] = torch.where(c_mask[:, 1:].bool(), c_ids[:, 1:], -100)
+                targets = torch.where(c_mask[:, 1:].bool(), c_ids[:, 1:], -100)
                 keep = targets != -100
                 if keep.any():
                     lp = _logits(adapter, hidden[keep]).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)

@@ -310,17 +310,119 @@ def _write_json(path: Path, data: dict):
 # ----------------------------------------------------------------------------- steering
 
 
+def _passive(hook) -> bool:
+    """transformers' own hooks (installed once ``output_attentions`` is used) only record
+    outputs; any other hook may change them."""
+    return getattr(hook, "__module__", "").startswith("transformers.utils.output_capturing")
+
+
+class ReferenceCache:
+    """Scores of entities without ``<TOKEN>`` (the reference countries), kept per steering
+    condition so that :func:`steered_strength` scores them once per condition, not once per
+    injected token.
+
+    The token only enters rows that contain it, so "People from Italy are ..." scores the
+    same whichever token vector is attached; under the same bias, heads, alpha and context it
+    can be reused. Every token of a bias shares its "before", random-head and system-prompt
+    references, which is most of the steering work. The cache is bypassed while any other
+    hook is on the model (an outer :func:`steer_heads`, say) and emptied when a weight is
+    changed in place, so a reused score is always the one that would be measured.
+
+    ``unsteered``: an :class:`AssocTable` of the same model (:func:`reference_table`) that
+    fills the no-steering condition, so "S before" needs no new reference scores.
+    """
+
+    def __init__(self, model, unsteered: AssocTable | None = None):
+        self.model = model
+        self._values: dict = {}
+        self._stamp = self._weights_stamp()
+        self.hits = self.misses = 0
+        if unsteered is not None:
+            self.add_table(unsteered)
+
+    def _weights_stamp(self) -> tuple:
+        return tuple(p._version for p in self.model.parameters())  # bumped by every in-place change
+
+    def usable(self, model) -> bool:
+        """Whether reused scores would equal fresh ones on ``model`` now."""
+        if model is not self.model:
+            raise BiasGymError("this ReferenceCache was made for another model: make one per model.")
+        if any(not _passive(h) for m in model.modules() for h in (*m._forward_hooks.values(),
+                                                                  *m._forward_pre_hooks.values())):
+            return False
+        stamp = self._weights_stamp()
+        if stamp != self._stamp:
+            self._values.clear()
+            self._stamp = stamp
+        return True
+
+    @staticmethod
+    def condition(model, spec, heads, alpha, context: str = ""):
+        """The key of a steering condition, or None when it cannot be keyed (alpha per head)."""
+        from .data import load_templates
+        from .steer import validate_heads
+
+        try:
+            alpha = float(alpha)
+        except (TypeError, ValueError):
+            return None
+        heads = tuple(sorted(validate_heads(model, heads)))
+        if not heads or alpha == 1.0:  # alpha = 1 changes nothing, bit for bit
+            heads, alpha = (), 1.0
+        return (spec.name, tuple(spec.attributes), tuple(load_templates()), context, heads, alpha)
+
+    def get(self, key, entity: str):
+        value = self._values.get((key, entity))
+        self.hits, self.misses = self.hits + (value is not None), self.misses + (value is None)
+        return value
+
+    def put(self, key, entity: str, values: np.ndarray):
+        self._values[(key, entity)] = values
+
+    def add_table(self, table: AssocTable, context: str = ""):
+        """Seed the unsteered condition with an :class:`AssocTable` measured on the same model
+        (e.g. :func:`reference_table`), so "S before" needs no new reference scores."""
+        from types import SimpleNamespace
+
+        from .data import load_templates
+
+        if list(table.templates) != list(load_templates()):
+            return
+        for b in table.biases:
+            key = self.condition(self.model, SimpleNamespace(name=b, attributes=table.attributes[b]), [], 1.0, context)
+            for e in table.entities:
+                if e != "<TOKEN>":
+                    self.put(key, e, table.values[e][b])
+
+
 def steered_strength(model, tokenizer, vector, spec, references: list[str], heads=(), alpha: float = 1.0,
-                     context: str = "", entities: list[str] | None = None, seed: int = 0) -> dict:
+                     context: str = "", entities: list[str] | None = None, seed: int = 0,
+                     cache: ReferenceCache | None = None) -> dict:
     """S(<TOKEN>, b) (and S for ``entities``) with ``heads`` scaled by ``alpha``; the reference
-    countries are scored under the same intervention, so S stays a fair comparison."""
+    countries are scored under the same intervention, so S stays a fair comparison.
+
+    With a :class:`ReferenceCache` the entities other than ``<TOKEN>`` are taken from it when
+    this condition was scored before, and stored when not."""
     from .measure import assoc_table
     from .steer import steer_heads
 
     token_id = add_token(tokenizer)
-    ents = ["<TOKEN>"] + [e for e in (entities or []) if e not in references] + list(references)
+    others = [e for e in (entities or []) if e not in references] + list(references)
+    key = ReferenceCache.condition(model, spec, heads, alpha, context) if cache is not None else None
+    known = {}
+    if key is not None and cache.usable(model):
+        known = {e: v for e in others if "<TOKEN>" not in e and (v := cache.get(key, e)) is not None}
+    else:
+        key = None
+    todo = [e for e in others if e not in known]
     with TokenHook(model, token_id, vector), steer_heads(model, list(heads), alpha):
-        table = assoc_table(model, tokenizer, ents, [spec], context=context)
+        table = assoc_table(model, tokenizer, ["<TOKEN>"] + todo, [spec], context=context)
+    if key is not None:
+        for e in todo:
+            if "<TOKEN>" not in e:
+                cache.put(key, e, table.values[e][spec.name])
+        table.values.update({e: {spec.name: v} for e, v in known.items()})
+        table.entities += list(known)
     out = {"<TOKEN>": stereotype_strength(table, "<TOKEN>", spec.name, references, seed=seed).to_dict()}
     for e in entities or []:
         out[e] = stereotype_strength(table, e, spec.name, references, seed=seed).to_dict()
@@ -328,18 +430,20 @@ def steered_strength(model, tokenizer, vector, spec, references: list[str], head
 
 
 def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: list[str],
-                     scopes: dict | None = None):
+                     scopes: dict | None = None, cache: ReferenceCache | None = None):
     """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
     S(<TOKEN>, bias) with the top ``k`` heads of that bias's token scaled by ``alpha``.
 
     ``tokens`` maps bias name to its injected token, or is a function that returns it
     (e.g. ``lambda b: get_token(model, tokenizer, b, cfg, seed)``, called once per bias on
     first use); ``scopes`` maps bias name to a :func:`scope_run` result, and any bias
-    without one is scored on first use."""
+    without one is scored on first use. The reference countries of each (bias, k, alpha)
+    are scored once (``cache``, a new :class:`ReferenceCache` if not given)."""
     from .data import load_bias
     from .scope import top_k_heads
 
     scopes, loaded = dict(scopes or {}), {}
+    cache = cache if cache is not None else ReferenceCache(model)
 
     def token_for(bias: str):
         if bias not in loaded:
@@ -356,7 +460,8 @@ def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: l
         if bias not in scopes:
             scopes[bias] = scope_run(model, tokenizer, token, cfg, patching=False)
         heads = top_k_heads(torch.tensor(scopes[bias]["scores"]), k) if k else []
-        return steered_strength(model, tokenizer, token.vector, load_bias(bias), references, heads, alpha)["<TOKEN>"]
+        return steered_strength(model, tokenizer, token.vector, load_bias(bias), references, heads, alpha,
+                                cache=cache)["<TOKEN>"]
 
     return measure
 
@@ -372,10 +477,13 @@ def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
 
 def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, cfg: Profile,
                references: list[str], country: str | None = None, probes: list[str] | None = None,
-               seed: int = 0) -> dict:
+               seed: int = 0, cache: ReferenceCache | None = None) -> dict:
     """S before/after steering the given heads, and the METHOD §4 baselines run the same way:
     a debiasing system prompt, k random heads (mean of ``cfg.n_random_draws`` draws) and the
-    k heads with most attention from the last position to the entity token."""
+    k heads with most attention from the last position to the entity token.
+
+    Pass one ``cache`` (:class:`ReferenceCache`) to several calls on tokens of the same bias
+    and the reference countries of the shared conditions are scored only once."""
     from .data import load_bias
     from .models import ModelAdapter
     from .steer import DEBIAS_SYSTEM_PROMPT, attention_heads, random_heads
@@ -384,8 +492,9 @@ def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, c
     heads = [tuple(h) for h in heads]
     k = len(heads)
     ents = [country] if country else []
+    cache = cache if cache is not None else ReferenceCache(model)
     run = lambda hs, a=alpha, ctx="": steered_strength(model, tokenizer, injected.vector, spec, references,
-                                                       hs, a, ctx, ents, seed)
+                                                       hs, a, ctx, ents, seed, cache)
     before = run([], 1.0)
     after = run(heads)
     adapter = ModelAdapter(model)
@@ -478,25 +587,28 @@ def mean_scores(scope_results: list[dict]) -> torch.Tensor:
     return torch.tensor([r["scores"] for r in scope_results]).mean(0)
 
 
-def _random_draws(model, tokenizer, vector, spec, refs, k, n, entities=None, alpha=0.0):
+def _random_draws(model, tokenizer, vector, spec, refs, k, n, entities=None, alpha=0.0, cache=None):
     from .models import ModelAdapter
     from .steer import random_heads
 
     a = ModelAdapter(model)
     return [steered_strength(model, tokenizer, vector, spec, refs, random_heads(a.n_layers, a.n_heads, k, 1000 + i),
-                             alpha, entities=entities) for i in range(n)]
+                             alpha, entities=entities, cache=cache) for i in range(n)]
 
 
 def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, refs: list[str],
-                  steers: dict | None = None) -> list[dict]:
+                  steers: dict | None = None, cache: ReferenceCache | None = None) -> list[dict]:
     """Generalisation (a): for each bias, heads from the mean scores of all *other* biases
     (every seed), applied at alpha=0 to the held-out bias's tokens; with k random heads.
 
     ``steers`` (the :func:`steer_eval` results of the same tokens, references and k) already
     hold S before steering and under the same random draws: they are reused, not measured
-    again."""
+    again. The held-out heads are the same for every seed of a bias, so their reference
+    countries are scored once (``cache``)."""
     from .data import load_bias
     from .scope import top_k_heads
+
+    cache = cache if cache is not None else ReferenceCache(model)
 
     biases = sorted({b for b, _ in tokens})
     if len(biases) < 2:
@@ -508,16 +620,16 @@ def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, re
         for (b, seed), tok in tokens.items():
             if b != held:
                 continue
-            after = steered_strength(model, tokenizer, tok.vector, spec, refs, heads, 0.0)["<TOKEN>"]
+            after = steered_strength(model, tokenizer, tok.vector, spec, refs, heads, 0.0, cache=cache)["<TOKEN>"]
             known = (steers or {}).get((b, seed))
             if (known and known["references"] == list(refs) and known["k"] == cfg.k and known["alpha"] == 0.0
                     and len(known["baselines"]["random_heads_draws"]) == cfg.n_random_draws):
                 before = known["token"]["before"]
                 rand = [d["value"] for d in known["baselines"]["random_heads_draws"]]
             else:
-                before = steered_strength(model, tokenizer, tok.vector, spec, refs)["<TOKEN>"]
+                before = steered_strength(model, tokenizer, tok.vector, spec, refs, cache=cache)["<TOKEN>"]
                 rand = [d["<TOKEN>"]["value"] for d in _random_draws(model, tokenizer, tok.vector, spec, refs, cfg.k,
-                                                                      cfg.n_random_draws)]
+                                                                      cfg.n_random_draws, cache=cache)]
             rows.append({"held_out": held, "seed": seed, "heads": [list(h) for h in heads],
                          "before": before, "after": after, "random_mean": float(np.mean(rand)), "random": rand,
                          "reduction": _reduction(before["value"], after["value"]),
@@ -662,16 +774,17 @@ def scope_result(model, tokenizer, token: InjectedToken, cfg: Profile, patching:
 
 
 def steer_result(model, tokenizer, token: InjectedToken, scope: dict, cfg: Profile, ref: AssocTable,
-                 references: list[str], out=None) -> dict:
+                 references: list[str], out=None, cache: ReferenceCache | None = None) -> dict:
     """:func:`steer_eval` of a token's top heads at alpha = 0, with the baselines and the real
-    country most tied to the bias (from ``ref``), kept in the run folder."""
+    country most tied to the bias (from ``ref``), kept in the run folder. Share one ``cache``
+    (:class:`ReferenceCache`) between the tokens of a run."""
     from .data import load_bias
 
     country = strength_matrix_top(ref, token.bias)
     prompts, _ = probe_prompts(tokenizer, load_bias(token.bias), cfg.n_probes, scope["counterfactual_country"])
     return _memo(_stage_path(out, cfg, "steer", token),
                  lambda: steer_eval(model, tokenizer, token, scope["top_heads"], 0.0, cfg, references,
-                                    country=country, probes=prompts), token)
+                                    country=country, probes=prompts, cache=cache), token)
 
 
 def _stats(values: list[float]) -> dict:
@@ -701,6 +814,7 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     ref = reference_table(model, tokenizer, list(cfg.biases))
     refs = steer_references(cfg, cfg.steer_references)
+    cache = ReferenceCache(model, unsteered=ref)
     tokens, inj, scopes, steers = {}, {}, {}, {}
     runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
     for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):
@@ -711,12 +825,12 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
         tokens[b, s] = tok
         inj[b, s] = injection_result(model, tokenizer, tok, cfg, ref=ref, out=out)
         scopes[b, s] = scope_result(model, tokenizer, tok, cfg, patching=(i == 0), out=out)
-        steers[b, s] = steer_result(model, tokenizer, tok, scopes[b, s], cfg, ref, refs, out=out)
+        steers[b, s] = steer_result(model, tokenizer, tok, scopes[b, s], cfg, ref, refs, out=out, cache=cache)
     all_heads = top_k_heads(mean_scores(list(scopes.values())), cfg.k)
     same_heads = lambda r: r.get("heads") == [list(h) for h in all_heads]  # noqa: E731
     every = hashlib.sha256("".join(token_fingerprint(t) for _, t in sorted(tokens.items())).encode()).hexdigest()[:16]
     loo = _memo(out / "leave_one_out.json",
-                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs, steers)}, fingerprint=every) if len(cfg.biases) > 1 else {"rows": []}
+                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs, steers, cache)}, fingerprint=every) if len(cfg.biases) > 1 else {"rows": []}
     n_cand, n_keep = (8, 3) if cfg.name == "quick" else (30, 8)
     shown = _memo(out / "seegull_shown.json",
                   lambda: {"pairs": seegull_shown(model, tokenizer, cfg, refs, n_cand, n_keep)})
