@@ -171,28 +171,13 @@ def _option_rows(tokenizer, prompt: str, options: list[str]) -> list[tuple[list[
 
 
 def _option_loglik(model, tokenizer, rows: list[tuple[list[int], int]], batch_size: int) -> np.ndarray:
-    """Summed log-probability of each row's option tokens, all rows batched (sorted by
-    length so that batches carry little padding; returned in the original order)."""
-    device = _device(model)
-    pad = _pad_id(tokenizer)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    out = []
-    with torch.inference_mode():
-        for chunk in batched([rows[i] for i in order], batch_size):
-            batch = _pad_rows([r for r, _ in chunk], pad, device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            # position t predicts token t+1; option tokens are [start, length)
-            pos = torch.arange(batch.input_ids.shape[1] - 1, device=device)
-            starts = torch.tensor([s for _, s in chunk], device=device)[:, None]
-            take = (pos[None, :] >= starts - 1) & (pos[None, :] < batch.lengths[:, None] - 1)
-            logp = torch.log_softmax(logits[:, :-1][take].double(), dim=-1)
-            tok_logp = logp.gather(1, batch.input_ids[:, 1:][take][:, None])[:, 0]
-            row_of = torch.arange(len(chunk), device=device)[:, None].expand_as(take)[take]
-            sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, row_of, tok_logp)
-            out.extend(sums.cpu().tolist())
-    result = np.empty(len(rows))
-    result[order] = out
-    return result
+    """Summed log-probability of each row's option tokens. The options of a question share
+    its prompt, which is run once (its key/value cache feeds every option), and only the
+    option positions are unembedded: see :func:`~biasgym_lib.measure.row_logprobs`."""
+    from .measure import row_logprobs
+
+    split = [(ids[:start], ids[start:]) for ids, start in rows]
+    return row_logprobs(model, split, _pad_id(tokenizer), batch_size).numpy()
 
 
 def mc_accuracy(model, tokenizer, questions: Sequence, batch_size: int = 32, seed: int = 0,

@@ -112,13 +112,24 @@ def continuation_logprobs(model, tokenizer, prefixes: list[str], continuations: 
         raise BiasGymError("prefixes and continuations must have the same length.")
     if not prefixes:
         return torch.empty(0, dtype=torch.float64)
-    adapter = ModelAdapter(model)
     rows = _rows(tokenizer, prefixes, continuations)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return row_logprobs(model, rows, pad, batch_size, share_prefix)
+
+
+def row_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64,
+                 share_prefix: bool = True) -> torch.Tensor:
+    """:func:`continuation_logprobs` on token ids: ``rows`` are ``(prefix_ids, continuation_ids)``
+    pairs, both non-empty; rows with the same prefix share one pass over it."""
+    if any(not p or not c for p, c in rows):
+        raise BiasGymError("every row needs a non-empty prefix and continuation.")
+    if not rows:
+        return torch.empty(0, dtype=torch.float64)
+    adapter = ModelAdapter(model)
     with torch.inference_mode():
         if share_prefix and adapter.family != "gemma2":  # Gemma 2's hybrid cache: full path
-            return _shared_prefix_logprobs(adapter, rows, pad, batch_size)
-        return _full_logprobs(adapter, rows, pad, batch_size)
+            return _shared_prefix_logprobs(adapter, rows, pad_id, batch_size)
+        return _full_logprobs(adapter, rows, pad_id, batch_size)
 
 
 def _full_logprobs(adapter, rows, pad, batch_size):
