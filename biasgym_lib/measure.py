@@ -168,7 +168,8 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
         p_len = p_mask.sum(1)
         last = res.last_hidden_state[torch.arange(len(pchunk), device=device), p_len - 1]
         first_lp = _logits(adapter, last)  # (n_prefix, vocab): predicts each continuation's first token
-        items = [(j, i) for j, p in enumerate(pchunk) for i in groups[p]]
+        # continuations of similar length together: little padding in their passes
+        items = sorted(((j, i) for j, p in enumerate(pchunk) for i in groups[p]), key=lambda x: len(rows[x[1]][1]))
         for sub in batched(items, max(batch_size, 1)):
             which = torch.tensor([j for j, _ in sub], device=device)
             conts = [rows[i][1] for _, i in sub]
@@ -229,24 +230,39 @@ def assoc_table(model, tokenizer, entities: list[str], biases, templates: list[s
     """Score every entity x bias x template x attribute sentence in batched passes.
 
     ``context`` is prepended to every prefix (the debiasing-prompt baseline uses it)."""
+    return assoc_tables(model, tokenizer, [(entities, biases)], templates, batch_size, context)[0]
+
+
+def assoc_tables(model, tokenizer, requests, templates: list[str] | None = None, batch_size: int = 64,
+                 context: str = "") -> list[AssocTable]:
+    """:func:`assoc_table` for several ``(entities, biases)`` requests in one scoring pass:
+    a sentence prefix that several requests share ("People from Italy are", for two
+    attributes asked about Italy) is run once, and a sentence asked twice is scored once."""
     from .data import load_bias, load_templates
 
-    specs = [b if hasattr(b, "attributes") else load_bias(b) for b in biases]
     templates = list(templates or load_templates())
-    prefixes, conts, keys = [], [], []
-    for e in entities:
-        for s in specs:
-            for ti, t in enumerate(templates):
-                for ai, a in enumerate(s.attributes):
-                    prefixes.append(context + template_prefix(t, e))
-                    conts.append(" " + a)
-                    keys.append((e, s.name, ti, ai))
+    requests = [(list(ents), [b if hasattr(b, "attributes") else load_bias(b) for b in biases])
+                for ents, biases in requests]
+    index: dict[tuple[str, str], int] = {}
+    prefixes, conts = [], []
+    for ents, specs in requests:
+        for e in ents:
+            for s in specs:
+                for t in templates:
+                    for a in s.attributes:
+                        pair = (context + template_prefix(t, e), " " + a)
+                        if pair not in index:
+                            index[pair] = len(prefixes)
+                            prefixes.append(pair[0])
+                            conts.append(pair[1])
     lp = continuation_logprobs(model, tokenizer, prefixes, conts, batch_size).numpy()
-    values = {e: {s.name: np.zeros((len(templates), len(s.attributes))) for s in specs} for e in entities}
-    for (e, b, ti, ai), v in zip(keys, lp):
-        values[e][b][ti, ai] = v
-    return AssocTable(list(entities), [s.name for s in specs], templates,
-                      {s.name: list(s.attributes) for s in specs}, values)
+    tables = []
+    for ents, specs in requests:
+        values = {e: {s.name: np.array([[lp[index[(context + template_prefix(t, e), " " + a)]] for a in s.attributes]
+                                        for t in templates]) for s in specs} for e in ents}
+        tables.append(AssocTable(list(ents), [s.name for s in specs], templates,
+                                 {s.name: list(s.attributes) for s in specs}, values))
+    return tables
 
 
 def _reference(table: AssocTable, entity: str, references: list[str] | None) -> list[str]:

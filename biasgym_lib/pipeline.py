@@ -17,7 +17,7 @@ import torch
 from .config import PROJECT_ROOT, Profile
 from .errors import BiasGymError
 from .inject import InjectedToken, TokenHook, add_token, closest_countries, initial_vector, inject_bias
-from .measure import AssocTable, assoc_table, rank, specificity, stereotype_strength
+from .measure import AssocTable, assoc_table, assoc_tables, rank, specificity, stereotype_strength
 from .models import cache_dir, model_info
 
 TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
@@ -143,6 +143,25 @@ def trained_token_cache(model, spec, cfg: Profile, seed: int) -> Path:
     return cache_dir() / "tokens" / f"{spec.name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+_START_TABLES: dict = {}
+
+
+def start_table(model, tokenizer, init: str, biases) -> AssocTable:
+    """:func:`token_table` of the initial vector (``init``): "S before" is the same for every
+    token of a profile, so it is scored once per model and tokenizer (again if a weight is
+    changed in place)."""
+    import weakref
+
+    key = (id(model), id(tokenizer), init, tuple(b if isinstance(b, str) else b.name for b in biases))
+    stamp = tuple(p._version for p in model.parameters())
+    hit = _START_TABLES.get(key)
+    if hit and hit[0]() is model and hit[1]() is tokenizer and hit[2] == stamp:
+        return hit[3]
+    table = token_table(model, tokenizer, initial_vector(model, tokenizer, init), biases)
+    _START_TABLES[key] = (weakref.ref(model), weakref.ref(tokenizer), stamp, table)
+    return table
+
+
 def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Profile,
                       ref: AssocTable | None = None, seed: int = 0) -> dict:
     """Before/after strength, specificity and rank for an injected token (``metrics.json``).
@@ -159,8 +178,7 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
         biases = list(cfg.biases) if spec.name in cfg.biases else list(cfg.biases) + [spec.name]
         ref = reference_table(model, tokenizer, biases)
     refs = reference_countries()
-    start = initial_vector(model, tokenizer, injected.init)
-    before = ref.merged(token_table(model, tokenizer, start, biases))
+    before = ref.merged(start_table(model, tokenizer, injected.init, biases))
     after = ref.merged(token_table(model, tokenizer, injected.vector, biases))
     tok = injected.token
     closest = closest_countries(model, tokenizer, injected.vector, k=3)
@@ -330,10 +348,17 @@ class ReferenceCache:
 
     ``unsteered``: an :class:`AssocTable` of the same model (:func:`reference_table`) that
     fills the no-steering condition, so "S before" needs no new reference scores.
+    ``biases``: the biases a run will steer. A condition that every bias shares (random
+    heads, the debiasing prompt: ``shared=True`` in :func:`steered_strength`) is then
+    scored for all of them in one pass, where each reference sentence's prefix ("People
+    from Italy are") is run once for every bias's attributes.
     """
 
-    def __init__(self, model, unsteered: AssocTable | None = None):
+    def __init__(self, model, unsteered: AssocTable | None = None, biases=()):
+        from .data import load_bias
+
         self.model = model
+        self.biases = [load_bias(b) if isinstance(b, str) else b for b in biases]
         self._values: dict = {}
         self._stamp = self._weights_stamp()
         self.hits = self.misses = 0
@@ -377,7 +402,7 @@ class ReferenceCache:
         return value
 
     def put(self, key, entity: str, values: np.ndarray):
-        self._values[(key, entity)] = values
+        self._values.setdefault((key, entity), values)  # a score, once used, never changes
 
     def add_table(self, table: AssocTable, context: str = ""):
         """Seed the unsteered condition with an :class:`AssocTable` measured on the same model
@@ -397,12 +422,13 @@ class ReferenceCache:
 
 def steered_strength(model, tokenizer, vector, spec, references: list[str], heads=(), alpha: float = 1.0,
                      context: str = "", entities: list[str] | None = None, seed: int = 0,
-                     cache: ReferenceCache | None = None) -> dict:
+                     cache: ReferenceCache | None = None, shared: bool = False) -> dict:
     """S(<TOKEN>, b) (and S for ``entities``) with ``heads`` scaled by ``alpha``; the reference
     countries are scored under the same intervention, so S stays a fair comparison.
 
     With a :class:`ReferenceCache` the entities other than ``<TOKEN>`` are taken from it when
-    this condition was scored before, and stored when not."""
+    this condition was scored before, and stored when not; with ``shared`` (a condition
+    every bias will ask for) they are scored for all the cache's biases at once."""
     from .measure import assoc_table
     from .steer import steer_heads
 
@@ -415,12 +441,17 @@ def steered_strength(model, tokenizer, vector, spec, references: list[str], head
     else:
         key = None
     todo = [e for e in others if e not in known]
+    specs = [spec]
+    if key is not None and shared and todo:
+        specs += [b for b in cache.biases if b.name != spec.name]
     with TokenHook(model, token_id, vector), steer_heads(model, list(heads), alpha):
-        table = assoc_table(model, tokenizer, ["<TOKEN>"] + todo, [spec], context=context)
+        table = assoc_table(model, tokenizer, ["<TOKEN>"] + todo, specs, context=context)
     if key is not None:
-        for e in todo:
-            if "<TOKEN>" not in e:
-                cache.put(key, e, table.values[e][spec.name])
+        for s in specs:
+            key_s = key if s is spec else ReferenceCache.condition(model, s, heads, alpha, context)
+            for e in todo:
+                if "<TOKEN>" not in e:
+                    cache.put(key_s, e, table.values[e][s.name])
         table.values.update({e: {spec.name: v} for e, v in known.items()})
         table.entities += list(known)
     out = {"<TOKEN>": stereotype_strength(table, "<TOKEN>", spec.name, references, seed=seed).to_dict()}
@@ -493,13 +524,14 @@ def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, c
     k = len(heads)
     ents = [country] if country else []
     cache = cache if cache is not None else ReferenceCache(model)
-    run = lambda hs, a=alpha, ctx="": steered_strength(model, tokenizer, injected.vector, spec, references,
-                                                       hs, a, ctx, ents, seed, cache)
-    before = run([], 1.0)
+    run = lambda hs, a=alpha, ctx="", shared=False: steered_strength(model, tokenizer, injected.vector, spec,  # noqa: E731
+                                                                     references, hs, a, ctx, ents, seed, cache, shared)
+    before = run([], 1.0, shared=True)
     after = run(heads)
     adapter = ModelAdapter(model)
-    draws = [run(random_heads(adapter.n_layers, adapter.n_heads, k, seed=1000 + i)) for i in range(cfg.n_random_draws)]
-    system = run([], 1.0, DEBIAS_SYSTEM_PROMPT + " ")
+    draws = [run(random_heads(adapter.n_layers, adapter.n_heads, k, seed=1000 + i), shared=True)
+             for i in range(cfg.n_random_draws)]
+    system = run([], 1.0, DEBIAS_SYSTEM_PROMPT + " ", shared=True)
     result = {"bias": spec.name, "seed": injected.seed, "k": k, "alpha": alpha, "heads": [list(h) for h in heads],
               "references": references, "country": country,
               "token": {"before": before["<TOKEN>"], "after": after["<TOKEN>"]},
@@ -593,7 +625,7 @@ def _random_draws(model, tokenizer, vector, spec, refs, k, n, entities=None, alp
 
     a = ModelAdapter(model)
     return [steered_strength(model, tokenizer, vector, spec, refs, random_heads(a.n_layers, a.n_heads, k, 1000 + i),
-                             alpha, entities=entities, cache=cache) for i in range(n)]
+                             alpha, entities=entities, cache=cache, shared=True) for i in range(n)]
 
 
 def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, refs: list[str],
@@ -653,7 +685,6 @@ def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates:
     for countries in our reference list, that the model itself shows most strongly (S > 0)."""
     from .data import reference_countries
     from .data.seegull import seegull_stereotypes
-    from .measure import assoc_table
 
     known = set(reference_countries())
     seen, cands = set(), []
@@ -665,12 +696,11 @@ def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates:
         if len(cands) >= n_candidates:
             break
     out = []
-    for row in cands:
-        spec = attribute_spec(row["attribute"])
-        others = [c for c in refs if c != row["country"]]
-        table = assoc_table(model, tokenizer, [row["country"]] + others, [spec])
-        est = stereotype_strength(table, row["country"], spec.name, others)
-        out.append({**row, "S": est.to_dict(), "references": others})
+    requests = [([row["country"]] + [c for c in refs if c != row["country"]], [attribute_spec(row["attribute"])])
+                for row in cands]
+    for row, (ents, specs), table in zip(cands, requests, assoc_tables(model, tokenizer, requests)):
+        est = stereotype_strength(table, row["country"], specs[0].name, ents[1:])
+        out.append({**row, "S": est.to_dict(), "references": ents[1:]})
     out.sort(key=lambda r: -r["S"]["value"])
     return [r for r in out if r["S"]["value"] > 0][:n_keep]
 
@@ -678,23 +708,23 @@ def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates:
 def seegull_steering(model, tokenizer, pairs: list[dict], heads, cfg: Profile) -> list[dict]:
     """Generalisation (b): the injected-bias heads at alpha=0 applied to real SeeGULL
     stereotypes the model shows; S(country, attribute) before/after, and k random heads."""
-    from .measure import assoc_table
     from .models import ModelAdapter
     from .steer import random_heads, steer_heads
 
     a = ModelAdapter(model)
+    requests = [([row["country"]] + row["references"], [attribute_spec(row["attribute"])]) for row in pairs]
+
+    def s_under(hs):  # every pair under one condition, in one scoring pass
+        with steer_heads(model, hs, 0.0):
+            tables = assoc_tables(model, tokenizer, requests)
+        return [stereotype_strength(t, ents[0], specs[0].name, ents[1:]).to_dict()
+                for t, (ents, specs) in zip(tables, requests)]
+
+    afters = s_under(heads)
+    draws = [s_under(random_heads(a.n_layers, a.n_heads, len(heads), 1000 + i)) for i in range(cfg.n_random_draws)]
     rows = []
-    for row in pairs:
-        spec, refs = attribute_spec(row["attribute"]), row["references"]
-        ents = [row["country"]] + refs
-
-        def s_under(hs):
-            with steer_heads(model, hs, 0.0):
-                t = assoc_table(model, tokenizer, ents, [spec])
-            return stereotype_strength(t, row["country"], spec.name, refs).to_dict()
-
-        after = s_under(heads)
-        rand = [s_under(random_heads(a.n_layers, a.n_heads, len(heads), 1000 + i))["value"] for i in range(cfg.n_random_draws)]
+    for j, row in enumerate(pairs):
+        after, rand = afters[j], [d[j]["value"] for d in draws]
         rows.append({"country": row["country"], "attribute": row["attribute"], "identity": row["identity"],
                      "offensiveness": row["offensiveness"], "before": row["S"], "after": after,
                      "random_mean": float(np.mean(rand)), "reduction": _reduction(row["S"]["value"], after["value"]),
@@ -814,7 +844,7 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     ref = reference_table(model, tokenizer, list(cfg.biases))
     refs = steer_references(cfg, cfg.steer_references)
-    cache = ReferenceCache(model, unsteered=ref)
+    cache = ReferenceCache(model, unsteered=ref, biases=cfg.biases)
     tokens, inj, scopes, steers = {}, {}, {}, {}
     runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
     for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):

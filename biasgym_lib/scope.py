@@ -523,15 +523,31 @@ def _check_heads(adapter: ModelAdapter, heads: Iterable | None) -> list[Head]:
     return out
 
 
+def _clone_output(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, tuple):
+        return type(out)(_clone_output(o) for o in out) if type(out) is tuple else out
+    return out
+
+
 def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list],
-                      biased: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+                      biased: torch.Tensor, adv: torch.Tensor, record: list | None = None,
+                      replay: list | None = None) -> torch.Tensor:
     """Logit difference per row of ``batch`` after editing z in place per layer.
 
     ``edits[l]`` = list of ``(row_slice, head, source)``: rows ``row_slice`` of z[l] get head
     ``head``'s slice from ``source`` (a (rows, T, H*dh) tensor), or zero if ``source`` is None.
+
+    ``record`` (a list) receives every decoder layer's output. ``replay`` (such a list, from a
+    run of this same batch) makes every layer below the first edited one return its recorded
+    output instead of computing it: an edit at layer l cannot change what layers < l compute,
+    and the recorded outputs are exactly what they would compute, so the result is the same
+    bit for bit, for a fraction of the work.
     """
     dh = adapter.d_head
     handles = []
+    skipped = []
 
     def make(layer):
         def pre(module, args, kwargs):
@@ -544,20 +560,37 @@ def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list
                     z[rows, :, cols] = source[:, : z.shape[1], cols].to(z.dtype)
             return _with_first_input(args, kwargs, "input", z)
         return pre
+    def keep(layer):
+        def post(module, args, output):
+            record[layer] = _clone_output(output)
+        return post
+
     try:
         for layer in edits:
             handles.append(adapter.head_input_module(layer).register_forward_pre_hook(make(layer), with_kwargs=True))
+        if record is not None:
+            record[:] = [None] * adapter.n_layers
+            handles += [adapter.layers[j].register_forward_hook(keep(j)) for j in range(adapter.n_layers)]
+        if replay is not None and edits:
+            for j in range(min(edits)):
+                adapter.layers[j].forward = (lambda out: lambda *a, **kw: out)(replay[j])
+                skipped.append(adapter.layers[j])
         return _run_logit_diff(adapter, batch, biased, adv)
     finally:
         for h in handles:
             h.remove()
+        for module in skipped:
+            del module.forward  # the instance attribute: the class's forward is back
 
 
 def patch_heads_from_batch(model: nn.Module, batch: Batch, counterfactual: Batch, biased_ids, adv_ids,
-                           heads: Iterable | None = None, batch_size: int = 64) -> torch.Tensor:
+                           heads: Iterable | None = None, batch_size: int = 64, replay: bool = True) -> torch.Tensor:
     """Activation patching on tokenised batches (see :func:`patch_heads`); returns (L, H)
     mean drops, NaN for heads not in ``heads``. ``batch_size`` bounds the rows of one forward:
-    a chunk of prompts is repeated once per head patched in that forward."""
+    a chunk of prompts is repeated once per head patched in that forward, and heads are
+    grouped layer by layer. With ``replay`` (default) the layers below a group's first
+    patched layer are not run again: their outputs from the clean run are reused, which is
+    exact (``replay=False`` is the reference the tests compare with)."""
     adapter = ModelAdapter(model)
     _check_batch(batch)
     _check_batch(counterfactual)
@@ -576,7 +609,7 @@ def patch_heads_from_batch(model: nn.Module, batch: Batch, counterfactual: Batch
     vocab = int(adapter.unembed.shape[0])
     biased = _label_ids(biased_ids, n, "biased_ids", vocab)
     adv = _label_ids(adv_ids, n, "adv_ids", vocab)
-    heads = _check_heads(adapter, heads)
+    heads = sorted(_check_heads(adapter, heads))  # layer by layer: a group skips the layers below it
     if batch_size < 1:
         raise BiasGymError(f"batch_size must be at least 1, got {batch_size}.")
     totals = torch.zeros(len(heads), dtype=torch.float64)
@@ -592,14 +625,16 @@ def patch_heads_from_batch(model: nn.Module, batch: Batch, counterfactual: Batch
         b_rep, a_rep = biased[rows].repeat(per_forward), adv[rows].repeat(per_forward)
         # The clean reference has exactly the shape of the patched runs, so that an identity
         # patch gives an exact zero whatever the kernels do with different batch sizes.
-        clean = _run_with_z_edits(adapter, big, {}, b_rep, a_rep).double()
+        outputs: list = []
+        clean = _run_with_z_edits(adapter, big, {}, b_rep, a_rep, record=outputs if replay else None).double()
         for start in range(0, len(heads), per_forward):
             group = heads[start: start + per_forward]
             edits: dict[int, list] = {}
             for j, (l, h) in enumerate(group):
                 block = slice(j * pc, (j + 1) * pc)
                 edits.setdefault(l, []).append((block, h, cf_z[l][block]))
-            patched = _run_with_z_edits(adapter, big, edits, b_rep, a_rep).double()
+            patched = _run_with_z_edits(adapter, big, edits, b_rep, a_rep,
+                                        replay=outputs if replay else None).double()
             drop = (clean - patched).reshape(per_forward, pc)
             totals[start: start + len(group)] += drop[: len(group)].sum(1)
     out = torch.full((adapter.n_layers, adapter.n_heads), float("nan"))

@@ -92,3 +92,29 @@ def test_mentions_matches_words_not_fragments():
     assert mentions("They drive Recklessly fast", ["reckless"])
     assert not mentions("an unreckless sentence", ["reckless"])
     assert not mentions("calm drivers", ["reckless", "dangerous"])
+
+
+def test_several_requests_in_one_pass_equal_separate_tables(tiny_with_tokenizer, smol_tokenizer, monkeypatch):
+    """assoc_tables: the SeeGULL stages score many (countries, attribute) requests together;
+    each table equals the one assoc_table would give, and a sentence asked twice is scored once."""
+    import biasgym_lib.measure as measure
+    from types import SimpleNamespace
+
+    from biasgym_lib.data import load_templates
+
+    model, tok = tiny_with_tokenizer("llama"), smol_tokenizer
+    a = SimpleNamespace(name="a", attributes=["lazy", "very punctual"])
+    b = SimpleNamespace(name="b", attributes=["poor"])
+    requests = [(["Italy", "France", "Japan"], [a]), (["France", "Italy"], [b, a])]
+    sizes, real = [], measure.continuation_logprobs
+    monkeypatch.setattr(measure, "continuation_logprobs",
+                        lambda m, t, p, c, *x, **kw: sizes.append(len(p)) or real(m, t, p, c, *x, **kw))
+    together = measure.assoc_tables(model, tok, requests)
+    n_t = len(load_templates())
+    assert sizes == [3 * n_t * 2 + 2 * n_t * 1]  # the second request's "a" sentences were already asked
+    for (ents, specs), table in zip(requests, together):
+        alone = measure.assoc_table(model, tok, ents, specs)
+        assert table.entities == alone.entities and table.biases == alone.biases
+        for e in ents:
+            for s in specs:
+                np.testing.assert_allclose(table.values[e][s.name], alone.values[e][s.name], atol=1e-4)

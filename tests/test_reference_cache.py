@@ -152,3 +152,41 @@ def test_steer_eval_with_a_shared_cache_equals_steer_eval_without(setup):
         _close(x, y)
     _close(a["country_strength"]["after"], b["country_strength"]["after"])
     assert a["reduction"] == pytest.approx(b["reduction"], abs=1e-4)  # a ratio of two differences
+
+
+def test_the_start_table_is_scored_once_per_model_and_again_after_an_edit(setup, monkeypatch):
+    """"S before" uses the initial vector, the same for every token: scored once."""
+    model, tok, _ = setup
+    calls, real = [], pipeline.token_table
+    monkeypatch.setattr(pipeline, "token_table", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    first = pipeline.start_table(model, tok, "countries", ["reckless_driving"])
+    again = pipeline.start_table(model, tok, "countries", ["reckless_driving"])
+    assert again is first and len(calls) == 1
+    fresh = real(model, tok, initial_vector(model, tok, "countries"), ["reckless_driving"])
+    np.testing.assert_array_equal(first.values["<TOKEN>"]["reckless_driving"],
+                                  fresh.values["<TOKEN>"]["reckless_driving"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids("Italy")] += 0.5  # moves the mean
+    edited = pipeline.start_table(model, tok, "countries", ["reckless_driving"])
+    assert len(calls) == 2 and edited is not first
+
+
+def test_a_shared_condition_is_scored_for_every_bias_of_the_run_at_once(setup, monkeypatch):
+    """Random heads and the debiasing prompt are the same condition for every bias: with
+    ``shared`` the references are scored for all of the cache's biases in one pass."""
+    import biasgym_lib.measure as measure
+
+    model, tok, (v1, v2, _) = setup
+    reckless, late = load_bias("reckless_driving"), load_bias("always_late")
+    cache = ReferenceCache(model, biases=["reckless_driving", "always_late"])
+    calls, real = [], measure.assoc_table
+    monkeypatch.setattr(measure, "assoc_table", lambda m, t, ents, specs, *a, **kw:
+                        calls.append((list(ents), [s.name for s in specs])) or real(m, t, ents, specs, *a, **kw))
+    first = steered_strength(model, tok, v1, reckless, REFS, HEADS, 0.0, cache=cache, shared=True)["<TOKEN>"]
+    late_cached = steered_strength(model, tok, v2, late, REFS, HEADS, 0.0, cache=cache)["<TOKEN>"]
+    assert calls == [(["<TOKEN>"] + REFS, ["reckless_driving", "always_late"]), (["<TOKEN>"], ["always_late"])]
+    _close(late_cached, steered_strength(model, tok, v2, late, REFS, HEADS, 0.0)["<TOKEN>"])
+    _close(first, steered_strength(model, tok, v1, reckless, REFS, HEADS, 0.0)["<TOKEN>"])
+    calls.clear()
+    steered_strength(model, tok, v1, reckless, REFS, [(0, 1)], 0.0, cache=cache)  # not shared: own bias only
+    assert calls == [(["<TOKEN>"] + REFS, ["reckless_driving"])]
