@@ -163,6 +163,75 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
             "held_out_loss_naive": held_out(v_naive), "held_out_loss_fast": held_out(v_fast)}
 
 
+def bench_steering(model, tok, n_references: int = 8) -> dict:
+    """The steering evaluation of a second token of the same bias, with the first token's
+    :class:`~biasgym_lib.pipeline.ReferenceCache` (shared reference countries) and without."""
+    from dataclasses import replace
+
+    from .config import load_profile
+    from .pipeline import ReferenceCache, get_token, steer_eval, steer_references
+
+    cfg = replace(load_profile("teaching"), n_random_draws=2)
+    refs = steer_references(cfg, n_references)
+    first, second = (get_token(model, tok, "reckless_driving", cfg, s, progress=False) for s in (0, 1))
+    heads = [(27, 1), (27, 2), (23, 5), (24, 7), (29, 1)]
+    cache = ReferenceCache(model)
+    steer_eval(model, tok, first, heads, 0.0, cfg, refs, cache=cache)
+    shared_s, shared = _timed(lambda: steer_eval(model, tok, second, heads, 0.0, cfg, refs, cache=cache))
+    alone_s, alone = _timed(lambda: steer_eval(model, tok, second, heads, 0.0, cfg, refs))
+    values = lambda e: [e["token"]["before"]["value"], e["token"]["after"]["value"],  # noqa: E731
+                        e["baselines"]["system_prompt"]["value"], *[d["value"] for d in e["baselines"]["random_heads_draws"]]]
+    return {"conditions": 3 + cfg.n_random_draws, "references": len(refs), "second_token_shared_s": shared_s,
+            "second_token_alone_s": alone_s, "speedup": alone_s / shared_s,
+            "max_abs_difference_S": max(abs(a - b) for a, b in zip(values(shared), values(alone)))}
+
+
+def bench_patching(model, tok, n_probes: int = 2) -> dict:
+    """Activation patching of every head, replaying the layers below each patched group
+    from the clean run (default) and running every layer (the reference)."""
+    from .data import load_bias
+    from .pipeline import adversarial_labels, label_id, probe_prompts
+    from .scope import patch_heads_from_batch
+    from .models import encode_batch
+
+    spec = load_bias("reckless_driving")
+    prompts, counter = probe_prompts(tok, spec, n_probes, "Italy")
+    _, counter2 = probe_prompts(tok, spec, n_probes, "Spain")
+    biased = label_id(tok, spec.label)
+    adv = adversarial_labels(model, tok, counter, biased)
+    batch, cf = encode_batch(tok, counter), encode_batch(tok, counter2)  # Italy patched from Spain
+    fast_s, fast = _timed(lambda: patch_heads_from_batch(model, batch, cf, biased, adv))
+    slow_s, slow = _timed(lambda: patch_heads_from_batch(model, batch, cf, biased, adv, replay=False))
+    return {"probes": n_probes, "replay_s": fast_s, "every_layer_s": slow_s, "speedup": slow_s / fast_s,
+            "bit_identical": bool(torch.equal(fast, slow))}
+
+
+def bench_mc(model, tok, n_questions: int = 80) -> dict:
+    """Multiple-choice scoring: options over one pass of their shared prompt, against every
+    option as a full sequence with logits at every position."""
+    import numpy as np
+
+    from . import evaluate as ev
+    from .data.capability import load_mc
+
+    qs = load_mc()[:n_questions]
+    fast_s, fast = _timed(lambda: ev.mc_accuracy(model, tok, qs))
+    rows = [r for q in qs for r in ev._option_rows(tok, ev.MC_PROMPT.format(question=ev._question_parts(q)[0]),
+                                                   ev._question_parts(q)[1])]
+
+    def full():
+        out = []
+        with torch.inference_mode():
+            for ids, start in rows:
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+                out.append(sum(float(logp[start - 1 + j, t]) for j, t in enumerate(ids[start:])))
+        return np.asarray(out)
+    slow_s, slow = _timed(full)
+    fast_ll = np.concatenate([np.asarray(x) for x in fast["loglik"]])
+    return {"questions": len(qs), "options": len(rows), "shared_prompt_s": fast_s, "one_option_per_forward_s": slow_s,
+            "speedup": slow_s / fast_s, "max_abs_difference_loglik": float(np.abs(fast_ll - slow).max())}
+
+
 def run_bench(out) -> dict:
     """Run every benchmark and write the JSON to ``out``."""
     from . import __version__
@@ -180,6 +249,9 @@ def run_bench(out) -> dict:
     result["peak_rss_mb_after_heads"] = _rss_mb()
     result["injection"] = bench_injection(model, tok)
     result["peak_rss_mb_after_injection"] = _rss_mb()
+    result["steering"] = bench_steering(model, tok)
+    result["patching"] = bench_patching(model, tok)
+    result["mc"] = bench_mc(model, tok)
     result["total_s"] = time.perf_counter() - t0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1))

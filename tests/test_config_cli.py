@@ -76,8 +76,12 @@ def test_appendix_shows_a_complete_bench_result():
 
     bench = json.loads((PROJECT_ROOT / "book" / "bench.json").read_text())
     for section, key in [("load", "cached_load_s"), ("scoring", "speedup_vs_per_sentence"),
-                         ("heads", "speedup"), ("injection", "speedup")]:
+                         ("heads", "speedup"), ("injection", "speedup"), ("steering", "speedup"),
+                         ("patching", "speedup"), ("mc", "speedup")]:
         assert bench[section][key] > 0
+    assert bench["patching"]["bit_identical"]  # replaying the layers below a patch changes nothing
+    assert bench["steering"]["max_abs_difference_S"] < 1e-3  # shared references: the same S
+    assert bench["mc"]["max_abs_difference_loglik"] < 1e-2  # float32 log-softmax against float64
     inj = bench["injection"]
     assert inj["vectors_max_abs_diff_same_batches"] < 1e-4  # fast and naive training agree on the same batches
     assert abs(inj["held_out_loss_fast"] - inj["held_out_loss_naive"]) < 0.1  # and reach the same held-out loss
