@@ -143,6 +143,12 @@ def trained_token_cache(model, spec, cfg: Profile, seed: int) -> Path:
     return cache_dir() / "tokens" / f"{spec.name}-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+def _weights_stamp(model) -> tuple:
+    """The parameters' version counters: any in-place change to a weight bumps one, so a
+    result kept with an old stamp must be measured again."""
+    return tuple(p._version for p in model.parameters())
+
+
 _START_TABLES: dict = {}
 
 
@@ -153,7 +159,7 @@ def start_table(model, tokenizer, init: str, biases) -> AssocTable:
     import weakref
 
     key = (id(model), id(tokenizer), init, tuple(b if isinstance(b, str) else b.name for b in biases))
-    stamp = tuple(p._version for p in model.parameters())
+    stamp = _weights_stamp(model)
     hit = _START_TABLES.get(key)
     if hit and hit[0]() is model and hit[1]() is tokenizer and hit[2] == stamp:
         return hit[3]
@@ -360,13 +366,10 @@ class ReferenceCache:
         self.model = model
         self.biases = [load_bias(b) if isinstance(b, str) else b for b in biases]
         self._values: dict = {}
-        self._stamp = self._weights_stamp()
+        self._stamp = _weights_stamp(model)
         self.hits = self.misses = 0
         if unsteered is not None:
             self.add_table(unsteered)
-
-    def _weights_stamp(self) -> tuple:
-        return tuple(p._version for p in self.model.parameters())  # bumped by every in-place change
 
     def usable(self, model) -> bool:
         """Whether reused scores would equal fresh ones on ``model`` now."""
@@ -375,7 +378,7 @@ class ReferenceCache:
         if any(not _passive(h) for m in model.modules() for h in (*m._forward_hooks.values(),
                                                                   *m._forward_pre_hooks.values())):
             return False
-        stamp = self._weights_stamp()
+        stamp = _weights_stamp(model)
         if stamp != self._stamp:
             self._values.clear()
             self._stamp = stamp

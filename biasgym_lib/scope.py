@@ -524,10 +524,11 @@ def _check_heads(adapter: ModelAdapter, heads: Iterable | None) -> list[Head]:
 
 
 def _clone_output(out):
+    """A decoder layer's output (a tensor, or a tuple holding tensors) with its tensors copied."""
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
-    if isinstance(out, tuple):
-        return type(out)(_clone_output(o) for o in out) if type(out) is tuple else out
+    if type(out) is tuple:
+        return tuple(_clone_output(o) for o in out)
     return out
 
 
@@ -560,6 +561,7 @@ def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list
                     z[rows, :, cols] = source[:, : z.shape[1], cols].to(z.dtype)
             return _with_first_input(args, kwargs, "input", z)
         return pre
+
     def keep(layer):
         def post(module, args, output):
             record[layer] = _clone_output(output)
