@@ -475,4 +475,7 @@ def select_cache(cache, rows: torch.Tensor):
     for layer in new.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
+    entity = getattr(cache, "_biasgym_entity", None)  # entity positions kept by steer.blind_heads
+    if entity is not None:
+        new._biasgym_entity = entity.index_select(0, rows.to(entity.device))
     return new

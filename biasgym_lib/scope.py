@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,9 @@ Head = tuple[int, int]
 
 __all__ = [
     "HeadScores", "LastPositionCapture", "capture_last_position", "residual_components",
-    "head_scores", "head_scores_from_batch", "patch_heads", "patch_heads_from_batch",
+    "head_scores", "head_scores_from_batch", "mean_last_z", "contrastive_head_scores", "direct_path_patching",
+    "TemplateScores", "template_rows", "mean_template_z", "attribution_patching", "patch_heads_on_templates",
+    "attribute_head_scores", "patch_heads", "patch_heads_from_batch",
     "ablation_loop_scores", "ablation_loop_scores_from_batch", "last_logit_diff",
     "spearman", "top_k_heads", "robust_heads", "overlap",
 ]
@@ -408,24 +410,40 @@ def head_scores_from_batch(model: nn.Module, batch: Batch, biased_ids, adv_ids,
     return result
 
 
+def _readout(adapter: ModelAdapter, cap: LastPositionCapture, direction: torch.Tensor):
+    """The map from residual-space parts ``(P, ..., d)`` to logit-difference parts ``(P, ...)``:
+    the final norm as a linear map with its scale frozen from the captured pass, then the dot
+    product with each prompt's ``direction`` (P, d)."""
+    norm = adapter.final_norm
+    scale = adapter.norm_scale(norm, cap.final_in)  # (P, 1): frozen from the clean pass
+    direction = direction.to(cap.final_in.device)
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        extra = x.ndim - 2
+        s = scale.reshape(scale.shape[0], *([1] * extra), 1)
+        v = direction.reshape(direction.shape[0], *([1] * extra), direction.shape[1])
+        return (adapter.apply_norm_linear(norm, x, s) * v).sum(-1)
+    return project
+
+
 @torch.no_grad()
 def _attribute(adapter: ModelAdapter, model: nn.Module, batch: Batch, biased: torch.Tensor,
                adv: torch.Tensor, prompts: list[str] | None) -> HeadScores:
     """DLA for one batch: one forward with hooks, then linear algebra only."""
     cap = capture_last_position(model, batch)
-    parts = residual_components(model, cap)
     direction, bias_diff = _unembed_rows(adapter, biased, adv)  # (P, d)
-    direction = direction.to(cap.final_in.device)
-    norm = adapter.final_norm
-    scale = adapter.norm_scale(norm, cap.final_in)  # (P, 1): frozen from the clean pass
+    target = _logit_diff_from_hidden(adapter, cap.final_out, biased, adv)
+    return _attribute_along(adapter, model, cap, direction, bias_diff, target, prompts,
+                            biased.tolist(), adv.tolist())
 
-    def project(x: torch.Tensor) -> torch.Tensor:
-        """(P, ..., d) residual-space parts -> (P, ...) logit-difference parts."""
-        extra = x.ndim - 2
-        s = scale.reshape(scale.shape[0], *([1] * extra), 1)
-        v = direction.reshape(direction.shape[0], *([1] * extra), direction.shape[1])
-        return (adapter.apply_norm_linear(norm, x, s) * v).sum(-1)
 
+def _attribute_along(adapter: ModelAdapter, model: nn.Module, cap: LastPositionCapture,
+                     direction: torch.Tensor, bias_diff: torch.Tensor | None, target: torch.Tensor,
+                     prompts: list[str] | None, biased_ids: list[int], adv_ids: list[int]) -> HeadScores:
+    """Split ``target`` (the model's own value of ``direction . final-norm output`` plus
+    ``bias_diff``) into one part per residual-stream component, heads included."""
+    parts = residual_components(model, cap)
+    project = _readout(adapter, cap, direction)
     per_head = project(parts["heads"])  # (P, L, H)
     comps: dict[str, torch.Tensor] = {"embed": project(parts["embed"]), "heads": per_head.sum((1, 2))}
     attn_bias = project(parts["attn_bias"])  # (P, L)
@@ -434,18 +452,17 @@ def _attribute(adapter: ModelAdapter, model: nn.Module, batch: Batch, biased: to
         comps[f"attn_bias.{layer}"] = attn_bias[:, layer]
     for layer in range(adapter.n_layers):
         comps[f"mlp.{layer}"] = mlp[:, layer]
-    nb = adapter.norm_bias(norm)
+    nb = adapter.norm_bias(adapter.final_norm)
+    direction = direction.to(cap.final_in.device)
     comps["norm_bias"] = (direction * nb).sum(-1) if nb is not None else torch.zeros_like(comps["embed"])
     if bias_diff is not None:
         comps["unembed_bias"] = bias_diff.to(direction.device)
-    with torch.no_grad():
-        logit_diff = _logit_diff_from_hidden(adapter, cap.final_out, biased, adv)
     comps = {k: v.detach().cpu() for k, v in comps.items()}
-    logit_diff = logit_diff.detach().cpu()
+    logit_diff = target.detach().float().cpu()
     per_head = per_head.detach().cpu()
     return HeadScores(scores=per_head.mean(0), per_prompt=per_head, logit_diff=logit_diff,
                       components=comps, decomposition_error=_relative_error(comps, logit_diff),
-                      prompts=prompts, biased_ids=biased.tolist(), adv_ids=adv.tolist())
+                      prompts=prompts, biased_ids=list(biased_ids), adv_ids=list(adv_ids))
 
 
 def head_scores(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
@@ -470,6 +487,118 @@ def head_scores(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv
         parts.append(head_scores_from_batch(model, batch, biased[rows], adv[rows], prompts=texts))
     result = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
     return result
+
+
+# ----------------------------------------------------------------------------- contrastive DLA
+
+
+@torch.no_grad()
+def mean_last_z(model: nn.Module, tokenizer, prompt_sets: Sequence[Sequence[str]],
+                batch_size: int = 32) -> torch.Tensor:
+    """Every head's output z at the last real token, averaged over several aligned prompt
+    sets (e.g. the same probes about each of several real countries): ``(P, L, H*dh)``."""
+    if not prompt_sets or not prompt_sets[0]:
+        raise BiasGymError("mean_last_z needs at least one non-empty set of prompts.")
+    n = len(prompt_sets[0])
+    if any(len(p) != n for p in prompt_sets):
+        raise BiasGymError("every prompt set of mean_last_z must hold the same number of prompts, in the same order.")
+    adapter = ModelAdapter(model)
+    total = None
+    for prompts in prompt_sets:
+        zs = []
+        for rows in _chunks(n, batch_size):
+            batch = encode_batch(tokenizer, [prompts[i] for i in rows], device=adapter.device)
+            zs.append(capture_last_position(model, batch).z.float().cpu())
+        z = torch.cat(zs)
+        total = z if total is None else total + z
+    return total / len(prompt_sets)
+
+
+@torch.no_grad()
+def contrastive_head_scores(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
+                            contrast_z: torch.Tensor, batch_size: int = 32) -> HeadScores:
+    """Contrastive DLA, ΔDLA (METHOD §3): what each head writes towards the biased label on
+    ``prompts`` *beyond* what it writes on the same prompts about real countries.
+
+    ``contrast_z`` (P, L, H*dh): the heads' mean output on the real-country prompts, from
+    :func:`mean_last_z`. ΔDLA[l, h] = mean over prompts of
+    (W_U[biased] - W_U[adv]) . N(W_O[:, h] (z[l, h] - contrast_z[l, h])), with N the final
+    norm frozen from *this* prompt's pass: the same readout for both terms, so that ΔDLA is
+    exactly the effect of direct-path patching (:func:`direct_path_patching`). Plain DLA
+    credits what a head writes for any country; S subtracts reference countries, so only
+    this token-specific part can be removed by steering. The returned ``components``,
+    ``logit_diff`` and ``decomposition_error`` are those of the plain DLA on ``prompts``.
+    """
+    if not prompts:
+        raise BiasGymError("contrastive_head_scores got no prompts.")
+    adapter = ModelAdapter(model)
+    shape = (len(prompts), adapter.n_layers, adapter.n_heads * adapter.d_head)
+    if tuple(contrast_z.shape) != shape:
+        raise BiasGymError(f"contrast_z must have shape {shape} (prompts x layers x heads*head size), "
+                           f"got {tuple(contrast_z.shape)}: compute it with mean_last_z on the same prompts.")
+    vocab = int(adapter.unembed.shape[0])
+    biased = _label_ids(biased_ids, len(prompts), "biased_ids", vocab)
+    adv = _label_ids(adv_ids, len(prompts), "adv_ids", vocab)
+    parts, deltas = [], []
+    for rows in _chunks(len(prompts), batch_size):
+        batch = encode_batch(tokenizer, [prompts[i] for i in rows], device=adapter.device)
+        cap = capture_last_position(model, batch)
+        parts.append(_attribute(adapter, model, batch, biased[rows], adv[rows], [prompts[i] for i in rows]))
+        diff = replace(cap, z=cap.z.float() - contrast_z[rows].to(cap.z.device))
+        direction, _ = _unembed_rows(adapter, biased[rows], adv[rows])
+        deltas.append(_readout(adapter, cap, direction)(residual_components(model, diff)["heads"]).cpu())
+    result = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
+    per_prompt = torch.cat(deltas)
+    result.per_prompt, result.scores = per_prompt, per_prompt.mean(0)
+    result.meta = {"model": model_info(model).to_dict(), "method": "contrastive_dla",
+                   "position": "last", "logits": "pre_softcap"}
+    return result
+
+
+@torch.no_grad()
+def direct_path_patching(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
+                         counterfactual_z: torch.Tensor, heads: Iterable | None = None) -> torch.Tensor:
+    """Direct-path patching (METHOD §3): for each head, put its counterfactual output
+    ``counterfactual_z`` (P, L, H*dh, at the last token) through its own output projection
+    *straight into the final residual stream*, with every later layer frozen and the final
+    norm's scale fixed from the clean pass; return the (L, H) mean drop of the logit
+    difference. It runs the model's own modules (``o_proj``, the post-attention norm where
+    there is one, ``lm_head``), not the DLA algebra, and equals
+    :func:`contrastive_head_scores` to float error: the check that ΔDLA is a direct effect.
+    """
+    adapter = ModelAdapter(model)
+    batch = encode_batch(tokenizer, list(prompts), device=adapter.device)
+    n = len(prompts)
+    vocab = int(adapter.unembed.shape[0])
+    biased = _label_ids(biased_ids, n, "biased_ids", vocab)
+    adv = _label_ids(adv_ids, n, "adv_ids", vocab)
+    cap = capture_last_position(model, batch)
+    norm = adapter.final_norm
+    scale = adapter.norm_scale(norm, cap.final_in)
+
+    def frozen_norm(x):
+        out = adapter.apply_norm_linear(norm, x, scale)
+        nb = adapter.norm_bias(norm)
+        return out if nb is None else out + nb
+
+    def logit_diff(final_in):
+        return _logit_diff_from_hidden(adapter, frozen_norm(final_in).to(adapter.unembed.dtype), biased, adv).double()
+
+    clean = logit_diff(cap.final_in.float())
+    dh = adapter.d_head
+    out = torch.full((adapter.n_layers, adapter.n_heads), float("nan"))
+    for layer, head in _check_heads(adapter, heads):
+        proj = adapter.head_input_module(layer)
+        z = cap.z[:, layer].clone()
+        patched_z = z.clone()
+        cols = slice(head * dh, (head + 1) * dh)
+        patched_z[:, cols] = counterfactual_z[:, layer, cols].to(z.dtype)
+        delta = (proj(patched_z) - proj(z)).float()  # what the head's new output adds, via o_proj itself
+        post = adapter.post_attn_norm(layer)
+        if post is not None:  # Gemma 2: the post-attention norm, frozen at the clean attention output
+            delta = adapter.apply_norm_linear(post, delta, adapter.norm_scale(post, cap.attn_out[:, layer]))
+        out[layer, head] = float((clean - logit_diff(cap.final_in.float() + delta)).mean())
+    return out
 
 
 # ----------------------------------------------------------------------------- patching
@@ -535,7 +664,15 @@ def _clone_output(out):
 def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list],
                       biased: torch.Tensor, adv: torch.Tensor, record: list | None = None,
                       replay: list | None = None) -> torch.Tensor:
-    """Logit difference per row of ``batch`` after editing z in place per layer.
+    """Logit difference per row of ``batch`` after editing z (see :func:`_hidden_with_z_edits`)."""
+    hidden = _hidden_with_z_edits(adapter, batch, edits, record, replay)
+    with torch.no_grad():
+        return _logit_diff_from_hidden(adapter, _gather_last(hidden, batch.last_index), biased, adv).cpu()
+
+
+def _hidden_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list],
+                         record: list | None = None, replay: list | None = None) -> torch.Tensor:
+    """The final-norm output (B, T, d) of ``batch`` after editing z in place per layer.
 
     ``edits[l]`` = list of ``(row_slice, head, source)``: rows ``row_slice`` of z[l] get head
     ``head``'s slice from ``source`` (a (rows, T, H*dh) tensor), or zero if ``source`` is None.
@@ -577,7 +714,10 @@ def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list
             for j in range(min(edits)):
                 adapter.layers[j].forward = (lambda out: lambda *a, **kw: out)(replay[j])
                 skipped.append(adapter.layers[j])
-        return _run_logit_diff(adapter, batch, biased, adv)
+        dev = adapter.device
+        with torch.no_grad():
+            return adapter.body(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                                use_cache=False).last_hidden_state
     finally:
         for h in handles:
             h.remove()
@@ -662,6 +802,226 @@ def patch_heads(model: nn.Module, tokenizer, prompts: list[str], counterfactual_
     batch = encode_batch(tokenizer, list(prompts), device=adapter.device)
     cf = encode_batch(tokenizer, list(counterfactual_prompts), device=adapter.device)
     return patch_heads_from_batch(model, batch, cf, biased_ids, adv_ids, heads=heads, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------- scores matched to S
+
+
+@dataclass
+class TemplateScores:
+    """Head scores measured on stereotype strength's own sentences (METHOD §2 templates x
+    the bias's attributes): ``scores`` (L, H), the mean over sentences of ``per_sentence``
+    (N, L, H); NaN for heads not scored. ``assoc``: the entity's assoc on these sentences."""
+
+    scores: torch.Tensor
+    per_sentence: torch.Tensor
+    method: str
+    entity: str
+    contrast: list[str]
+    assoc: float
+
+    def top_heads(self, k: int) -> list[Head]:
+        return top_k_heads(self.scores, k)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "entity": self.entity, "contrast": list(self.contrast),
+                "assoc": self.assoc, "scores": self.scores.tolist(), "per_sentence": self.per_sentence.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TemplateScores":
+        return cls(scores=torch.tensor(data["scores"]), per_sentence=torch.tensor(data["per_sentence"]),
+                   method=data["method"], entity=data["entity"], contrast=list(data["contrast"]),
+                   assoc=float(data["assoc"]))
+
+
+def template_rows(tokenizer, entity: str, attributes: Sequence[str], templates: Sequence[str] | None = None):
+    """``(prefix ids, attribute ids)`` of every template x attribute sentence about ``entity``,
+    template-major: exactly the sentences whose log-probabilities assoc(entity, b) averages."""
+    from .data import load_templates
+    from .measure import _rows, template_prefix
+
+    templates = list(templates or load_templates())
+    prefixes = [template_prefix(t, entity) for t in templates for _ in attributes]
+    return _rows(tokenizer, prefixes, [" " + a for _ in templates for a in attributes])
+
+
+def _rows_batch(rows, pad: int) -> tuple[Batch, torch.Tensor]:
+    """A right-padded batch of prefix + attribute rows and its next-token targets (-100 where
+    nothing is scored)."""
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, -100)
+    for r, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        ids[r, :n] = torch.tensor(p + c)
+        mask[r, :n] = 1
+        targets[r, len(p) - 1: n - 1] = torch.tensor(c)
+    return Batch(ids, mask), targets
+
+
+def _row_logprob(adapter: ModelAdapter, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's targets, from final-norm outputs (B, T, d)."""
+    targets = targets.to(hidden.device)
+    keep = targets != -100
+    logits = adapter.lm_head(hidden[keep]).float()
+    if adapter.logit_softcap:
+        logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+    lp = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None].expand_as(targets)[keep]
+    return torch.zeros(hidden.shape[0], dtype=lp.dtype, device=hidden.device).index_add(0, rows, lp)
+
+
+def _aligned(rows, other, what: str) -> None:
+    bad = [i for i, (a, b) in enumerate(zip(rows, other)) if (len(a[0]), a[1]) != (len(b[0]), b[1])]
+    if len(rows) != len(other) or bad:
+        raise BiasGymError(f"the sentences about {what} do not line up token by token with the entity's "
+                           "(each country must be a single token, like the injected token).")
+
+
+@torch.no_grad()
+def mean_template_z(model: nn.Module, tokenizer, countries: Sequence[str], attributes: Sequence[str],
+                    templates: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """Every head's output z at every position of the template sentences, averaged over
+    ``countries`` (single-token names, so that positions line up): one (N, T, H*dh) tensor
+    per layer. The counterfactual of :func:`attribution_patching` and
+    :func:`patch_heads_on_templates`: "an average real country" in place of the entity."""
+    if not countries:
+        raise BiasGymError("mean_template_z needs at least one country.")
+    adapter = ModelAdapter(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    first = template_rows(tokenizer, countries[0], attributes, templates)
+    total = None
+    for c in countries:
+        rows = template_rows(tokenizer, c, attributes, templates)
+        _aligned(first, rows, c)
+        batch, _ = _rows_batch(rows, pad)
+        zs = [z.float() for z in _capture_z_all_positions(adapter, batch)]
+        total = zs if total is None else [a + b for a, b in zip(total, zs)]
+    return [z / len(countries) for z in total]
+
+
+def attribution_patching(model: nn.Module, tokenizer, entity: str, attributes: Sequence[str],
+                         contrast_z: list[torch.Tensor], templates: Sequence[str] | None = None,
+                         contrast: Sequence[str] = ()) -> TemplateScores:
+    """Attribution patching of assoc(entity) on S's own sentences (METHOD §3): for each head,
+    the first-order drop of the summed attribute log-probability when its output z (every
+    position) is replaced by ``contrast_z`` (:func:`mean_template_z`), i.e.
+    grad . (z(entity) - z(average country)), from one forward and one backward pass.
+
+    S(entity) = assoc(entity) - assoc(references), and swapping the entity does not touch
+    the references, so this is a first-order total effect on S itself: matched to the
+    metric that steering is judged on. Checked against :func:`patch_heads_on_templates`.
+    """
+    adapter = ModelAdapter(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = template_rows(tokenizer, entity, attributes, templates)
+    batch, targets = _rows_batch(rows, pad)
+    if len(contrast_z) != adapter.n_layers or tuple(contrast_z[0].shape[:2]) != tuple(batch.input_ids.shape):
+        raise BiasGymError("contrast_z does not match these sentences: compute it with mean_template_z "
+                           "on the same attributes and templates.")
+    L, H, dh = adapter.n_layers, adapter.n_heads, adapter.d_head
+    zs, deltas, handles = [None] * L, [None] * L, []
+
+    def tap(layer):
+        def pre(module, args, kwargs):
+            z = _first_input(args, kwargs, "input")
+            zs[layer] = z.detach()
+            deltas[layer] = torch.zeros_like(z, requires_grad=True)  # d(loss)/d(delta) = d(loss)/dz
+            return _with_first_input(args, kwargs, "input", z + deltas[layer])
+        return pre
+    try:
+        for layer in range(L):
+            handles.append(adapter.head_input_module(layer).register_forward_pre_hook(tap(layer), with_kwargs=True))
+        dev = adapter.device
+        with torch.enable_grad():
+            hidden = adapter.body(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                                  use_cache=False).last_hidden_state
+            lp = _row_logprob(adapter, hidden, targets)
+            lp.sum().backward()  # rows do not interact: each row's gradient is its own
+    finally:
+        for h in handles:
+            h.remove()
+    mask = batch.attention_mask.to(zs[0].device)[..., None].float()
+    per = torch.empty(len(rows), L, H)
+    for layer in range(L):
+        prod = deltas[layer].grad.float() * (zs[layer].float() - contrast_z[layer].to(zs[layer].device)) * mask
+        per[:, layer] = prod.reshape(len(rows), -1, H, dh).sum((1, 3)).cpu()
+    return TemplateScores(scores=per.mean(0), per_sentence=per, method="attribution_patching", entity=entity,
+                          contrast=list(contrast), assoc=float(lp.detach().mean()))
+
+
+@torch.no_grad()
+def patch_heads_on_templates(model: nn.Module, tokenizer, entity: str, attributes: Sequence[str],
+                             heads: Iterable, contrast_z: list[torch.Tensor],
+                             templates: Sequence[str] | None = None, contrast: Sequence[str] = (),
+                             max_rows: int = 256) -> TemplateScores:
+    """Exact activation patching on S's own sentences: for each head in ``heads``, replace its
+    z at every position by ``contrast_z`` (:func:`mean_template_z`) and record the drop of
+    each sentence's attribute log-probability (downstream layers free: the total effect).
+    Several heads share a forward (the batch is repeated, ``max_rows`` rows at most), and
+    layers below a group's lowest patched layer are replayed from the clean run (exact)."""
+    adapter = ModelAdapter(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = template_rows(tokenizer, entity, attributes, templates)
+    batch, targets = _rows_batch(rows, pad)
+    heads = sorted(_check_heads(adapter, heads))
+    n = len(rows)
+    per_forward = max(1, min(len(heads), max_rows // n)) if heads else 1
+    big, big_targets = _repeat(batch, per_forward), targets.repeat(per_forward, 1)
+    outputs: list = []
+    clean = _row_logprob(adapter, _hidden_with_z_edits(adapter, big, {}, record=outputs), big_targets).double()
+    per = torch.full((n, adapter.n_layers, adapter.n_heads), float("nan"))
+    for start in range(0, len(heads), per_forward):
+        group = heads[start: start + per_forward]
+        edits: dict[int, list] = {}
+        for j, (l, h) in enumerate(group):
+            block = slice(j * n, (j + 1) * n)
+            edits.setdefault(l, []).append((block, h, contrast_z[l]))
+        patched = _row_logprob(adapter, _hidden_with_z_edits(adapter, big, edits, replay=outputs), big_targets).double()
+        drop = (clean - patched).reshape(per_forward, n)
+        for j, (l, h) in enumerate(group):
+            per[:, l, h] = drop[j].float().cpu()
+    return TemplateScores(scores=per.mean(0), per_sentence=per, method="template_patching", entity=entity,
+                          contrast=list(contrast), assoc=float(clean[:n].mean()))
+
+
+@torch.no_grad()
+def attribute_head_scores(model: nn.Module, tokenizer, entity: str, attributes: Sequence[str],
+                          contrast: Sequence[str], templates: Sequence[str] | None = None) -> HeadScores:
+    """Contrastive DLA with labels matched to S: on each template's prefix ("People from
+    <TOKEN> are"), the direction is the mean over the bias's attributes of W_U[first token
+    of the attribute] minus the model's expected unembedding E_p[W_U] at that position (so
+    the explained quantity moves like log P(attribute's first token)); each head's write of
+    z(entity) - mean z(contrast countries) is read out with the entity prompt's frozen final
+    norm. One prompt per template, weighted equally, as S weights them."""
+    from .data import load_templates
+    from .measure import template_prefix
+
+    adapter = ModelAdapter(model)
+    templates = list(templates or load_templates())
+    prompts = [template_prefix(t, entity) for t in templates]
+    contrast_prompts = [[template_prefix(t, c) for t in templates] for c in contrast]
+    first_ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in attributes]
+    batch = encode_batch(tokenizer, prompts, device=adapter.device, add_special_tokens=True)
+    cap = capture_last_position(model, batch)
+    logits = adapter.lm_head(cap.final_out).float()  # (P, vocab), pre-softcap
+    weights = -torch.softmax(logits, -1)
+    weights[:, first_ids] += 1.0 / len(first_ids)
+    W = adapter.unembed.float()
+    direction = weights @ W  # (P, d)
+    b = getattr(adapter.lm_head, "bias", None)
+    bias_term = None if b is None else weights @ b.float()
+    target = (logits * weights).sum(-1)
+    plain = _attribute_along(adapter, model, cap, direction, bias_term, target, prompts, first_ids, [])
+    zc = torch.stack([torch.cat([capture_last_position(model, encode_batch(
+        tokenizer, cp, device=adapter.device, add_special_tokens=True)).z.float()]) for cp in contrast_prompts]).mean(0)
+    diff = replace(cap, z=cap.z.float() - zc.to(cap.z.device))
+    per_prompt = _readout(adapter, cap, direction)(residual_components(model, diff)["heads"]).cpu()
+    plain.per_prompt, plain.scores = per_prompt, per_prompt.mean(0)
+    plain.meta = {"model": model_info(model).to_dict(), "method": "attribute_contrastive_dla",
+                  "contrast": list(contrast)}
+    return plain
 
 
 # ----------------------------------------------------------------------------- naive reference

@@ -231,29 +231,22 @@ def test_patching_replays_the_layers_below_a_patch_bit_for_bit(family):
     """Reusing the clean run's outputs for the layers below the patched ones is exact: the
     same drops, bit for bit, as running every layer; and the model's layers run normally
     afterwards (the replacement forward is removed)."""
-    import biasgym_lib.scope as scope
-
     model = tiny_model(family)
     batch = random_batch(LENGTHS, seed=5)
     cf = Batch(batch.input_ids.clone(), batch.attention_mask.clone())
     cf.input_ids[:, 1] = (cf.input_ids[:, 1] + 7) % 90 + 3
     heads = [(2, 5), (0, 1), (1, 4), (2, 0), (1, 0)]  # unsorted: grouped layer by layer inside
     adapter = ModelAdapter(model)
-    runs = []
-    real = scope._run_logit_diff
     skipped_layers = []
-
-    def counting(adapter_, batch_, biased, adv):
-        skipped_layers.append(sum("forward" in vars(layer) for layer in adapter_.layers))
-        return real(adapter_, batch_, biased, adv)
-
-    scope._run_logit_diff = counting
+    # at every run of the transformer body: how many layers have their forward replaced
+    handle = adapter.body.register_forward_pre_hook(
+        lambda module, args: skipped_layers.append(sum("forward" in vars(layer) for layer in adapter.layers)))
     try:
         fast = patch_heads_from_batch(model, batch, cf, BIASED, ADV, heads=heads, batch_size=8)
         runs, skipped_layers[:] = list(skipped_layers), []
         slow = patch_heads_from_batch(model, batch, cf, BIASED, ADV, heads=heads, batch_size=8, replay=False)
     finally:
-        scope._run_logit_diff = real
+        handle.remove()
     assert torch.equal(fast, slow) or torch.equal(torch.nan_to_num(fast, 7.0), torch.nan_to_num(slow, 7.0))
     assert max(runs) > 0 and skipped_layers and max(skipped_layers) == 0  # layers really were skipped
     assert not any("forward" in vars(layer) for layer in adapter.layers)
