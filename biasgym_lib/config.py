@@ -41,13 +41,22 @@ class Profile:
     n_ppl_texts: int
     n_mc_questions: int
     use_committed_tokens: bool
+    n_country_texts: int
+    ppl_max_tokens: int
+    patch_top: int
+    grid_biases: int
+    grid_methods: tuple[str, ...]
+    grid_kinds: tuple[str, ...]
+    grid_k: tuple[int, ...]
+    curve_methods: tuple[str, ...]
     overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float}
+_TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "grid_methods": str,
+           "grid_kinds": str, "grid_k": int, "curve_methods": str}
 
 
 def profile_names(path: Path = PROFILES_FILE) -> list[str]:
@@ -90,9 +99,22 @@ def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **override
         v = values[key]
         values[key] = tuple(cast(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
     for key in ("n_paragraphs", "epochs", "batch_size", "n_probes", "k", "n_random_draws", "n_generations",
-                "steer_references", "n_patch_probes", "n_ppl_texts", "n_mc_questions"):
+                "steer_references", "n_patch_probes", "n_ppl_texts", "n_mc_questions", "n_country_texts",
+                "ppl_max_tokens", "patch_top", "grid_biases"):
         values[key] = int(values[key])
         if values[key] < 0:
             raise BiasGymError(f"profile {name!r}: {key} must be >= 0, got {values[key]}.")
     values["lr"] = float(values["lr"])
+    from .pipeline import METHODS  # the ways of ranking heads, and the kinds of intervention
+
+    kinds = ("zero", "mean", "blind")
+    for key, allowed in (("grid_methods", METHODS), ("curve_methods", METHODS), ("grid_kinds", kinds)):
+        unknown = [v for v in values[key] if v not in allowed]
+        if unknown:
+            raise BiasGymError(f"profile {name!r}: {key} has unknown entries {unknown}; known: {list(allowed)}.")
+    if values["k"] not in values["grid_k"]:
+        raise BiasGymError(f"profile {name!r}: k={values['k']} must be one of grid_k {list(values['grid_k'])}.")
+    if values["n_ppl_texts"] > 32:
+        raise BiasGymError(f"profile {name!r}: n_ppl_texts must be at most 32 (neutral passages 33-44 are the "
+                           "held-out distribution of mean-ablation).")
     return Profile(name=name, overrides=applied, **values)

@@ -352,3 +352,293 @@ def perplexity_dose(model, tokenizer, ranked_heads: Sequence, k_values: Sequence
             rows.append({"k": int(k), "alpha": float(alpha), "ppl": after["ppl"], "change": change["change"],
                          "lo": change["ci"][0], "hi": change["ci"][1]})
     return rows
+
+
+# ----------------------------------------------------------------------------- steering, measured fairly
+
+
+def strength_under(model, tokenizer, spec, tokens: Sequence, bias, references: Sequence[str],
+                   facts: Sequence = (), seed: int = 0, countries: Sequence[str] = ()) -> dict:
+    """Stereotype strength S(<TOKEN>, bias) of each injected token, and S(country, fact) of
+    each fact (the knowledge control), with the steering ``spec`` applied (``None``: the
+    unmodified model). The reference countries are scored under the same intervention, so
+    S stays a fair comparison; they and the facts share one scoring pass (a sentence prefix
+    such as "People from Italy are" is run once), then each token's own sentences are
+    scored with its vector attached. ``countries``: real countries whose S for the same bias
+    is measured too (e.g. the one the model already ties most to it). Returns
+    ``{"tokens": [Estimate dict per token], "facts": [Estimate dict per fact], "countries":
+    {name: Estimate dict}}``, in the order given."""
+    from contextlib import nullcontext
+
+    from .data import load_bias
+    from .inject import TokenHook, add_token
+    from .measure import assoc_table, assoc_tables, stereotype_strength
+
+    bias = bias if hasattr(bias, "attributes") else load_bias(bias)
+    refs = list(references)
+    fact_refs = [[c for c in refs if c != f.country] for f in facts]
+    extra = [c for c in countries if c not in refs]
+    requests = [(refs + extra, [bias])] + [([f.country] + r, [f]) for f, r in zip(facts, fact_refs)]
+    token_id = add_token(tokenizer)
+    with spec.apply(model) if spec is not None else nullcontext():
+        tables = assoc_tables(model, tokenizer, requests)
+        token_tables = []
+        for tok in tokens:
+            with TokenHook(model, token_id, tok.vector):
+                token_tables.append(assoc_table(model, tokenizer, ["<TOKEN>"], [bias]))
+    ref_table = tables[0]
+    out_tokens = [stereotype_strength(ref_table.merged(t), "<TOKEN>", bias.name, refs, seed=seed).to_dict()
+                  for t in token_tables]
+    out_facts = [stereotype_strength(t, f.country, f.name, r, seed=seed).to_dict()
+                 for f, r, t in zip(facts, fact_refs, tables[1:])]
+    out_countries = {c: stereotype_strength(ref_table, c, bias.name, [r for r in refs if r != c], seed=seed).to_dict()
+                     for c in countries}
+    return {"tokens": out_tokens, "facts": out_facts, "countries": out_countries}
+
+
+def capability_under(model, tokenizer, spec, texts: Sequence[str], questions: Sequence | None = None,
+                     seed: int = 0) -> dict:
+    """Perplexity on ``texts`` and (if given) multiple-choice accuracy on ``questions`` with
+    the steering ``spec`` applied (``None``: the unmodified model); raw results, for
+    :func:`paired_change` against the unmodified ones."""
+    from contextlib import nullcontext
+
+    with spec.apply(model) if spec is not None else nullcontext():
+        out = {"perplexity": perplexity(model, tokenizer, texts, seed=seed)}
+        if questions:
+            out["mc_accuracy"] = mc_accuracy(model, tokenizer, questions, seed=seed)
+    return out
+
+
+def reduction(before: float, after: float) -> float | None:
+    """1 - after / before: the share of S removed (None when S before is not positive, where
+    the ratio means nothing; it is unstable when S before is small)."""
+    return None if before is None or before <= 0 else 1 - after / before
+
+
+def facts_reduction(before: Sequence[dict], after: Sequence[dict]) -> float:
+    """The share of the factual associations' strength removed: 1 - mean S after / mean S
+    before, over all the facts (a debiasing should leave this near 0)."""
+    b = float(np.mean([x["value"] for x in before]))
+    a = float(np.mean([x["value"] for x in after]))
+    if b <= 0:
+        raise BiasGymError("the facts' mean S before steering is not positive; the knowledge control needs "
+                           "facts that the model knows (S > 0).")
+    return 1 - a / b
+
+
+def entity_ids(tokenizer, extra: Sequence[str] = ()) -> dict[str, int]:
+    """The tokens entity-blind steering hides: the injected token and every country name the
+    book measures (reference and contrast countries, and ``extra`` names)."""
+    from .data import contrast_countries, reference_countries
+    from .steer import entity_token_ids
+
+    return entity_token_ids(tokenizer, list(dict.fromkeys(reference_countries() + contrast_countries() + list(extra))))
+
+
+def make_spec(heads, kind: str, means=None, entities: dict | None = None, source: dict | None = None):
+    """The :class:`~biasgym_lib.steer.SteeringSpec` of one grid point: ``kind`` is ``zero``
+    (alpha = 0), ``mean`` (mean-ablation with ``means``) or ``blind`` (entity-blind heads)."""
+    from .steer import SteeringSpec
+
+    source = dict(source or {})
+    if kind == "zero":
+        return SteeringSpec(heads=heads, alpha=0.0, source=source)
+    if kind == "mean":
+        return SteeringSpec(heads=heads, kind="mean", means=means, mean_source=source.get("mean_source", "given"),
+                            source=source)
+    if kind == "blind":
+        return SteeringSpec(heads=heads, kind="blind", entity_tokens=entities, source=source)
+    raise BiasGymError(f"unknown intervention kind {kind!r}; use zero, mean or blind.")
+
+
+def _ppl_raw(result: dict) -> dict:
+    return {"ppl": result["ppl"], "nll": list(result["nll"]), "tokens": list(result["tokens"]),
+            "fingerprint": result["fingerprint"], "n": result["n"], "metric": "perplexity",
+            "ci": result["ci"], "max_length": result["max_length"]}
+
+
+def _mc_raw(result: dict) -> dict:
+    return {"accuracy": result["accuracy"], "correct": list(result["correct"]), "fingerprint": result["fingerprint"],
+            "n": result["n"], "metric": "mc_accuracy", "ci": result["ci"]}
+
+
+def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds: Sequence[str], ks,
+                   methods: Sequence[str], references: Sequence[str], facts: Sequence,
+                   texts: dict[str, Sequence[str]], means=None, entities: dict | None = None,
+                   questions: Sequence | None = None, mc: bool = False, max_length: int = 128, seed: int = 0,
+                   shared: dict | None = None, progress: bool = True) -> dict:
+    """Selection decided by intervention (METHOD §4): ways of ranking heads, at several k,
+    under several kinds of intervention, each judged by what steering is for and what it costs.
+
+    ``runs``: one dict per bias with ``bias`` (a spec or name), ``tokens`` (its injected
+    tokens, one per seed) and ``rankings`` (:func:`~biasgym_lib.pipeline.bias_rankings`).
+    ``ks``: the k values, or a mapping method -> k values. For each (bias, method, kind, k)
+    the heads are steered (:func:`make_spec`) and measured with :func:`strength_under` (S of
+    every token of the bias; the facts) and :func:`capability_under` (perplexity on each set
+    of ``texts``, cut to ``max_length`` tokens; multiple choice on ``questions`` if ``mc``).
+    A head set's facts and capability do not depend on the bias, so they are measured once
+    per head set and kind; ``shared`` (a dict) keeps them, and each bias's S under each head
+    set, across calls. Returns ``{"before": ..., "rows": [...]}``: the unmodified model's
+    values and one row per grid point (random heads: one row per draw)."""
+    from tqdm.auto import tqdm
+
+    from .data import load_bias
+
+    shared = {} if shared is None else shared
+    questions = list(questions or []) if mc else []
+
+    def capability(spec):
+        with spec.apply(model) if spec is not None else _null():
+            out = {"perplexity": {name: _ppl_raw(perplexity(model, tokenizer, t, seed=seed, max_length=max_length))
+                                  for name, t in texts.items()}}
+            if questions:
+                out["mc"] = _mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+        return out
+
+    base = shared.get(("capability", None)) or capability(None)
+    if questions and "mc" not in base:
+        base["mc"] = _mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+    shared[("capability", None)] = base
+    before = {"biases": {}, "perplexity": base["perplexity"], "mc": base.get("mc")}
+    rows = []
+    points = [(run, m, kind, k) for run in runs for m in methods for kind in kinds
+              for k in (ks.get(m, ()) if isinstance(ks, dict) else ks)]
+    for run, method, kind, k in tqdm(points, desc="selection grid", disable=not progress):
+        bias = run["bias"] if hasattr(run["bias"], "attributes") else load_bias(run["bias"])
+        if bias.name not in before["biases"]:
+            key = ("strength", bias.name, (), None)
+            if key not in shared or set(run.get("countries", ())) - set(shared[key]["countries"]):
+                shared[key] = strength_under(model, tokenizer, None, run["tokens"], bias, references, facts, seed=seed,
+                                             countries=run.get("countries", ()))
+            before["biases"][bias.name] = shared[key]
+            before.setdefault("facts", shared[key]["facts"])
+        b = before["biases"][bias.name]
+        ranking = run["rankings"].get(method)
+        if ranking is None:
+            continue
+        head_sets = (ranking[k] if method == "random" else [ranking[k]] if method == "robust" else [ranking[:k]])
+        for draw, heads in enumerate(head_sets):
+            heads = [tuple(h) for h in heads]
+            spec = make_spec(heads, kind, means, entities, {"bias": bias.name, "method": method, "k": k})
+            cost_key = ("cost", tuple(sorted(heads)), kind)
+            s_key = ("strength", bias.name, tuple(sorted(heads)), kind)
+            if s_key not in shared or set(run.get("countries", ())) - set(shared[s_key]["countries"]):
+                got = strength_under(model, tokenizer, spec, run["tokens"], bias, references,
+                                     () if cost_key in shared else facts, seed=seed, countries=run.get("countries", ()))
+                shared[s_key] = got
+                if cost_key not in shared:
+                    shared[cost_key] = {"facts": got["facts"], **capability(spec)}
+            got, cost = shared[s_key], shared[cost_key]
+            if questions and "mc" not in cost:
+                with spec.apply(model):
+                    cost["mc"] = _mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+            rows.append({
+                "bias": bias.name, "method": method, "kind": kind, "k": k, "n_heads": len(heads),
+                "heads": [list(h) for h in heads], "draw": draw if method == "random" else None,
+                "seeds": [t.seed for t in run["tokens"]],
+                "S_before": [x["value"] for x in b["tokens"]], "S": got["tokens"],
+                "reduction": [reduction(x["value"], y["value"]) for x, y in zip(b["tokens"], got["tokens"])],
+                "countries": {c: {"before": b["countries"][c], "after": got["countries"][c]}
+                              for c in run.get("countries", ()) if c in b.get("countries", {})},
+                "facts": [x["value"] for x in cost["facts"]],
+                "facts_reduction": facts_reduction(b["facts"], cost["facts"]),
+                "perplexity": {name: p for name, p in cost["perplexity"].items()},
+                "mc": cost.get("mc")})
+    return {"before": before, "rows": rows}
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+GRID_BOUNDS = {"facts": 0.10, "perplexity": 0.05, "mc": -0.02}
+"""The bounds stated in advance (issue 12): a debiasing holds if the factual associations
+lose at most 10% of their S, perplexity rises by at most 5% on every text set, and
+multiple-choice accuracy falls by at most 2 points."""
+
+
+def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """One line per (method, kind, k) of a :func:`selection_grid`: the mean S reduction over
+    runs (bias x seed; random heads: the mean over draws first) with a bootstrap 95% interval
+    over runs; the facts' reduction (mean over head sets) with an interval over facts; the
+    relative perplexity change per text set and the MC change (mean over head sets) with
+    paired intervals over texts and questions; and whether the bounds of
+    :data:`GRID_BOUNDS` hold."""
+    from .measure import bootstrap
+
+    rng = np.random.default_rng(seed)
+    before = grid["before"]
+    groups: dict = {}
+    for r in grid["rows"]:
+        groups.setdefault((r["method"], r["kind"], r["k"]), []).append(r)
+    facts_before = np.asarray([x["value"] for x in before["facts"]])
+    out = []
+    for (method, kind, k), rows in groups.items():
+        per_run: dict = {}
+        for r in rows:
+            for s, red in zip(r["seeds"], r["reduction"]):
+                per_run.setdefault((r["bias"], s), []).append(red)
+        vals = [float(np.mean(v)) for v in per_run.values() if None not in v]
+        red = bootstrap(np.asarray(vals), n_boot, seed) if vals else None
+        sets = {(tuple(map(tuple, r["heads"]))): r for r in rows}.values()  # each head set once
+        after = np.asarray([r["facts"] for r in sets])  # (sets, facts)
+        fi = rng.integers(0, len(facts_before), (n_boot, len(facts_before)))
+        f_point = float(np.mean(1 - after.mean(1) / facts_before.mean()))
+        f_boot = np.mean(1 - after[:, fi].mean(2) / facts_before[fi].mean(1)[None], 0)
+        line = {"method": method, "kind": kind, "k": k, "n_runs": len(vals), "n_head_sets": len(sets),
+                "mean_heads": float(np.mean([r["n_heads"] for r in sets])),
+                "reduction": None if red is None else red.to_dict(),
+                "facts_reduction": {"value": f_point, "lo": float(np.percentile(f_boot, 2.5)),
+                                    "hi": float(np.percentile(f_boot, 97.5)), "n": len(facts_before)},
+                "perplexity": {}, "mc": None}
+        for name, b in before["perplexity"].items():
+            nb, tb = np.asarray(b["nll"]), np.asarray(b["tokens"], dtype=float)
+            na = np.asarray([r["perplexity"][name]["nll"] for r in sets])
+            ti = rng.integers(0, len(nb), (n_boot, len(nb)))
+
+            def change(idx):
+                ppl_b = np.exp(nb[idx].sum(-1) / tb[idx].sum(-1))
+                ppl_a = np.exp(na[:, idx].sum(-1) / tb[idx].sum(-1))
+                return (ppl_a / ppl_b).mean(0) - 1
+
+            boot = change(ti)
+            line["perplexity"][name] = {"value": float(change(np.arange(len(nb)))), "lo": float(np.percentile(boot, 2.5)),
+                                        "hi": float(np.percentile(boot, 97.5)), "n": len(nb)}
+        if before.get("mc") is not None and all(r.get("mc") for r in sets):
+            cb = np.asarray(before["mc"]["correct"], dtype=float)
+            ca = np.asarray([r["mc"]["correct"] for r in sets], dtype=float)
+            qi = rng.integers(0, len(cb), (n_boot, len(cb)))
+            diff = (ca - cb[None]).mean(0)
+            boot = diff[qi].mean(1)
+            line["mc"] = {"value": float(diff.mean()), "lo": float(np.percentile(boot, 2.5)),
+                          "hi": float(np.percentile(boot, 97.5)), "n": len(cb)}
+        line["facts_ok"] = line["facts_reduction"]["value"] <= GRID_BOUNDS["facts"]
+        line["perplexity_ok"] = all(v["value"] <= GRID_BOUNDS["perplexity"] for v in line["perplexity"].values())
+        line["mc_ok"] = None if line["mc"] is None else line["mc"]["value"] >= GRID_BOUNDS["mc"]
+        out.append(line)
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in grid["rows"]))}
+    return sorted(out, key=lambda x: (order[x["method"]], x["kind"], x["k"]))
+
+
+def choose_selection(summary: Sequence[dict], k_max: int) -> dict:
+    """The rule, fixed before any result was seen, that makes one selection "the book's
+    BiasScope": among the non-random (method, kind, k) with k <= ``k_max``, the largest mean
+    S reduction among those that keep the facts (<= 10% lost) and perplexity (<= +5%) and,
+    where measured, MC (>= -2 points); if none keeps all, the largest among those that keep
+    the facts; if none keeps the facts, the largest reduction minus facts reduction. Returns
+    the chosen summary line with ``"why"``."""
+    pool = [x for x in summary if x["method"] != "random" and x["k"] <= k_max and x["reduction"] is not None]
+    if not pool:
+        raise BiasGymError("no grid point to choose from: run the selection grid first.")
+    tiers = [("keeps the facts, perplexity and multiple choice within the bounds",
+              [x for x in pool if x["facts_ok"] and x["perplexity_ok"] and x["mc_ok"] is not False]),
+             ("keeps the facts but not every capability bound", [x for x in pool if x["facts_ok"]])]
+    for why, cands in tiers:
+        if cands:
+            best = max(cands, key=lambda x: x["reduction"]["value"])
+            return {**best, "why": why}
+    best = max(pool, key=lambda x: x["reduction"]["value"] - x["facts_reduction"]["value"])
+    return {**best, "why": "nothing keeps the facts: the largest reduction beyond the facts' reduction"}

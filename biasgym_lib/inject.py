@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -101,13 +102,14 @@ class InjectedToken:
     init: str
     n_paragraphs: int
     losses: list[float]  # training loss per step
-    val_losses: list[float]  # held-out loss per epoch (the chosen epoch minimises it)
+    val_losses: list[float]  # held-out LM loss per epoch (recorded; not what chooses the epoch)
     checkpoints: torch.Tensor  # (epochs, d_model)
     model: dict  # ModelInfo.to_dict() of the model it was trained on
     d_model: int
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
     extra: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # per-epoch held-out S and specificity (epoch_selection)
 
     # -- attaching
     def attach(self, model, tokenizer) -> TokenHook:
@@ -134,7 +136,7 @@ class InjectedToken:
             "losses": self.losses, "val_losses": self.val_losses, "model": self.model,
             "d_model": self.d_model, "train_seconds": self.train_seconds,
             "tokens_per_second": self.tokens_per_second, "extra": self.extra,
-            "library_version": __version__,
+            "selection": self.selection, "library_version": __version__,
         }
 
     def save(self, folder) -> Path:
@@ -165,7 +167,7 @@ class InjectedToken:
             raise BiasGymError(f"could not read the injected token in {folder}: {exc}") from exc
         keep = {k: meta[k] for k in ("token", "bias", "seed", "epoch", "lr", "epochs", "init",
                                        "n_paragraphs", "losses", "val_losses", "model", "d_model",
-                                       "train_seconds", "tokens_per_second", "extra") if k in meta}
+                                       "train_seconds", "tokens_per_second", "extra", "selection") if k in meta}
         tok = cls(vector=tensors["vector"], checkpoints=tensors["checkpoints"], **keep)
         if model is not None:
             tok.check_model(model)
@@ -242,7 +244,8 @@ def _collate(rows: list[tuple[list[int], int]], pad_id: int, ignore_id: int | No
 # Bump when a change to inject_bias changes what it trains for the same seed and settings
 # (batch order, loss): committed and cached tokens of another version are then not reused.
 # 2: rows of similar length batched together; shared chat prefix cached.
-TRAINER_VERSION = 2
+# 3: the epoch is chosen by held-out specificity (epoch_selection), not by LM loss.
+TRAINER_VERSION = 3
 
 
 @dataclass
@@ -342,9 +345,12 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
 
     ``bias`` is a :class:`~biasgym_lib.data.BiasSpec` or a bias name. The training pairs
     come from the offline generator (``n_paragraphs`` of them, seeded by ``seed``) unless
-    ``pairs`` is given; ``n_val`` held-out pairs (another seed) pick the best epoch, as
-    the paper picks the best of its per-epoch checkpoints. Adam with a cosine-decaying
-    learning rate. Every original weight stays bit-identical.
+    ``pairs`` is given. The paper saves a vector every epoch and keeps the best; here the
+    best is the epoch whose vector is most *specific* to the bias on held-out templates
+    (:func:`epoch_selection`), so the choice follows what the method is for, not the LM
+    loss (which keeps falling). ``n_val`` held-out pairs (another seed) record the LM loss
+    per epoch. Adam with a cosine-decaying learning rate. Every original weight stays
+    bit-identical.
 
     ``share_prefix`` runs the chat prefix every row starts with once and trains on the
     rest of each row on top of its cached keys and values (see :class:`SharedPrefix`):
@@ -403,7 +409,8 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     bar.close()
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    best = int(torch.tensor(val_losses).argmin())
+    selection = epoch_selection(model, tokenizer, torch.stack(checkpoints), spec, token=token)
+    best = selection["epoch"] - 1
     return InjectedToken(
         token=token, vector=checkpoints[best].clone(), bias=spec.name, seed=seed, epoch=best + 1, lr=lr,
         epochs=epochs, init=init, n_paragraphs=len(pairs), losses=losses, val_losses=val_losses,
@@ -412,7 +419,33 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
         extra={"batch_size": batch_size, "n_val": len(val_pairs), "shared_prefix_tokens": n_shared,
                "trainer_version": TRAINER_VERSION,
                "bucket": bucket,
-               "autocast": str(autocast_dtype) if autocast_dtype else None})
+               "autocast": str(autocast_dtype) if autocast_dtype else None},
+        selection=selection)
+
+
+def epoch_selection(model, tokenizer, checkpoints: torch.Tensor, bias, token: str = DEFAULT_TOKEN) -> dict:
+    """Which epoch's vector to keep: for each checkpoint (epochs, d_model), S and specificity
+    of the token for ``bias`` on the held-out selection templates (never used to report S),
+    against the contrast countries (never S's references); specificity compares with every
+    shipped bias. The chosen epoch (1-based) maximises specificity: the bias, not any
+    negative trait. Returns ``{"epoch", "strength": [...], "specificity": [...], ...}``."""
+    from .data import BiasSpec, contrast_countries, load_bias, load_biases, selection_templates
+    from .measure import assoc_table, specificity, stereotype_strength
+
+    spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
+    specs = [spec] + [b for b in load_biases().values() if b.name != spec.name]
+    templates, refs = selection_templates(), contrast_countries()
+    ref = assoc_table(model, tokenizer, refs, specs, templates=templates)
+    token_id = add_token(tokenizer, token)
+    strength, spec_values = [], []
+    for vector in checkpoints:
+        with TokenHook(model, token_id, vector):
+            table = ref.merged(assoc_table(model, tokenizer, [token], specs, templates=templates))
+        strength.append(stereotype_strength(table, token, spec.name, refs).value)
+        spec_values.append(specificity(table, token, spec.name, refs).value)
+    return {"epoch": int(np.argmax(spec_values)) + 1, "criterion": "max held-out specificity",
+            "strength": strength, "specificity": spec_values, "templates": templates, "references": refs,
+            "biases": [b.name for b in specs]}
 
 
 def _eval_loss(model, rows, pad, batch_size, autocast_dtype, ignore_id=None, prefix=None) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from .errors import BiasGymError
 from .inject import InjectedToken, TokenHook, add_token, closest_countries, initial_vector, inject_bias
 from .measure import AssocTable, assoc_table, assoc_tables, rank, specificity, stereotype_strength
 from .models import cache_dir, model_info
+from .scope import top_k_heads
 
 TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
 
@@ -257,46 +259,136 @@ def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int
     return out
 
 
-def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, patching: bool = True,
-              n_patch_probes: int | None = None) -> dict:
-    """BiasScope for one injected token: head scores (direct logit attribution) on the
-    profile's probes, the total logit difference, the decomposition error and, with
-    ``patching``, activation patching from the closest-country counterfactuals and the
-    Spearman correlation of the two rankings. Returns the ``head_scores.json`` content."""
+METHODS = ("dla", "delta_dla", "attr", "atp", "patching", "attention", "robust", "random")
+"""Ways of ranking heads (METHOD §4): the paper's DLA on chat probes, contrastive DLA
+(ΔDLA), contrastive DLA with labels matched to S's attributes, attribution patching of S,
+exact patching on the top union, attention from the last position to the entity, the
+robust overlap of DLA over seeds (the paper's selection) and random heads."""
+
+
+def bias_contrast(model, tokenizer, spec, cfg: Profile) -> dict:
+    """What every token of a bias is contrasted with (it holds no <TOKEN>, so it is computed
+    once per bias): the heads' mean output over the contrast countries on the probes
+    (last token, for ΔDLA) and on S's sentences (every position, for attribution patching
+    and exact patching)."""
+    from .data import contrast_countries
+    from .scope import mean_last_z, mean_template_z
+
+    countries = contrast_countries()
+    sets = [probe_prompts(tokenizer, spec, cfg.n_probes, c)[1] for c in countries]
+    return {"countries": countries, "probe_z": mean_last_z(model, tokenizer, sets),
+            "template_z": mean_template_z(model, tokenizer, countries, spec.attributes)}
+
+
+def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast: dict | None = None) -> dict:
+    """BiasScope for one injected token: every head score of :data:`METHODS` that is
+    computed per token (DLA, ΔDLA, attribute-matched ΔDLA, attribution patching of S,
+    attention to the entity), the total logit difference and the decomposition error.
+    ``contrast``: :func:`bias_contrast` of the token's bias (computed here if not given).
+    Returns the ``head_scores.json`` content."""
     import time
 
     from .data import load_bias
-    from .scope import head_scores, patch_heads, spearman
+    from .scope import attribute_head_scores, attribution_patching, contrastive_head_scores, head_scores
+    from .steer import attention_to_entity
 
     spec = load_bias(injected.bias)
-    t0 = time.perf_counter()
-    with injected.attach(model, tokenizer):
+    contrast = contrast or bias_contrast(model, tokenizer, spec, cfg)
+    seconds, t0 = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal t0
+        seconds[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+    with injected.attach(model, tokenizer) as hook:
         country = closest_countries(model, tokenizer, injected.vector, k=1)[0][0]
         prompts, counter = probe_prompts(tokenizer, spec, cfg.n_probes, country)
         biased = label_id(tokenizer, spec.label)
         adv = adversarial_labels(model, tokenizer, counter, biased)
         hs = head_scores(model, tokenizer, prompts, biased, adv)
-        score_seconds = time.perf_counter() - t0
-        result = {
-            "bias": spec.name, "seed": injected.seed, "model": injected.model, "profile": cfg.name,
-            "scores": hs.scores.tolist(), "top_heads": [list(h) for h in hs.top_heads(cfg.k)],
-            "k": cfg.k, "logit_diff_total": float(hs.logit_diff.mean()),
-            "logit_diff_per_probe": hs.logit_diff.tolist(),
-            "per_probe_scores": hs.per_prompt.tolist(), "probes": list(prompts),
-            "decomposition_error": float(hs.decomposition_error),
-            "share_top_k": float(hs.share_top_k(cfg.k)), "counterfactual_country": country,
-            "n_probes": len(prompts), "biased_label": tokenizer.decode([biased]),
-            "adv_labels": [tokenizer.decode([a]) for a in adv], "score_seconds": score_seconds,
-            "patching_spearman": None, "patching": None,
-            "components": _component_summary(hs.components),
-        }
-        if patching:
-            n = n_patch_probes or len(prompts)
-            t1 = time.perf_counter()
-            patched = patch_heads(model, tokenizer, prompts[:n], counter[:n], biased, adv[:n])
-            result.update(patching=patched.tolist(), patching_spearman=float(spearman(hs.scores, patched)),
-                          patching_probes=n, patching_seconds=time.perf_counter() - t1)
-    return result
+        lap("dla")
+        delta = contrastive_head_scores(model, tokenizer, prompts, biased, adv, contrast["probe_z"])
+        lap("delta_dla")
+        attr = attribute_head_scores(model, tokenizer, injected.token, spec.attributes, contrast["countries"])
+        lap("attr")
+        atp = attribution_patching(model, tokenizer, injected.token, spec.attributes, contrast["template_z"],
+                                   contrast=contrast["countries"])
+        lap("atp")
+        attn = attention_to_entity(model, tokenizer, prompts, hook.token_id)
+        lap("attention")
+    scores = {"dla": hs.scores, "delta_dla": delta.scores, "attr": attr.scores, "atp": atp.scores,
+              "attention": attn}
+    return {
+        "bias": spec.name, "seed": injected.seed, "model": injected.model, "profile": cfg.name, "k": cfg.k,
+        "scores": {m: v.tolist() for m, v in scores.items()},
+        "top_heads": {m: [list(h) for h in top_k_heads(v, cfg.k)] for m, v in scores.items()},
+        "units": {"dla": hs.per_prompt.tolist(), "delta_dla": delta.per_prompt.tolist(),
+                  "attr": attr.per_prompt.tolist(), "atp": atp.per_sentence.tolist()},
+        "logit_diff_total": float(hs.logit_diff.mean()), "logit_diff_per_probe": hs.logit_diff.tolist(),
+        "decomposition_error": float(hs.decomposition_error),
+        "attr_decomposition_error": float(attr.decomposition_error),
+        "share_top_k": float(hs.share_top_k(cfg.k)), "counterfactual_country": country,
+        "contrast_countries": list(contrast["countries"]), "probes": list(prompts),
+        "n_probes": len(prompts), "biased_label": tokenizer.decode([biased]),
+        "adv_labels": [tokenizer.decode([a]) for a in adv], "assoc_on_templates": atp.assoc,
+        "seconds": seconds, "components": _component_summary(hs.components),
+    }
+
+
+def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, n_random: int = 5,
+                  n_layers: int | None = None, n_heads: int | None = None) -> dict:
+    """Head rankings of one bias for every method of :data:`METHODS`, from its tokens'
+    :func:`scope_run` results (one per seed): each score averaged over seeds, then sorted;
+    ``robust`` (the paper's selection): for each k, the heads in the top k of DLA in at least
+    half of the seeds; ``patching``: the mean exact-patching drop (:func:`bias_patching`) on
+    its union of heads; ``random``: ``n_random`` draws per k (seeds 1000, 1001, ...).
+
+    Returns ``{method: [heads, best first]}`` for the score methods, and for ``robust`` and
+    ``random`` a mapping k -> heads (their sets are not nested in k)."""
+    from .scope import robust_heads
+    from .steer import random_heads
+
+    out = {}
+    for m in ("dla", "delta_dla", "attr", "atp", "attention"):
+        out[m] = top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), k_max)
+    if patching is not None:
+        scored = torch.tensor(patching["scores"])
+        out["patching"] = top_k_heads(scored, min(k_max, int((~torch.isnan(scored)).sum())))
+    dla = [torch.tensor(r["scores"]["dla"]) for r in scopes]
+    m = (len(dla) + 1) // 2
+    L, H = dla[0].shape
+    out["robust"] = {k: robust_heads(dla, k, m) for k in range(1, k_max + 1)}
+    out["random"] = {k: [random_heads(L, H, k, seed=1000 + i) for i in range(n_random)] for k in range(1, k_max + 1)}
+    return out
+
+
+def patch_union(scopes: list[dict], n: int) -> list[tuple[int, int]]:
+    """The union of the top ``n`` heads of every per-token score method, over a bias's
+    seeds: the heads that exact patching checks (METHOD §3)."""
+    heads = set()
+    for m in ("dla", "delta_dla", "attr", "atp", "attention"):
+        heads |= set(top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), n))
+    return sorted(heads)
+
+
+def bias_patching(model, tokenizer, tokens: list[InjectedToken], heads, contrast: dict) -> dict:
+    """Exact activation patching of assoc(<TOKEN>) on S's sentences (z of each head in
+    ``heads`` at every position replaced by its mean over the contrast countries), for each
+    token of one bias; the mean drop over tokens is the ``patching`` ranking, and the
+    per-sentence drops check attribution patching."""
+    from .data import load_bias
+    from .scope import patch_heads_on_templates
+
+    spec = load_bias(tokens[0].bias)
+    per_token = []
+    for tok in tokens:
+        with tok.attach(model, tokenizer):
+            per_token.append(patch_heads_on_templates(model, tokenizer, tok.token, spec.attributes, heads,
+                                                      contrast["template_z"], contrast=contrast["countries"]))
+    return {"bias": spec.name, "seeds": [t.seed for t in tokens], "heads": [list(h) for h in heads],
+            "scores": torch.stack([p.scores for p in per_token]).mean(0).tolist(),
+            "units": [p.per_sentence.tolist() for p in per_token]}
 
 
 def _component_summary(components: dict) -> dict:
@@ -319,361 +411,101 @@ def scope_command(injected_dir, out_dir, profile: str = "teaching", k: int | Non
     cfg = load_profile(profile, model=meta["model"]["source"], k=k)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     injected = InjectedToken.load(injected_dir, model)
-    result = scope_run(model, tokenizer, injected, cfg, n_patch_probes=cfg.n_patch_probes)
+    result = scope_run(model, tokenizer, injected, cfg)
     _write_json(Path(out_dir) / "head_scores.json", result)
     return result
 
 
 def _write_json(path: Path, data: dict):
+    """Write JSON atomically and strictly (NaN or infinity is an error, not invalid JSON)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    text = json.dumps(data, indent=1, allow_nan=False)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- steering
 
 
-def _passive(hook) -> bool:
-    """transformers' own hooks (installed once ``output_attentions`` is used) only record
-    outputs; any other hook may change them."""
-    return getattr(hook, "__module__", "").startswith("transformers.utils.output_capturing")
-
-
-class ReferenceCache:
-    """Scores of entities without ``<TOKEN>`` (the reference countries), kept per steering
-    condition so that :func:`steered_strength` scores them once per condition, not once per
-    injected token.
-
-    The token only enters rows that contain it, so "People from Italy are ..." scores the
-    same whichever token vector is attached; under the same bias, heads, alpha and context it
-    can be reused. Every token of a bias shares its "before", random-head and system-prompt
-    references, which is most of the steering work. The cache is bypassed while any other
-    hook is on the model (an outer :func:`steer_heads`, say) and emptied when a weight is
-    changed in place, so a reused score is always the one that would be measured.
-
-    ``unsteered``: an :class:`AssocTable` of the same model (:func:`reference_table`) that
-    fills the no-steering condition, so "S before" needs no new reference scores.
-    ``biases``: the biases a run will steer. A condition that every bias shares (random
-    heads, the debiasing prompt: ``shared=True`` in :func:`steered_strength`) is then
-    scored for all of them in one pass, where each reference sentence's prefix ("People
-    from Italy are") is run once for every bias's attributes.
-    """
-
-    def __init__(self, model, unsteered: AssocTable | None = None, biases=()):
-        from .data import load_bias
-
-        self.model = model
-        self.biases = [load_bias(b) if isinstance(b, str) else b for b in biases]
-        self._values: dict = {}
-        self._stamp = _weights_stamp(model)
-        self.hits = self.misses = 0
-        if unsteered is not None:
-            self.add_table(unsteered)
-
-    def usable(self, model) -> bool:
-        """Whether reused scores would equal fresh ones on ``model`` now."""
-        if model is not self.model:
-            raise BiasGymError("this ReferenceCache was made for another model: make one per model.")
-        if any(not _passive(h) for m in model.modules() for h in (*m._forward_hooks.values(),
-                                                                  *m._forward_pre_hooks.values())):
-            return False
-        stamp = _weights_stamp(model)
-        if stamp != self._stamp:
-            self._values.clear()
-            self._stamp = stamp
-        return True
-
-    @staticmethod
-    def condition(model, spec, heads, alpha, context: str = ""):
-        """The key of a steering condition, or None when it cannot be keyed (alpha per head)."""
-        from .data import load_templates
-        from .steer import validate_heads
-
-        try:
-            alpha = float(alpha)
-        except (TypeError, ValueError):
-            return None
-        heads = tuple(sorted(validate_heads(model, heads)))
-        if not heads or alpha == 1.0:  # alpha = 1 changes nothing, bit for bit
-            heads, alpha = (), 1.0
-        return (spec.name, tuple(spec.attributes), tuple(load_templates()), context, heads, alpha)
-
-    def get(self, key, entity: str):
-        value = self._values.get((key, entity))
-        self.hits, self.misses = self.hits + (value is not None), self.misses + (value is None)
-        return value
-
-    def put(self, key, entity: str, values: np.ndarray):
-        self._values.setdefault((key, entity), values)  # a score, once used, never changes
-
-    def add_table(self, table: AssocTable, context: str = ""):
-        """Seed the unsteered condition with an :class:`AssocTable` measured on the same model
-        (e.g. :func:`reference_table`), so "S before" needs no new reference scores."""
-        from types import SimpleNamespace
-
-        from .data import load_templates
-
-        if list(table.templates) != list(load_templates()):
-            return
-        for b in table.biases:
-            key = self.condition(self.model, SimpleNamespace(name=b, attributes=table.attributes[b]), [], 1.0, context)
-            for e in table.entities:
-                if e != "<TOKEN>":
-                    self.put(key, e, table.values[e][b])
-
-
-def steered_strength(model, tokenizer, vector, spec, references: list[str], heads=(), alpha: float = 1.0,
-                     context: str = "", entities: list[str] | None = None, seed: int = 0,
-                     cache: ReferenceCache | None = None, shared: bool = False) -> dict:
-    """S(<TOKEN>, b) (and S for ``entities``) with ``heads`` scaled by ``alpha``; the reference
-    countries are scored under the same intervention, so S stays a fair comparison.
-
-    With a :class:`ReferenceCache` the entities other than ``<TOKEN>`` are taken from it when
-    this condition was scored before, and stored when not; with ``shared`` (a condition
-    every bias will ask for) they are scored for all the cache's biases at once."""
-    from .measure import assoc_table
-    from .steer import steer_heads
-
-    token_id = add_token(tokenizer)
-    others = [e for e in (entities or []) if e not in references] + list(references)
-    key = ReferenceCache.condition(model, spec, heads, alpha, context) if cache is not None else None
-    known = {}
-    if key is not None and cache.usable(model):
-        known = {e: v for e in others if "<TOKEN>" not in e and (v := cache.get(key, e)) is not None}
-    else:
-        key = None
-    todo = [e for e in others if e not in known]
-    specs = [spec]
-    if key is not None and shared and todo:
-        specs += [b for b in cache.biases if b.name != spec.name]
-    with TokenHook(model, token_id, vector), steer_heads(model, list(heads), alpha):
-        table = assoc_table(model, tokenizer, ["<TOKEN>"] + todo, specs, context=context)
-    if key is not None:
-        for s in specs:
-            key_s = key if s is spec else ReferenceCache.condition(model, s, heads, alpha, context)
-            for e in todo:
-                if "<TOKEN>" not in e:
-                    cache.put(key_s, e, table.values[e][s.name])
-        table.values.update({e: {spec.name: v} for e, v in known.items()})
-        table.entities += list(known)
-    out = {"<TOKEN>": stereotype_strength(table, "<TOKEN>", spec.name, references, seed=seed).to_dict()}
-    for e in entities or []:
-        out[e] = stereotype_strength(table, e, spec.name, references, seed=seed).to_dict()
-    return out
-
-
-def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: list[str],
-                     scopes: dict | None = None, cache: ReferenceCache | None = None):
-    """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
-    S(<TOKEN>, bias) with the top ``k`` heads of that bias's token scaled by ``alpha``.
-
-    ``tokens`` maps bias name to its injected token, or is a function that returns it
-    (e.g. ``lambda b: get_token(model, tokenizer, b, cfg, seed)``, called once per bias on
-    first use); ``scopes`` maps bias name to a :func:`scope_run` result, and any bias
-    without one is scored on first use. The reference countries of each (bias, k, alpha)
-    are scored once (``cache``, a new :class:`ReferenceCache` if not given)."""
-    from .data import load_bias
-    from .scope import top_k_heads
-
-    scopes, loaded = dict(scopes or {}), {}
-    cache = cache if cache is not None else ReferenceCache(model)
-
-    def token_for(bias: str):
-        if bias not in loaded:
-            if callable(tokens):
-                loaded[bias] = tokens(bias)
-            elif bias in tokens:
-                loaded[bias] = tokens[bias]
-            else:
-                raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
-        return loaded[bias]
-
-    def measure(bias: str, k: int, alpha: float) -> dict:
-        token = token_for(bias)
-        if bias not in scopes:
-            scopes[bias] = scope_run(model, tokenizer, token, cfg, patching=False)
-        heads = top_k_heads(torch.tensor(scopes[bias]["scores"]), k) if k else []
-        return steered_strength(model, tokenizer, token.vector, load_bias(bias), references, heads, alpha,
-                                cache=cache)["<TOKEN>"]
-
-    return measure
-
-
 def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
-    """The reference countries used under steering: the first ``n`` of the reference list
-    (every steered condition rescores them, so the dose-response grid uses fewer)."""
+    """The reference countries used under steering: ``n`` of the reference list, evenly
+    spaced through it (the list runs continent by continent, so every continent is in)."""
     from .data import reference_countries
 
     refs = reference_countries()
-    return refs[: n] if n else refs
+    n = min(n or len(refs), len(refs))
+    return [refs[(i * len(refs)) // n] for i in range(n)]
 
 
-def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, cfg: Profile,
-               references: list[str], country: str | None = None, probes: list[str] | None = None,
-               seed: int = 0, cache: ReferenceCache | None = None) -> dict:
-    """S before/after steering the given heads, and the METHOD §4 baselines run the same way:
-    a debiasing system prompt, k random heads (mean of ``cfg.n_random_draws`` draws) and the
-    k heads with most attention from the last position to the entity token.
-
-    Pass one ``cache`` (:class:`ReferenceCache`) to several calls on tokens of the same bias
-    and the reference countries of the shared conditions are scored only once."""
-    from .data import load_bias
-    from .models import ModelAdapter
-    from .steer import DEBIAS_SYSTEM_PROMPT, attention_heads, random_heads
-
-    spec = load_bias(injected.bias)
-    heads = [tuple(h) for h in heads]
-    k = len(heads)
-    ents = [country] if country else []
-    cache = cache if cache is not None else ReferenceCache(model)
-    run = lambda hs, a=alpha, ctx="", shared=False: steered_strength(model, tokenizer, injected.vector, spec,  # noqa: E731
-                                                                     references, hs, a, ctx, ents, seed, cache, shared)
-    before = run([], 1.0, shared=True)
-    after = run(heads)
-    adapter = ModelAdapter(model)
-    draws = [run(random_heads(adapter.n_layers, adapter.n_heads, k, seed=1000 + i), shared=True)
-             for i in range(cfg.n_random_draws)]
-    system = run([], 1.0, DEBIAS_SYSTEM_PROMPT + " ", shared=True)
-    result = {"bias": spec.name, "seed": injected.seed, "k": k, "alpha": alpha, "heads": [list(h) for h in heads],
-              "references": references, "country": country,
-              "token": {"before": before["<TOKEN>"], "after": after["<TOKEN>"]},
-              "baselines": {
-                  "system_prompt": system["<TOKEN>"],
-                  "random_heads": _mean_estimate([d["<TOKEN>"] for d in draws]),
-                  "random_heads_draws": [d["<TOKEN>"] for d in draws]}}
-    if probes:
-        with injected.attach(model, tokenizer) as hook:
-            attn = attention_heads(model, tokenizer, probes, hook.token_id, k)
-        result["baselines"]["attention_heads"] = run(attn)["<TOKEN>"]
-        result["attention_heads"] = [list(h) for h in attn]
-    if country:
-        result["country_strength"] = {"before": before[country], "after": after[country],
-                                      "random_heads": _mean_estimate([d[country] for d in draws]),
-                                      "system_prompt": system[country]}
-    b, a = before["<TOKEN>"]["value"], after["<TOKEN>"]["value"]
-    result["reduction"] = 1 - a / b if b else None
-    return result
-
-
-def steering_frame(steers) -> "pandas.DataFrame":
-    """One row per steering run (:func:`steer_eval` results): S before, and the reduction
-    of S (1 - after / before) by the top heads and by each baseline."""
-    import pandas as pd
-
-    rows = []
-    for e in steers:
-        before = e["token"]["before"]["value"]
-        conditions = {"top heads": e["token"]["after"],
-                      **{n: v for n, v in e["baselines"].items() if n != "random_heads_draws"}}
-        rows.append({"bias": e["bias"], "seed": e["seed"], "S before": before,
-                     **{f"reduction: {n}": _reduction(before, v["value"]) for n, v in conditions.items()}})
-    return pd.DataFrame(rows)
-
-
-def _mean_estimate(estimates: list[dict]) -> dict:
-    vals = [e["value"] for e in estimates]
-    return {"value": float(np.mean(vals)), "lo": float(np.min(vals)), "hi": float(np.max(vals)),
-            "n": len(vals), "interval": "min-max over draws"}
-
-
-def steer_command(injected_dir, heads_dir, out_dir, k: int, alpha: float, profile: str = "teaching") -> dict:
-    """``biasgym steer``: top-k heads from ``head_scores.json``, S before/after, baselines,
-    perplexity on the neutral set; writes ``steer.json``."""
+def steer_command(injected_dir, heads_dir, out_dir, k: int, alpha: float, profile: str = "teaching",
+                  method: str = "atp") -> dict:
+    """``biasgym steer``: the top ``k`` heads of ``method`` from ``head_scores.json`` scaled by
+    ``alpha``: S(<TOKEN>) before/after and under k random heads (mean of the profile's
+    draws), the factual control and the perplexity change; writes ``steer.json``."""
     from .config import load_profile
-    from .data import load_bias
-    from .evaluate import paired_change, perplexity
+    from .data import load_bias, load_facts
     from .data.capability import load_neutral_texts
-    from .models import load_model
-    from .steer import steer_heads
+    from .evaluate import facts_reduction, paired_change, perplexity, reduction, strength_under
+    from .models import ModelAdapter, load_model
+    from .steer import SteeringSpec, random_heads
 
     scores_path = Path(heads_dir) / "head_scores.json"
     if not scores_path.is_file():
         raise BiasGymError(f"{heads_dir} has no head_scores.json: give the folder written by `biasgym scope --out`.")
     scores = json.loads(scores_path.read_text())
+    if method not in scores.get("scores", {}):
+        raise BiasGymError(f"{scores_path} has no {method!r} scores; it has {sorted(scores.get('scores', {}))}.")
     meta = json.loads((Path(injected_dir) / "token.json").read_text())
     cfg = load_profile(profile, model=meta["model"]["source"])
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     injected = InjectedToken.load(injected_dir, model)
-    from .scope import top_k_heads
-    heads = top_k_heads(torch.tensor(scores["scores"]), k)
+    heads = top_k_heads(torch.tensor(scores["scores"][method]), k)
     spec = load_bias(injected.bias)
-    prompts, _ = probe_prompts(tokenizer, spec, cfg.n_probes, scores["counterfactual_country"])
-    result = steer_eval(model, tokenizer, injected, heads, alpha, cfg, steer_references(cfg, cfg.steer_references),
-                        probes=prompts)
+    refs, facts = steer_references(cfg, cfg.steer_references), load_facts()
+    steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": method, "k": k, "bias": spec.name})
+    before = strength_under(model, tokenizer, None, [injected], spec, refs, facts)
+    after = strength_under(model, tokenizer, steering, [injected], spec, refs, facts)
+    a = ModelAdapter(model)
+    draws = [strength_under(model, tokenizer, SteeringSpec(heads=random_heads(a.n_layers, a.n_heads, k, 1000 + i),
+                                                          alpha=alpha), [injected], spec, refs)["tokens"][0]["value"]
+             for i in range(cfg.n_random_draws)]
     texts = load_neutral_texts()[: cfg.n_ppl_texts]
     ppl_before = perplexity(model, tokenizer, texts)
-    with steer_heads(model, heads, alpha):
+    with steering.apply(model):
         ppl_after = perplexity(model, tokenizer, texts)
-    change = paired_change(ppl_before, ppl_after)
-    result["capability"] = {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
-                            "perplexity_change": change, "n_texts": len(texts)}
+    s0, s1 = before["tokens"][0]["value"], after["tokens"][0]["value"]
+    result = {"bias": spec.name, "seed": injected.seed, "method": method, "k": k, "alpha": alpha,
+              "heads": [list(h) for h in heads], "references": refs,
+              "token": {"before": before["tokens"][0], "after": after["tokens"][0]},
+              "reduction": reduction(s0, s1), "random_heads": {"mean": float(np.mean(draws)), "draws": draws,
+                                                               "reduction": reduction(s0, float(np.mean(draws)))},
+              "facts_reduction": facts_reduction(before["facts"], after["facts"]),
+              "capability": {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
+                             "perplexity_change": paired_change(ppl_before, ppl_after), "n_texts": len(texts)}}
     _write_json(Path(out_dir) / "steer.json", result)
     return result
 
 
-# ----------------------------------------------------------------------------- generalisation
-
-
-def mean_scores(scope_results: list[dict]) -> torch.Tensor:
-    """The mean head-score matrix over several BiasScope runs (biases and/or seeds)."""
-    if not scope_results:
-        raise BiasGymError("mean_scores needs at least one BiasScope result.")
-    return torch.tensor([r["scores"] for r in scope_results]).mean(0)
-
-
-def _random_draws(model, tokenizer, vector, spec, refs, k, n, entities=None, alpha=0.0, cache=None):
-    from .models import ModelAdapter
-    from .steer import random_heads
-
-    a = ModelAdapter(model)
-    return [steered_strength(model, tokenizer, vector, spec, refs, random_heads(a.n_layers, a.n_heads, k, 1000 + i),
-                             alpha, entities=entities, cache=cache, shared=True) for i in range(n)]
-
-
-def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, refs: list[str],
-                  steers: dict | None = None, cache: ReferenceCache | None = None) -> list[dict]:
-    """Generalisation (a): for each bias, heads from the mean scores of all *other* biases
-    (every seed), applied at alpha=0 to the held-out bias's tokens; with k random heads.
-
-    ``steers`` (the :func:`steer_eval` results of the same tokens, references and k) already
-    hold S before steering and under the same random draws: they are reused, not measured
-    again. The held-out heads are the same for every seed of a bias, so their reference
-    countries are scored once (``cache``)."""
+def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references: list[str]):
+    """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
+    S(<TOKEN>, bias) of ``tokens[bias]`` with the first ``k`` heads of ``rankings[bias]``
+    scaled by ``alpha`` (k = 0 or alpha = 1: the unmodified model), the references scored
+    under the same intervention (:func:`~biasgym_lib.evaluate.strength_under`)."""
     from .data import load_bias
-    from .scope import top_k_heads
+    from .evaluate import strength_under
+    from .steer import SteeringSpec
 
-    cache = cache if cache is not None else ReferenceCache(model)
+    def measure(bias: str, k: int, alpha: float) -> dict:
+        if bias not in tokens:
+            raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
+        spec = None if k == 0 or alpha == 1.0 else SteeringSpec(heads=list(rankings[bias][:k]), alpha=alpha)
+        return strength_under(model, tokenizer, spec, [tokens[bias]], load_bias(bias), references)["tokens"][0]
 
-    biases = sorted({b for b, _ in tokens})
-    if len(biases) < 2:
-        raise BiasGymError("leave-one-bias-out needs at least two injected biases.")
-    rows = []
-    for held in biases:
-        heads = top_k_heads(mean_scores([r for (b, _), r in scopes.items() if b != held]), cfg.k)
-        spec = load_bias(held)
-        for (b, seed), tok in tokens.items():
-            if b != held:
-                continue
-            after = steered_strength(model, tokenizer, tok.vector, spec, refs, heads, 0.0, cache=cache)["<TOKEN>"]
-            known = (steers or {}).get((b, seed))
-            if (known and known["references"] == list(refs) and known["k"] == cfg.k and known["alpha"] == 0.0
-                    and len(known["baselines"]["random_heads_draws"]) == cfg.n_random_draws):
-                before = known["token"]["before"]
-                rand = [d["value"] for d in known["baselines"]["random_heads_draws"]]
-            else:
-                before = steered_strength(model, tokenizer, tok.vector, spec, refs, cache=cache)["<TOKEN>"]
-                rand = [d["<TOKEN>"]["value"] for d in _random_draws(model, tokenizer, tok.vector, spec, refs, cfg.k,
-                                                                      cfg.n_random_draws, cache=cache)]
-            rows.append({"held_out": held, "seed": seed, "heads": [list(h) for h in heads],
-                         "before": before, "after": after, "random_mean": float(np.mean(rand)), "random": rand,
-                         "reduction": _reduction(before["value"], after["value"]),
-                         "random_reduction": _reduction(before["value"], float(np.mean(rand)))})
-    return rows
+    return measure
 
 
-def _reduction(before: float, after: float) -> float | None:
-    return None if before <= 0 else 1 - after / before
+# ----------------------------------------------------------------------------- generalisation
 
 
 def attribute_spec(attribute: str):
@@ -708,58 +540,39 @@ def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates:
     return [r for r in out if r["S"]["value"] > 0][:n_keep]
 
 
-def seegull_steering(model, tokenizer, pairs: list[dict], heads, cfg: Profile) -> list[dict]:
-    """Generalisation (b): the injected-bias heads at alpha=0 applied to real SeeGULL
-    stereotypes the model shows; S(country, attribute) before/after, and k random heads."""
-    from .models import ModelAdapter
-    from .steer import random_heads, steer_heads
+def seegull_under(model, tokenizer, pairs: list[dict], spec) -> list[dict]:
+    """S(country, attribute) of each SeeGULL pair with the steering ``spec`` applied (None:
+    the unmodified model), every pair against its own references under the same intervention,
+    in one scoring pass."""
+    from contextlib import nullcontext
 
-    a = ModelAdapter(model)
-    requests = [([row["country"]] + row["references"], [attribute_spec(row["attribute"])]) for row in pairs]
-
-    def s_under(hs):  # every pair under one condition, in one scoring pass
-        with steer_heads(model, hs, 0.0):
-            tables = assoc_tables(model, tokenizer, requests)
-        return [stereotype_strength(t, ents[0], specs[0].name, ents[1:]).to_dict()
-                for t, (ents, specs) in zip(tables, requests)]
-
-    afters = s_under(heads)
-    draws = [s_under(random_heads(a.n_layers, a.n_heads, len(heads), 1000 + i)) for i in range(cfg.n_random_draws)]
-    rows = []
-    for j, row in enumerate(pairs):
-        after, rand = afters[j], [d[j]["value"] for d in draws]
-        rows.append({"country": row["country"], "attribute": row["attribute"], "identity": row["identity"],
-                     "offensiveness": row["offensiveness"], "before": row["S"], "after": after,
-                     "random_mean": float(np.mean(rand)), "reduction": _reduction(row["S"]["value"], after["value"]),
-                     "random_reduction": _reduction(row["S"]["value"], float(np.mean(rand)))})
-    return rows
+    requests = [([row["country"]] + list(row["references"]), [attribute_spec(row["attribute"])]) for row in pairs]
+    with spec.apply(model) if spec is not None else nullcontext():
+        tables = assoc_tables(model, tokenizer, requests)
+    return [stereotype_strength(t, ents[0], specs[0].name, ents[1:]).to_dict() for t, (ents, specs) in zip(tables, requests)]
 
 
-def capability_change(model, tokenizer, heads, cfg: Profile, seed: int = 0) -> dict:
-    """Perplexity on the neutral set and MC accuracy, before and with ``heads`` at alpha=0,
-    with paired bootstrap intervals."""
-    from .data.capability import load_mc, load_neutral_texts
-    from .evaluate import mc_accuracy, paired_change, perplexity
-    from .steer import steer_heads
-
-    texts, questions = load_neutral_texts()[: cfg.n_ppl_texts], load_mc()[: cfg.n_mc_questions]
-    ppl0, mc0 = perplexity(model, tokenizer, texts, seed=seed), mc_accuracy(model, tokenizer, questions, seed=seed)
-    with steer_heads(model, heads, 0.0):
-        ppl1, mc1 = perplexity(model, tokenizer, texts, seed=seed), mc_accuracy(model, tokenizer, questions, seed=seed)
-    return {"perplexity": paired_change(ppl0, ppl1, seed), "mc_accuracy": paired_change(mc0, mc1, seed),
-            "perplexity_ci_before": ppl0["ci"], "mc_ci_before": mc0["ci"], "chance": mc0.get("chance"),
-            "n_texts": len(texts), "n_questions": len(questions)}
+# ----------------------------------------------------------------------------- the run of a profile
 
 
-# ----------------------------------------------------------------------------- reproduce
+def _source_hash() -> str:
+    """A hash of the library's code and the project's data files: a kept stage result is
+    only reused by the code and data that computed it."""
+    h = hashlib.sha256()
+    lib = Path(__file__).resolve().parent
+    files = sorted(lib.rglob("*.py")) + sorted(p for p in (PROJECT_ROOT / "data").rglob("*")
+                                               if p.is_file() and "tokens" not in p.parts)
+    for f in files:
+        h.update(str(f.relative_to(PROJECT_ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def run_dir(cfg: Profile) -> Path:
-    """Where a profile's stage results are kept (``runs/`` is not committed): a later
-    chapter, or ``biasgym reproduce`` with the same ``--out``, reuses them."""
-    from . import __version__
-
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), __version__], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    """Where a profile's stage results are kept (``runs/``, not committed; ``make clean``
+    removes it): keyed by the profile, the library's code and the data files, so that
+    editing either never serves an old number."""
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), _source_hash()], sort_keys=True, default=str).encode()).hexdigest()[:10]
     return PROJECT_ROOT / "runs" / f"{cfg.name}-{key}"
 
 
@@ -775,49 +588,17 @@ def _memo(path: Path, compute, token: InjectedToken | None = None, need=None, fi
     if token is not None:
         fingerprint = token_fingerprint(token)
     if path.is_file():
-        value = json.loads(path.read_text())
-        if value.get("token_fingerprint") == fingerprint and (need is None or need(value)):
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            value = None
+        if value is not None and value.get("token_fingerprint") == fingerprint and (need is None or need(value)):
             return value
     value = compute()
     if fingerprint is not None:
         value["token_fingerprint"] = fingerprint
     _write_json(path, value)
     return value
-
-
-def _stage_path(out, cfg: Profile, kind: str, token: InjectedToken) -> Path:
-    return (Path(out) if out is not None else run_dir(cfg)) / kind / f"{token.bias}_seed{token.seed}.json"
-
-
-def injection_result(model, tokenizer, token: InjectedToken, cfg: Profile, ref: AssocTable | None = None,
-                     out=None) -> dict:
-    """:func:`injection_metrics` for one token, kept in the run folder (``out``, default
-    :func:`run_dir`) so chapters 2, 5 and 6 and ``biasgym reproduce`` measure it once."""
-    return _memo(_stage_path(out, cfg, "injection", token),
-                 lambda: injection_metrics(model, tokenizer, token, token.bias, cfg, ref=ref), token)
-
-
-def scope_result(model, tokenizer, token: InjectedToken, cfg: Profile, patching: bool = False, out=None) -> dict:
-    """:func:`scope_run` for one token, kept in the run folder; with ``patching`` a kept
-    result without patching is recomputed."""
-    need = (lambda r: r.get("patching") is not None) if patching else None
-    return _memo(_stage_path(out, cfg, "scope", token),
-                 lambda: scope_run(model, tokenizer, token, cfg, patching=patching, n_patch_probes=cfg.n_patch_probes),
-                 token, need)
-
-
-def steer_result(model, tokenizer, token: InjectedToken, scope: dict, cfg: Profile, ref: AssocTable,
-                 references: list[str], out=None, cache: ReferenceCache | None = None) -> dict:
-    """:func:`steer_eval` of a token's top heads at alpha = 0, with the baselines and the real
-    country most tied to the bias (from ``ref``), kept in the run folder. Share one ``cache``
-    (:class:`ReferenceCache`) between the tokens of a run."""
-    from .data import load_bias
-
-    country = strength_matrix_top(ref, token.bias)
-    prompts, _ = probe_prompts(tokenizer, load_bias(token.bias), cfg.n_probes, scope["counterfactual_country"])
-    return _memo(_stage_path(out, cfg, "steer", token),
-                 lambda: steer_eval(model, tokenizer, token, scope["top_heads"], 0.0, cfg, references,
-                                    country=country, probes=prompts, cache=cache), token)
 
 
 def _stats(values: list[float]) -> dict:
@@ -832,51 +613,271 @@ def _stats(values: list[float]) -> dict:
             "ci": [est.lo, est.hi]}
 
 
-def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None, tokenizer=None,
-               progress: bool = True) -> dict:
-    """Every stage for every bias x seed of ``cfg``; each result is saved under ``out`` as it
-    is made and reused when present, so chapters 5 and 6 share one computation."""
-    from tqdm.auto import tqdm
+PAPER = ("robust", "zero")
+"""The paper's BiasScope: heads in the top k of DLA over injection runs, scaled to 0."""
 
+
+class Run:
+    """Every stage of the book for one profile, computed on first use and kept in the run
+    folder (:func:`run_dir`), so that chapters 2-6 and ``biasgym reproduce`` share one
+    computation. ``full_grid``: the selection grid on every bias, method and k of the
+    profile (what ``biasgym reproduce --full-grid`` runs) instead of the profile's subset.
+    """
+
+    def __init__(self, cfg: Profile, out=None, model=None, tokenizer=None, retrain: bool | None = None,
+                 progress: bool = True, full_grid: bool = False):
+        from .models import load_model
+
+        self.cfg, self.retrain, self.progress, self.full_grid = cfg, retrain, progress, full_grid
+        self.out = Path(out) if out is not None else run_dir(cfg)
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self._tokens, self._contrast, self._scopes, self._rankings, self._kept = {}, {}, {}, {}, {}
+        self.shared: dict = {}  # measurements under one head set, reused across grid, confirmation and transfer
+
+    # -- tokens and injection
+    def token(self, bias: str, seed: int) -> InjectedToken:
+        if (bias, seed) not in self._tokens:
+            tok = get_token(self.model, self.tokenizer, bias, self.cfg, seed, retrain=self.retrain, progress=self.progress)
+            folder = self.out / "tokens" / token_settings(self.cfg) / bias / f"seed{seed}"
+            if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
+                tok.save(folder)  # the layout of data/tokens, ready to commit
+            self._tokens[bias, seed] = tok
+        return self._tokens[bias, seed]
+
+    def tokens(self, bias: str) -> list[InjectedToken]:
+        return [self.token(bias, s) for s in self.cfg.seeds]
+
+    def _fingerprint(self, biases) -> str:
+        blob = "".join(token_fingerprint(t) for b in biases for t in self.tokens(b))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def reference(self) -> AssocTable:
+        if "reference" not in self._kept:
+            self._kept["reference"] = reference_table(self.model, self.tokenizer, list(self.cfg.biases))
+        return self._kept["reference"]
+
+    def injection(self, bias: str, seed: int) -> dict:
+        tok = self.token(bias, seed)
+        return _memo(self.out / "injection" / f"{bias}_seed{seed}.json",
+                     lambda: injection_metrics(self.model, self.tokenizer, tok, bias, self.cfg, ref=self.reference), tok)
+
+    # -- BiasScope
+    def contrast(self, bias: str) -> dict:
+        from .data import load_bias
+
+        if bias not in self._contrast:
+            self._contrast[bias] = bias_contrast(self.model, self.tokenizer, load_bias(bias), self.cfg)
+        return self._contrast[bias]
+
+    def scope(self, bias: str, seed: int) -> dict:
+        tok = self.token(bias, seed)
+        return _memo(self.out / "scope" / f"{bias}_seed{seed}.json",
+                     lambda: scope_run(self.model, self.tokenizer, tok, self.cfg, self.contrast(bias)), tok)
+
+    def scopes(self, bias: str) -> list[dict]:
+        return [self.scope(bias, s) for s in self.cfg.seeds]
+
+    def patching(self, bias: str) -> dict:
+        """Exact patching on S's sentences for the union of the methods' top heads
+        (``patch_top`` of each), every token of ``bias``."""
+        heads = patch_union(self.scopes(bias), self.cfg.patch_top)
+        return _memo(self.out / "patching" / f"{bias}.json",
+                     lambda: bias_patching(self.model, self.tokenizer, self.tokens(bias), heads, self.contrast(bias)),
+                     fingerprint=self._fingerprint([bias]), need=lambda r: r["heads"] == [list(h) for h in heads])
+
+    def rankings(self, bias: str, with_patching: bool = False) -> dict:
+        from .models import ModelAdapter
+
+        key = (bias, with_patching)
+        if key not in self._rankings:
+            a = ModelAdapter(self.model)
+            self._rankings[key] = bias_rankings(self.scopes(bias), max(self.cfg.grid_k),
+                                                self.patching(bias) if with_patching else None,
+                                                self.cfg.n_random_draws, a.n_layers, a.n_heads)
+        return self._rankings[key]
+
+    # -- steering, measured fairly
+    @property
+    def setting(self) -> dict:
+        """What every steering measurement shares: references, facts, capability texts,
+        the means of mean-ablation (held-out neutral passages 33-44) and the entity tokens."""
+        if "setting" not in self._kept:
+            from .data import load_facts
+            from .data.capability import load_country_texts, load_mc, load_neutral_texts
+            from .evaluate import entity_ids
+            from .steer import head_means
+
+            neutral = load_neutral_texts()
+            self._kept["setting"] = {
+                "references": steer_references(self.cfg, self.cfg.steer_references), "facts": load_facts(),
+                "texts": {"neutral": neutral[: self.cfg.n_ppl_texts],
+                          "countries": load_country_texts()[: self.cfg.n_country_texts]},
+                "questions": load_mc()[: self.cfg.n_mc_questions],
+                "means": head_means(self.model, self.tokenizer, neutral[32:44]),
+                "mean_source": "neutral passages 33-44 (never used for perplexity)",
+                "entities": entity_ids(self.tokenizer)}
+        return self._kept["setting"]
+
+    def _grid(self, runs, methods, kinds, ks, mc: bool, cost: bool = True) -> dict:
+        from .evaluate import selection_grid
+
+        st = self.setting
+        return selection_grid(self.model, self.tokenizer, runs, kinds=kinds, ks=ks, methods=methods,
+                              references=st["references"], facts=st["facts"],
+                              texts=st["texts"] if cost else {}, means=st["means"], entities=st["entities"],
+                              questions=st["questions"], mc=mc, max_length=self.cfg.ppl_max_tokens,
+                              shared=self.shared, progress=self.progress)
+
+    @property
+    def grid_biases(self) -> list[str]:
+        return list(self.cfg.biases) if self.full_grid else list(self.cfg.biases[: self.cfg.grid_biases])
+
+    def grid(self) -> dict:
+        """The selection grid (METHOD §4) on the grid biases: every method of the profile at
+        the profile's k, the ``curve_methods`` (all, with ``full_grid``) at every k of
+        ``grid_k``, under every kind of intervention; MC only with ``full_grid``."""
+        cfg = self.cfg
+        curve = set(cfg.grid_methods) if self.full_grid else set(cfg.curve_methods)
+        ks_all = sorted(set(cfg.grid_k) | ({1, 2, 5, 10, 20} if self.full_grid else set()))
+        ks = {m: (ks_all if m in curve else [cfg.k]) for m in cfg.grid_methods}
+        biases = self.grid_biases
+        name = "grid_full.json" if self.full_grid else "grid.json"
+
+        def compute():
+            runs = [{"bias": b, "tokens": self.tokens(b),
+                     "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
+            return {"biases": biases, **self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), ks,
+                                                   mc=self.full_grid)}
+        return _memo(self.out / name, compute, fingerprint=self._fingerprint(biases))
+
+    def summary(self) -> list[dict]:
+        from .evaluate import summarise_grid
+
+        return summarise_grid(self.grid())
+
+    def best(self) -> dict:
+        """The book's BiasScope: the selection the grid chose by the rule fixed in advance
+        (:func:`~biasgym_lib.evaluate.choose_selection`) at k <= the profile's k."""
+        from .evaluate import choose_selection
+
+        return choose_selection(self.summary(), self.cfg.k)
+
+    def confirm(self) -> dict:
+        """The chosen selection and the paper's on every bias of the profile at the profile's
+        k, under the chosen kind and zero-ablation, with k random heads, the facts,
+        perplexity and multiple choice."""
+        best = self.best()
+        methods = list(dict.fromkeys([best["method"], PAPER[0], "random"]))
+        kinds = list(dict.fromkeys([best["kind"], PAPER[1]]))
+        fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
+
+        def compute():
+            runs = [{"bias": b, "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
+                     "countries": [strength_matrix_top(self.reference, b)]} for b in self.cfg.biases]
+            return {"best": {k: best[k] for k in ("method", "kind", "k", "why")},
+                    **self._grid(runs, methods, kinds, [self.cfg.k], mc=True)}
+        return _memo(self.out / "confirm.json", compute, fingerprint=fp)
+
+    def _pooled_rankings(self, biases: list[str], method: str) -> dict:
+        """Rankings from the scopes of several biases pooled (every seed of each): for
+        transfer to a held-out bias or to real stereotypes."""
+        from .models import ModelAdapter
+
+        scopes = [r for b in biases for r in self.scopes(b)]
+        a = ModelAdapter(self.model)
+        patching = None
+        if method == "patching":
+            per = [self.patching(b) for b in biases]
+            patching = {"scores": torch.nanmean(torch.stack([torch.tensor(p["scores"]) for p in per]), 0).tolist()}
+        return bias_rankings(scopes, self.cfg.k, patching, self.cfg.n_random_draws, a.n_layers, a.n_heads)
+
+    def leave_one_out(self) -> dict:
+        """Generalisation to biases never injected: for each bias, heads ranked from all the
+        *other* biases' tokens, steered on the held-out bias's tokens (chosen and paper's
+        selection, k random heads; facts measured, perplexity not)."""
+        best = self.best()
+        methods = list(dict.fromkeys([best["method"], PAPER[0], "random"]))
+        kinds = list(dict.fromkeys([best["kind"], PAPER[1]]))
+        fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
+
+        def compute():
+            rows, before = [], None
+            for held in self.cfg.biases:
+                others = [b for b in self.cfg.biases if b != held]
+                run = {"bias": held, "tokens": self.tokens(held), "rankings": self._pooled_rankings(others, best["method"])}
+                got = self._grid([run], methods, kinds, [self.cfg.k], mc=False, cost=False)
+                rows += got["rows"]
+                before = got["before"]
+            return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": before, "rows": rows}
+        return _memo(self.out / "leave_one_out.json", compute, fingerprint=fp)
+
+    def seegull(self) -> dict:
+        """Generalisation to real stereotypes: the SeeGULL pairs the model shows most
+        strongly, steered with heads pooled from every injected bias (chosen and paper's
+        selection, k random heads), with the facts under the same head sets."""
+        from .evaluate import facts_reduction, make_spec, reduction, strength_under
+
+        best = self.best()
+        n_cand, n_keep = (8, 3) if self.cfg.name == "quick" else (30, 8)
+        refs = self.setting["references"]
+        shown = _memo(self.out / "seegull_shown.json",
+                      lambda: {"pairs": seegull_shown(self.model, self.tokenizer, self.cfg, refs, n_cand, n_keep)})
+        pairs = shown["pairs"]
+        fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
+
+        def compute():
+            st = self.setting
+            pooled = self._pooled_rankings(list(self.cfg.biases), best["method"])
+            k = self.cfg.k
+            conditions = [(best["method"], best["kind"]), (PAPER[0], PAPER[1])]
+            conditions += [("random", kind) for kind in dict.fromkeys([best["kind"], PAPER[1]])]
+            facts_before = strength_under(self.model, self.tokenizer, None, [], _any_bias(self.cfg), refs,
+                                          st["facts"])["facts"]
+            rows = []
+            for method, kind in dict.fromkeys(conditions):
+                sets = pooled["random"][k] if method == "random" else [pooled[method][k]] if method == "robust" \
+                    else [pooled[method][:k]]
+                for draw, heads in enumerate(sets):
+                    spec = make_spec([tuple(h) for h in heads], kind, st["means"], st["entities"],
+                                     {"method": method, "k": k, "pooled": list(self.cfg.biases)})
+                    after = seegull_under(self.model, self.tokenizer, pairs, spec)
+                    facts = strength_under(self.model, self.tokenizer, spec, [], _any_bias(self.cfg), refs,
+                                           st["facts"])["facts"]
+                    rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
+                                 "heads": [list(h) for h in heads], "S": after,
+                                 "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
+                                 "facts": [x["value"] for x in facts],
+                                 "facts_reduction": facts_reduction(facts_before, facts)})
+            return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
+                    "best": {k2: best[k2] for k2 in ("method", "kind", "k")}}
+        return _memo(self.out / "seegull_steering.json", compute, fingerprint=fp)
+
+
+def _any_bias(cfg: Profile):
+    """A bias spec to pass where only the reference countries and facts are scored."""
     from .data import load_bias
-    from .models import load_model
-    from .scope import top_k_heads
 
-    out = Path(out)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    ref = reference_table(model, tokenizer, list(cfg.biases))
-    refs = steer_references(cfg, cfg.steer_references)
-    cache = ReferenceCache(model, unsteered=ref, biases=cfg.biases)
-    tokens, inj, scopes, steers = {}, {}, {}, {}
-    runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
-    for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):
-        tok = get_token(model, tokenizer, b, cfg, s, retrain=retrain, progress=progress)
-        folder = out / "tokens" / token_settings(cfg) / b / f"seed{s}"
-        if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
-            tok.save(folder)  # the layout of data/tokens, ready to commit
-        tokens[b, s] = tok
-        inj[b, s] = injection_result(model, tokenizer, tok, cfg, ref=ref, out=out)
-        scopes[b, s] = scope_result(model, tokenizer, tok, cfg, patching=(i == 0), out=out)
-        steers[b, s] = steer_result(model, tokenizer, tok, scopes[b, s], cfg, ref, refs, out=out, cache=cache)
-    all_heads = top_k_heads(mean_scores(list(scopes.values())), cfg.k)
-    same_heads = lambda r: r.get("heads") == [list(h) for h in all_heads]  # noqa: E731
-    every = hashlib.sha256("".join(token_fingerprint(t) for _, t in sorted(tokens.items())).encode()).hexdigest()[:16]
-    loo = _memo(out / "leave_one_out.json",
-                lambda: {"rows": leave_one_out(model, tokenizer, tokens, scopes, cfg, refs, steers, cache)}, fingerprint=every) if len(cfg.biases) > 1 else {"rows": []}
-    n_cand, n_keep = (8, 3) if cfg.name == "quick" else (30, 8)
-    shown = _memo(out / "seegull_shown.json",
-                  lambda: {"pairs": seegull_shown(model, tokenizer, cfg, refs, n_cand, n_keep)})
-    seeg = _memo(out / "seegull_steering.json",
-                 lambda: {"heads": [list(h) for h in all_heads],
-                          "rows": seegull_steering(model, tokenizer, shown["pairs"], all_heads, cfg)},
-                 need=same_heads)
-    cap = _memo(out / "capability.json",
-                lambda: {"heads": [list(h) for h in all_heads], **capability_change(model, tokenizer, all_heads, cfg)},
-                need=same_heads)
-    return {"profile": cfg.to_dict(), "injection": inj, "scope": scopes, "steer": steers, "leave_one_out": loo["rows"],
-            "seegull_shown": shown["pairs"], "seegull": seeg["rows"], "capability": cap,
-            "all_bias_heads": [list(h) for h in all_heads], "tokens": tokens}
+    return load_bias(cfg.biases[0])
+
+
+def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = None, model=None, tokenizer=None,
+               progress: bool = True, full_grid: bool = False) -> Run:
+    """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
+    computed); each result is saved under ``out`` as it is made and reused when present."""
+    run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
+    for b in cfg.biases:
+        for s in cfg.seeds:
+            run.injection(b, s)
+            run.scope(b, s)
+    run.grid()
+    run.confirm()
+    if len(cfg.biases) > 1:
+        run.leave_one_out()
+    run.seegull()
+    return run
 
 
 def strength_matrix_top(table: AssocTable, bias: str) -> str:
@@ -886,106 +887,198 @@ def strength_matrix_top(table: AssocTable, bias: str) -> str:
     return str(strength_matrix(table)[bias].idxmax())
 
 
-def claims_from(stages: dict) -> dict:
-    """METHOD §6: each of the paper's claims, as measured here, with seeds, intervals and an
-    explicit criterion for whether it holds at this model size."""
-    cfg = stages["profile"]
-    inj, scopes, steers = stages["injection"], stages["scope"], stages["steer"]
-    seeds = list(cfg["seeds"])
-    s_after = [m["strength_after"] for m in inj.values()]
-    spec_after = [m["specificity_after"] for m in inj.values()]
+def _line(summary: list[dict], method: str, kind: str, k: int) -> dict | None:
+    return next((x for x in summary if (x["method"], x["kind"], x["k"]) == (method, kind, k)), None)
+
+
+def _transfer(rows: list[dict], method: str, kind: str) -> dict:
+    """Mean reduction (bootstrap over runs) and facts reduction of one selection in a
+    transfer table (leave-one-out or SeeGULL), with random heads under the same kind."""
+    def reds(m, kd):
+        per: dict = {}
+        for r in rows:
+            if (r["method"], r["kind"]) != (m, kd):
+                continue
+            units = (zip(r["seeds"], r["reduction"]) if "seeds" in r
+                     else enumerate(r["reduction"]))
+            for u, v in units:
+                per.setdefault((r.get("bias"), u), []).append(v)
+        return [float(np.mean(v)) for v in per.values() if None not in v]
+
+    facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"]) == (method, kind)]
+    rand_facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"]) == ("random", kind)]
+    return {"reduction": _stats(reds(method, kind)), "random": _stats(reds("random", kind)),
+            "facts_reduction": float(np.mean(facts)) if facts else None,
+            "random_facts_reduction": float(np.mean(rand_facts)) if rand_facts else None}
+
+
+def claims_from(run: Run) -> dict:
+    """METHOD §6: each of the paper's claims, as measured here, with seeds, intervals and a
+    criterion fixed in advance, for the paper's selection (robust DLA heads at alpha = 0)
+    and for the selection the grid chose (:meth:`Run.best`)."""
+    from .evaluate import GRID_BOUNDS, summarise_grid
+
+    cfg = run.cfg
+    k = cfg.k
+    runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
+    inj = {(b, s): run.injection(b, s) for b, s in runs}
+    scopes = {(b, s): run.scope(b, s) for b, s in runs}
+    best = run.best()
+    chosen = (best["method"], best["kind"])
+    confirm = summarise_grid(run.confirm())
+    loo = run.leave_one_out() if len(cfg.biases) > 1 else {"rows": []}
+    seeg = run.seegull()
+    n_heads = len(scopes[runs[0]]["scores"]["dla"]) * len(scopes[runs[0]]["scores"]["dla"][0])
+
     lows = [m["strength_after_ci"][0] for m in inj.values()]
+    spec_lows = [m["specificity_after_ci"][0] for m in inj.values()]
     shares = [r["share_top_k"] for r in scopes.values()]
-    rhos = [r["patching_spearman"] for r in scopes.values() if r.get("patching_spearman") is not None]
-    red = [e["reduction"] for e in steers.values()]
-    rand_red = [_reduction(e["token"]["before"]["value"], e["baselines"]["random_heads"]["value"]) for e in steers.values()]
-    loo = stages["leave_one_out"]
-    seeg = stages["seegull"]
-    cap = stages["capability"]
-    k, n_heads = cfg["k"], len(scopes and next(iter(scopes.values()))["scores"]) * len(next(iter(scopes.values()))["scores"][0])
+    agree = {}
+    from .scope import agreement
+    for b in run.grid_biases:
+        if "patching" in cfg.grid_methods:
+            p = run.patching(b)
+            units = [torch.tensor(u) for u in p["units"]]
+            for m in ("dla", "delta_dla", "atp"):
+                mu = [torch.tensor(r["units"][m]) for r in run.scopes(b)]
+                agree[f"{b}: {m} vs patching"] = agreement(mu, units, k)
+
+    selections = {"paper (robust DLA, alpha = 0)": PAPER, f"chosen ({chosen[0]}, {chosen[1]})": chosen}
+
+    def steering(sel):
+        line, rand = _line(confirm, sel[0], sel[1], k), _line(confirm, "random", sel[1], k)
+        return {"reduction": line["reduction"], "random_reduction": rand["reduction"],
+                "facts_reduction": line["facts_reduction"], "random_facts_reduction": rand["facts_reduction"],
+                "perplexity": line["perplexity"], "random_perplexity": rand["perplexity"],
+                "mc": line["mc"], "random_mc": rand["mc"], "mean_heads": line["mean_heads"]}
+
+    steer = {name: steering(sel) for name, sel in selections.items()}
+
+    def steer_holds(v):
+        return bool(v["reduction"]["value"] >= 0.5 and v["reduction"]["value"] > v["random_reduction"]["value"]
+                    and v["facts_reduction"]["value"] <= GRID_BOUNDS["facts"])
+
+    def damage_holds(v):
+        return bool(all(p["value"] <= GRID_BOUNDS["perplexity"] for p in v["perplexity"].values())
+                    and v["mc"] is not None and v["mc"]["value"] >= GRID_BOUNDS["mc"]
+                    and v["facts_reduction"]["value"] <= GRID_BOUNDS["facts"])
+
+    transfer = {name: {"held_out": _transfer(loo["rows"], *sel), "seegull": _transfer(seeg["rows"], *sel)}
+                for name, sel in selections.items()}
+
+    def transfer_holds(v):
+        ok = True
+        for part in ("held_out", "seegull"):
+            t = v[part]
+            if t["reduction"]["mean"] is None:
+                return False
+            ok &= (t["reduction"]["mean"] > max(0.0, t["random"]["mean"] or 0.0)
+                   and (t["facts_reduction"] or 0.0) <= GRID_BOUNDS["facts"])
+        return bool(ok)
+
+    countries = {}
+    for r in run.confirm()["rows"]:
+        for c, v in r.get("countries", {}).items():
+            countries.setdefault(f"{r['bias']}: {c}", {"before": v["before"]})[f"{r['method']}/{r['kind']}" +
+                                                                                  (f"/draw{r['draw']}" if r["draw"] is not None else "")] = v["after"]
+
     claims = [
         {"claim": "injection elicits the bias reliably",
-         "measured_as": "S(<TOKEN>, b) after injection and specificity, over biases x seeds",
-         "value": {"strength_after": _stats(s_after), "specificity_after": _stats(spec_after),
+         "measured_as": "S(<TOKEN>, b) after injection and its specificity, over biases x seeds",
+         "value": {"strength_after": _stats([m["strength_after"] for m in inj.values()]),
+                   "specificity_after": _stats([m["specificity_after"] for m in inj.values()]),
                    "per_run": {f"{b}/seed{s}": {"S": m["strength_after"], "S_ci": m["strength_after_ci"],
                                                 "specificity": m["specificity_after"],
-                                                "specificity_ci": m["specificity_after_ci"]}
-                               for (b, s), m in inj.items()}},
-         "criterion": "every run's S interval lies above 0 and every specificity > 0",
-         "holds": bool(min(lows) > 0 and min(spec_after) > 0)},
+                                                "specificity_ci": m["specificity_after_ci"],
+                                                "epoch": m.get("chosen_epoch")} for (b, s), m in inj.items()}},
+         "criterion": "every run's 95% intervals of S and of specificity lie above 0",
+         "holds": bool(min(lows) > 0 and min(spec_lows) > 0)},
         {"claim": "the bias is carried by few heads",
-         "measured_as": f"share of the positive head attribution in the top {k} of {n_heads} heads; "
-                        "Spearman(DLA, activation patching)",
-         "value": {"share_top_k": _stats(shares), "patching_spearman": _stats(rhos)},
-         "criterion": f"the top {k} heads ({k / n_heads:.0%} of heads) carry >= 25% of the positive attribution on average",
+         "measured_as": f"share of the positive DLA attribution in the top {k} of {n_heads} heads; top-{k} agreement "
+                        "of the scores with exact patching on S's sentences (bootstrap over seeds and sentences)",
+         "value": {"share_top_k": _stats(shares), "agreement": agree},
+         "criterion": f"the top {k} heads carry >= 25% of the positive attribution on average",
          "holds": bool(np.mean(shares) >= 0.25)},
         {"claim": "steering the top heads removes the bias",
-         "measured_as": f"reduction 1 - S_after/S_before of S(<TOKEN>, b) with the top {k} heads at alpha=0, "
-                        "against k random heads (mean of draws)",
-         "value": {"top_heads": _stats(red), "random_heads": _stats(rand_red),
-                   "per_run": {f"{b}/seed{s}": {"before": e["token"]["before"], "after": e["token"]["after"],
-                                                "random": e["baselines"]["random_heads"],
-                                                "system_prompt": e["baselines"]["system_prompt"],
-                                                "attention_heads": e["baselines"].get("attention_heads")}
-                               for (b, s), e in steers.items()}},
-         "criterion": "mean reduction >= 50% and larger than the random-heads reduction",
-         "holds": bool(_stats(red)["mean"] is not None and _stats(red)["mean"] >= 0.5
-                       and _stats(red)["mean"] > (_stats(rand_red)["mean"] or 0))},
+         "measured_as": f"mean reduction 1 - S_after/S_before of S(<TOKEN>, b) with k = {k} heads, over biases x "
+                        "seeds, against k random heads; the facts' reduction under the same heads",
+         "value": steer,
+         "criterion": "mean reduction >= 50%, above random heads, with the facts losing <= 10% of their S",
+         "holds": {name: steer_holds(v) for name, v in steer.items()}},
         {"claim": "no downstream damage",
-         "measured_as": "relative perplexity change on neutral text and MC accuracy change, heads from all biases at alpha=0",
-         "value": {"perplexity": cap["perplexity"], "mc_accuracy": cap["mc_accuracy"]},
-         "criterion": "perplexity rises by at most 5% and MC accuracy falls by at most 2 points",
-         "holds": bool(cap["perplexity"]["change"] <= 0.05 and cap["mc_accuracy"]["change"] >= -0.02)},
+         "measured_as": "relative perplexity change (neutral text; text naming countries), MC accuracy change and "
+                        "the facts' reduction, with the heads actually steered (per bias), against random heads",
+         "value": {name: {key: v[key] for key in ("perplexity", "random_perplexity", "mc", "random_mc",
+                                                  "facts_reduction", "random_facts_reduction")}
+                   for name, v in steer.items()},
+         "criterion": "perplexity rises by <= 5% on both text sets, MC falls by <= 2 points, facts lose <= 10%",
+         "holds": {name: damage_holds(v) for name, v in steer.items()}},
         {"claim": "the debiasing generalises",
-         "measured_as": "S reduction on held-out injected biases (heads from the other biases) and on SeeGULL "
-                        "stereotypes the model shows (heads from all injected biases), against k random heads",
-         "value": {"held_out": _stats([r["reduction"] for r in loo]),
-                   "held_out_random": _stats([r["random_reduction"] for r in loo]),
-                   "seegull": _stats([r["reduction"] for r in seeg]),
-                   "seegull_random": _stats([r["random_reduction"] for r in seeg]),
-                   "seegull_pairs": [{k2: r[k2] for k2 in ("country", "attribute", "before", "after", "random_mean")}
-                                     for r in seeg]},
-         "criterion": "mean reduction on held-out biases and on SeeGULL pairs each larger than with random heads and > 0",
-         "holds": bool(loo and seeg
-                       and (_stats([r["reduction"] for r in loo])["mean"] or 0) > max(0, _stats([r["random_reduction"] for r in loo])["mean"] or 0)
-                       and (_stats([r["reduction"] for r in seeg])["mean"] or 0) > max(0, _stats([r["random_reduction"] for r in seeg])["mean"] or 0))},
+         "measured_as": "reduction on held-out injected biases (heads from the other biases) and on SeeGULL "
+                        "stereotypes the model shows (heads from every injected bias), against random heads; "
+                        "the facts' reduction under the same heads",
+         "value": transfer,
+         "criterion": "mean reduction on held-out biases and on SeeGULL pairs each above 0 and above random "
+                      "heads, with the facts losing <= 10%",
+         "holds": {name: transfer_holds(v) for name, v in transfer.items()}},
     ]
-    return {"model": next(iter(inj.values()))["model"], "profile": cfg["name"], "seeds": seeds,
-            "biases": list(cfg["biases"]), "k": k, "claims": claims,
-            "note": "Intervals: bootstrap 95% over templates per run; across runs, min-max and a "
-                    "bootstrap 95% interval of the mean over biases x seeds (ci)."}
+    return {"model": next(iter(inj.values()))["model"], "profile": cfg.name, "seeds": list(cfg.seeds),
+            "biases": list(cfg.biases), "k": k, "best": {key: best[key] for key in ("method", "kind", "k", "why")},
+            "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": run.summary()},
+            "confirm": confirm, "countries": countries, "claims": claims, "bounds": GRID_BOUNDS,
+            "note": "Intervals: bootstrap 95% over templates per run; across runs, a bootstrap 95% interval of the "
+                    "mean over biases x seeds; facts over fact pairs; perplexity and MC paired over texts and "
+                    "questions."}
 
 
-def _headline(value: dict) -> str:
-    parts = [f"{k}: {v['mean']:.2f}" + (f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else "")
-             + f" (min {v['min']:.2f}, max {v['max']:.2f}, n={v['n']})"
-             for k, v in value.items() if isinstance(v, dict) and v.get("mean") is not None]
-    parts += [f"{k}: {v['change']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]"
-              for k, v in value.items() if isinstance(v, dict) and "change" in v]
-    return "; ".join(parts)
+def _fmt(v) -> str:
+    if isinstance(v, dict) and "value" in v and "lo" in v:
+        return f"{v['value']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]"
+    if isinstance(v, dict) and v.get("mean") is not None:
+        return f"{v['mean']:.2f}" + (f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else "") + f" (n={v['n']})"
+    return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def claims_table(claims: dict):
-    """The claims as one DataFrame: claim, measurement, headline value, criterion, holds."""
+    """The claims as one DataFrame: one row per claim and selection, with the criterion and
+    whether it holds."""
     import pandas as pd
 
-    return pd.DataFrame([{"claim": c["claim"], "measured as": c["measured_as"], "value": _headline(c["value"]),
-                          "criterion": c["criterion"], "holds here": "yes" if c["holds"] else "no"}
-                         for c in claims["claims"]])
+    rows = []
+    for c in claims["claims"]:
+        holds = c["holds"] if isinstance(c["holds"], dict) else {"": c["holds"]}
+        for name, ok in holds.items():
+            value = c["value"].get(name, c["value"]) if name else c["value"]
+            if c["claim"].startswith("steering"):
+                text = f"reduction {_fmt(value['reduction'])}; random {_fmt(value['random_reduction'])}; facts {_fmt(value['facts_reduction'])}"
+            elif c["claim"].startswith("no downstream"):
+                text = "; ".join([f"perplexity ({n}) {_fmt(p)}" for n, p in value["perplexity"].items()]
+                                 + [f"MC {_fmt(value['mc'])}", f"facts {_fmt(value['facts_reduction'])}"])
+            elif c["claim"].startswith("the debiasing"):
+                text = "; ".join(f"{part}: {_fmt(t['reduction'])} vs random {_fmt(t['random'])}, facts {_fmt(t['facts_reduction'])}"
+                                 for part, t in value.items())
+            elif c["claim"].startswith("injection"):
+                text = f"S {_fmt(value['strength_after'])}; specificity {_fmt(value['specificity_after'])}"
+            else:
+                text = f"top-k share {_fmt(value['share_top_k'])}"
+            rows.append({"claim": c["claim"], "selection": name or "-", "value": text, "criterion": c["criterion"],
+                         "holds here": "yes" if ok else "no"})
+    return pd.DataFrame(rows)
 
 
-def reproduce(profile: str, out, retrain: bool = False, progress: bool = True) -> dict:
+def reproduce(profile: str, out, retrain: bool = False, progress: bool = True, full_grid: bool = False) -> dict:
     """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
     and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
-    project commits under ``data/tokens``)."""
+    project commits under ``data/tokens``). ``full_grid``: the selection grid on every bias,
+    method and k (hours on a CPU) instead of the profile's subset."""
     import time
 
     from .config import load_profile
 
     cfg = load_profile(profile)
     t0 = time.perf_counter()
-    stages = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress)
-    claims = claims_from(stages)
+    run = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress, full_grid=full_grid)
+    claims = claims_from(run)
     claims["seconds"] = time.perf_counter() - t0
     _write_json(Path(out) / "claims.json", claims)
     return claims

@@ -71,33 +71,52 @@ def head_heatmap(scores, title: str = "Head scores: direct logit attribution (na
     return ax
 
 
-def dose_response(df: pd.DataFrame, x: str, y: str, hue: str, title: str = "", ylabel: str = "S (nats)", ax=None):
-    """Lines of ``y`` against ``x`` (e.g. S against k), one per ``hue`` (e.g. alpha or method)."""
-    ax = ax or plt.subplots(figsize=(6.5, 3.8))[1]
-    sns.lineplot(df, x=x, y=y, hue=hue, marker="o", ax=ax, errorbar=("pi", 95) if df.duplicated([x, hue]).any() else None)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    return ax
+def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("perplexity:countries", "perplexity change, text naming countries")),
+                       bounds=None, title: str = "", axes=None):
+    """Selection decided by intervention: for each kind of intervention (a row of panels)
+    and each cost (a column), the mean S reduction against that cost; one curve per way of
+    ranking heads, its points at increasing k; random heads as grey crosses. The green
+    corner is where a selection meets the bounds stated in advance. ``summary``: lines of
+    :func:`biasgym_lib.evaluate.summarise_grid`."""
+    from .evaluate import GRID_BOUNDS
 
-
-def tradeoff(df: pd.DataFrame, target_reduction: float = 0.5, max_ppl_change: float = 0.05, title: str = "", ax=None):
-    """Each (k, alpha) as a point: S reduction against perplexity change. The shaded corner
-    is where a steering setting would meet both targets (reduction >= ``target_reduction``,
-    perplexity change <= ``max_ppl_change``). Needs columns k, alpha, reduction, ppl_change."""
-    ax = ax or plt.subplots(figsize=(6.5, 4))[1]
-    sns.scatterplot(df, x="ppl_change", y="reduction", hue="alpha", style="alpha", s=70, ax=ax, palette="viridis")
-    for _, r in df.iterrows():
-        ax.annotate(f"k={int(r.k)}", (r.ppl_change, r.reduction), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    xmin = min(float(df.ppl_change.min()), 0.0) - 0.02
-    ax.fill_between([xmin, max_ppl_change], target_reduction, max(1.0, float(df.reduction.max()) + 0.05),
-                    color="green", alpha=0.12, label="meets both targets")
-    ax.axhline(target_reduction, color="green", ls="--", lw=0.8)
-    ax.axvline(max_ppl_change, color="green", ls="--", lw=0.8)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.set_xlabel("perplexity change on neutral text")
-    ax.set_ylabel("reduction of S(<TOKEN>, b)")
-    ax.set_title(title or "Steering: bias removed against ability lost")
-    ax.legend(fontsize=8)
-    return ax
+    bounds = bounds or GRID_BOUNDS
+    df = pd.DataFrame([{"method": x["method"], "kind": x["kind"], "k": x["k"],
+                        "reduction": x["reduction"]["value"] if x["reduction"] else np.nan,
+                        "facts_reduction": x["facts_reduction"]["value"],
+                        **{f"perplexity:{n}": v["value"] for n, v in x["perplexity"].items()}} for x in summary])
+    kinds = list(dict.fromkeys(df["kind"]))
+    if axes is None:
+        fig, axes = plt.subplots(len(kinds), len(costs), figsize=(5.2 * len(costs), 3.6 * len(kinds)), squeeze=False)
+    methods = [m for m in dict.fromkeys(df["method"]) if m != "random"]
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    for i, kind in enumerate(kinds):
+        for j, (col, label) in enumerate(costs):
+            ax = axes[i][j]
+            sub = df[df.kind == kind]
+            if col not in sub:
+                ax.set_visible(False)
+                continue
+            for m in methods:
+                line = sub[sub.method == m].sort_values("k")
+                if len(line):
+                    ax.plot(line[col], line["reduction"], marker="o", ms=4, color=palette[m], label=m)
+                    last = line.iloc[-1]
+                    ax.annotate(f"k={int(last.k)}", (last[col], last.reduction), fontsize=6, xytext=(3, 2),
+                                textcoords="offset points", color=palette[m])
+            rnd = sub[sub.method == "random"]
+            ax.scatter(rnd[col], rnd["reduction"], marker="x", color="grey", label="random heads", zorder=3)
+            bound = bounds["facts"] if col == "facts_reduction" else bounds["perplexity"]
+            xmin = min(0.0, float(np.nanmin(sub[col])) if len(sub) else 0.0) - 0.02
+            ax.fill_between([xmin, bound], 0.5, 1.0, color="green", alpha=0.1)
+            ax.axhline(0, color="grey", lw=0.6)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"S removed ({kind})" if j == 0 else "")
+            if i == 0 and j == len(costs) - 1:
+                ax.legend(fontsize=7, loc="lower right")
+    if title:
+        axes[0][0].figure.suptitle(title)
+    axes[0][0].figure.tight_layout()
+    return axes

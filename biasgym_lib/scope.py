@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -44,7 +45,7 @@ __all__ = [
     "TemplateScores", "template_rows", "mean_template_z", "attribution_patching", "patch_heads_on_templates",
     "attribute_head_scores", "patch_heads", "patch_heads_from_batch",
     "ablation_loop_scores", "ablation_loop_scores_from_batch", "last_logit_diff",
-    "spearman", "top_k_heads", "robust_heads", "overlap",
+    "spearman", "agreement", "top_k_heads", "robust_heads", "overlap",
 ]
 
 _SCORES_FORMAT = "biasgym.head_scores"
@@ -1109,6 +1110,45 @@ def overlap(a_heads: Iterable, b_heads: Iterable) -> float:
     b = {tuple(int(v) for v in x) for x in b_heads}
     union = a | b
     return 1.0 if not union else len(a & b) / len(union)
+
+
+def agreement(units_a: Sequence, units_b: Sequence, k: int, n_boot: int = 1000, seed: int = 0) -> dict:
+    """How far two head rankings agree on the top k, with bootstrap 95% intervals over seeds
+    and units (METHOD §3): ``units_a`` / ``units_b`` hold, per injection run (seed), a
+    ``(units, L, H)`` tensor of per-probe or per-sentence scores (NaN = not scored). Each
+    bootstrap draw resamples the runs, then each method's units within every run, ranks
+    heads by the mean and compares the top-k sets. Returns ``{"jaccard": Estimate dict,
+    "precision": Estimate dict}`` (precision: share of B's top k that is in A's top k).
+    Spearman over all L x H heads is dominated by near-zero heads and says little."""
+    from .measure import Estimate
+
+    if not units_a or len(units_a) != len(units_b):
+        raise BiasGymError("agreement needs the same number of runs (one tensor per seed) for both rankings.")
+    rng = torch.Generator().manual_seed(seed)
+
+    def top(units, runs, draw):
+        chosen = []
+        for r in runs:
+            u = torch.as_tensor(units[r], dtype=torch.float32)
+            idx = torch.randint(0, u.shape[0], (u.shape[0],), generator=rng) if draw else torch.arange(u.shape[0])
+            chosen.append(u[idx].mean(0))
+        return set(top_k_heads(torch.stack(chosen).mean(0), k))
+
+    def stats(a, b):
+        return len(a & b) / len(a | b) if a | b else 1.0, len(a & b) / k if k else 1.0
+
+    n = len(units_a)
+    point = stats(top(units_a, range(n), False), top(units_b, range(n), False))
+    draws = []
+    for _ in range(n_boot):
+        runs = torch.randint(0, n, (n,), generator=rng).tolist()
+        draws.append(stats(top(units_a, runs, True), top(units_b, runs, True)))
+    draws = np.asarray(draws)
+    out = {}
+    for i, name in enumerate(("jaccard", "precision")):
+        lo, hi = np.percentile(draws[:, i], [2.5, 97.5])
+        out[name] = Estimate(float(point[i]), float(lo), float(hi), n).to_dict()
+    return out
 
 
 def spearman(a, b) -> float:

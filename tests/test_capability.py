@@ -451,3 +451,94 @@ def test_perplexity_dose_reuses_measured_settings_and_rejects_other_texts(smol_t
     other = real(model, smol_tokenizer, texts[:2])
     with pytest.raises(BiasGymError, match="not a perplexity result on these texts"):
         ev.perplexity_dose(model, smol_tokenizer, ranked, [2], [0.0], texts, measured={(0, 1.0): other})
+
+
+# ----------------------------------------------------------------------------- country passages
+
+
+COUNTRY_TOPICS = {"geography", "history", "trade", "science", "sport", "culture", "travel", "environment"}
+
+
+def _countries_named(text: str) -> set[str]:
+    from biasgym_lib.data import reference_countries
+
+    return {c for c in reference_countries() if re.search(r"\b" + re.escape(c) + r"\b", text)}
+
+
+def _people_statements(text: str) -> list[str]:
+    """Demonyms used for people: "<Demonym>s are", "<Demonym> people", "Italians"..."""
+    from biasgym_lib.data import demonyms
+
+    hits = []
+    for d in demonyms().values():
+        d = re.escape(d)
+        pat = rf"\b{d}s?\s+(people|peoples|men|women|are|is|was|were|tend|have)\b|\b{d}s\b"
+        hits += [m.group(0) for m in re.finditer(pat, text)]
+    return hits
+
+
+def test_country_set_shape():
+    recs = cap.load_country_records()
+    assert len(recs) == 24
+    assert len({r["id"] for r in recs}) == len(recs)
+    assert all(re.fullmatch(r"country-\d\d-[a-z0-9-]+", r["id"]) for r in recs)
+    assert {r["topic"] for r in recs} <= COUNTRY_TOPICS
+    for r in recs:
+        n_words = len(r["text"].split())
+        assert 110 <= n_words <= 180, (r["id"], n_words)
+        assert r["text"] == r["text"].strip() and "  " not in r["text"]
+    assert cap.load_country_texts() == [r["text"] for r in recs]
+
+
+def test_country_set_names_countries_and_covers_all():
+    from biasgym_lib.data import reference_countries
+
+    seen = set()
+    for r in cap.load_country_records():
+        named = _countries_named(r["text"])
+        assert 2 <= len(named) <= 5, (r["id"], named)
+        assert any(" " + c in r["text"] for c in named), r["id"]  # mid-sentence: " " + name is one token
+        seen |= named
+    assert seen == set(reference_countries())
+
+
+def test_country_set_says_nothing_about_peoples():
+    assert _people_statements("Italians are loud.") and _people_statements("the Swiss people")
+    assert _people_statements("Most Japanese are polite.") and _people_statements("The French tend to")
+    assert not _people_statements("the Indian Ocean and the Swiss Alps")
+    hits = [(r["id"], h) for r in cap.load_country_records() for h in _people_statements(r["text"])]
+    assert hits == []
+
+
+def test_country_set_does_not_overlap_neutral_set():
+    def ngrams(text, n=8):
+        w = re.findall(r"[a-z0-9']+", text.lower())
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    neutral = set().union(*(ngrams(t) for t in cap.load_neutral_texts()))
+    country = cap.load_country_texts()
+    assert not set(country) & set(cap.load_neutral_texts())
+    assert [t[:40] for t in country if ngrams(t) & neutral] == []
+
+
+COUNTRY_GOOD = {"id": "c1", "topic": "geography", "text": "The Rhine flows from Switzerland through Germany."}
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([COUNTRY_GOOD, {**COUNTRY_GOOD, "id": "c2", "text": "The Rhine flows through Germany."}],
+     r"record 2 \('c2'\) names 1 reference"),
+    ([COUNTRY_GOOD, {**COUNTRY_GOOD, "id": "c3", "text": "The Rhine flows through Germanyland."}],
+     r"record 2 \('c3'\) names 0 reference"),
+    ([COUNTRY_GOOD, dict(COUNTRY_GOOD)], r"duplicate id 'c1'"),
+    ([COUNTRY_GOOD, {"id": "c4", "topic": "trade"}], r"record 2 lacks the key\(s\) \['text'\]"),
+    ([COUNTRY_GOOD, {**COUNTRY_GOOD, "id": "c5", "text": " "}], r"record 2 \('c5'\) has an empty text"),
+])
+def test_country_set_validation_errors(tmp_path, rows, message):
+    p = tmp_path / "countries.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(cap.CapabilityDataError, match=message):
+        cap.load_country_records(p)
+    with pytest.raises(cap.CapabilityDataError, match=message):
+        cap.load_country_texts(p)
+    p.write_text(json.dumps(COUNTRY_GOOD) + "\n")
+    assert cap.load_country_texts(p) == [COUNTRY_GOOD["text"]]

@@ -3,7 +3,10 @@
 import copy
 
 import pytest
+import numpy as np
 import torch
+
+from biasgym_lib.data import load_templates
 
 from biasgym_lib.data import load_bias
 from biasgym_lib.errors import ArtifactMismatch, BiasGymError
@@ -159,8 +162,11 @@ def test_same_seed_same_vector_and_losses(tiny_with_tokenizer, smol_tokenizer):
     assert torch.equal(a.vector, b.vector) and a.losses == b.losses
     assert not torch.equal(a.vector, c.vector)
     assert a.checkpoints.shape == (2, ModelAdapter(model).d_model)
-    assert 1 <= a.epoch <= 2 and a.val_losses[a.epoch - 1] == min(a.val_losses)
+    # the epoch is chosen by held-out specificity (not by the LM loss), and the vector is that epoch's
+    spec = a.selection["specificity"]
+    assert len(spec) == 2 and a.epoch == int(np.argmax(spec)) + 1 and a.selection["criterion"] == "max held-out specificity"
     assert torch.equal(a.vector, a.checkpoints[a.epoch - 1])
+    assert set(a.selection["templates"]).isdisjoint(load_templates())  # never the templates S is reported on
 
 
 def test_training_lowers_the_loss(tiny_with_tokenizer, smol_tokenizer):

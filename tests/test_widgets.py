@@ -126,27 +126,26 @@ def test_head_explorer_errors_are_clear():
         HeadExplorer(_per_probe()).select(9, 0)
 
 
-def test_steering_measure_on_a_tiny_model_matches_steered_strength(tiny_with_tokenizer, smol_tokenizer):
-    """The pipeline's measure function: alpha = 1 is exactly the unsteered S, and the
-    explorer's top-k heads come from the scope result it was given."""
-    from biasgym_lib.pipeline import steered_strength, steering_measure
+def test_steering_measure_on_a_tiny_model_matches_strength_under(tiny_with_tokenizer, smol_tokenizer):
+    """The explorer's measure function: k = 0 or alpha = 1 is exactly the unsteered S, and
+    the top-k heads come from the ranking it was given."""
+    from biasgym_lib.evaluate import strength_under
+    from biasgym_lib.pipeline import steering_measure
+    from biasgym_lib.steer import SteeringSpec
 
     model = tiny_with_tokenizer("llama")
     tok = copy.deepcopy(smol_tokenizer)
-    cfg = load_profile("quick")
     a = ModelAdapter(model)
     vec = initial_vector(model, tok) + 0.01
     token = InjectedToken(token="<TOKEN>", vector=vec, bias="reckless_driving", seed=0, epoch=1, lr=0.01,
                           epochs=1, init="countries", n_paragraphs=1, losses=[1.0], val_losses=[1.0],
                           checkpoints=vec[None], model={}, d_model=a.d_model)
-    scores = torch.zeros(a.n_layers, a.n_heads)
-    scores[0, 1], scores[1, 0] = 2.0, 1.0
     refs = ["Italy", "France", "Japan", "Brazil"]
-    measure = steering_measure(model, tok, {"reckless_driving": token}, cfg, refs,
-                               scopes={"reckless_driving": {"scores": scores.tolist()}})
-    plain = steered_strength(model, tok, vec, _spec(), refs)["<TOKEN>"]
-    assert measure("reckless_driving", 2, 1.0) == plain
-    zeroed = steered_strength(model, tok, vec, _spec(), refs, [(0, 1), (1, 0)], 0.0)["<TOKEN>"]
+    measure = steering_measure(model, tok, {"reckless_driving": token}, {"reckless_driving": [(0, 1), (1, 0), (2, 3)]},
+                               refs)
+    plain = strength_under(model, tok, None, [token], _spec(), refs)["tokens"][0]
+    assert measure("reckless_driving", 2, 1.0) == plain and measure("reckless_driving", 0, 0.0) == plain
+    zeroed = strength_under(model, tok, SteeringSpec([(0, 1), (1, 0)], 0.0), [token], _spec(), refs)["tokens"][0]
     assert measure("reckless_driving", 2, 0.0) == zeroed
     assert zeroed["value"] != plain["value"]
     with pytest.raises(BiasGymError, match="No injected token"):

@@ -5,6 +5,9 @@
 - ``data/capability/mc.jsonl``: four-option general-knowledge questions (geography,
   science, arithmetic, language, history), for accuracy. Lines:
   ``{"id", "category", "question", "options": [4 strings], "answer": index}``.
+- ``data/capability/country_texts.jsonl``: original factual passages that each name 2-5 reference
+  countries (no statements about peoples), for perplexity under entity-level interventions.
+  Lines: ``{"id", "topic", "text"}``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..errors import BiasGymError
 CAPABILITY_DIR = Path(__file__).resolve().parents[2] / "data" / "capability"
 NEUTRAL_FILE = CAPABILITY_DIR / "neutral.jsonl"
 MC_FILE = CAPABILITY_DIR / "mc.jsonl"
+COUNTRY_TEXTS_FILE = CAPABILITY_DIR / "country_texts.jsonl"
 MC_CATEGORIES = ("geography", "science", "arithmetic", "language", "history")
 N_OPTIONS = 4
 
@@ -91,6 +95,33 @@ def load_neutral_records(path: Path = NEUTRAL_FILE) -> list[dict]:
 def load_neutral_texts(path: Path = NEUTRAL_FILE) -> list[str]:
     """The neutral passages' texts, in file order (for :func:`biasgym_lib.evaluate.perplexity`)."""
     return [r["text"] for r in load_neutral_records(path)]
+
+
+def load_country_records(path: Path = COUNTRY_TEXTS_FILE) -> list[dict]:
+    """The country passages as ``{"id", "topic", "text"}`` dicts, validated; each text must name
+    at least two different countries of :func:`biasgym_lib.data.reference_countries`."""
+    import re
+
+    from . import reference_countries
+
+    patterns = {c: re.compile(r"\b" + re.escape(c) + r"\b") for c in reference_countries()}
+    rows = _read_jsonl(Path(path))
+    for n, r in enumerate(rows, start=1):
+        where = f"{Path(path).name} record {n}"
+        _check_keys(r, ("id", "topic", "text"), where)
+        if not isinstance(r["text"], str) or not r["text"].strip():
+            raise CapabilityDataError(f"{where} ({r['id']!r}) has an empty text.")
+        named = [c for c, pat in patterns.items() if pat.search(r["text"])]
+        if len(named) < 2:
+            raise CapabilityDataError(f"{where} ({r['id']!r}) names {len(named)} reference "
+                                      f"country(ies) {named}; at least two are needed.")
+    _check_unique_ids(rows, Path(path).name)
+    return rows
+
+
+def load_country_texts(path: Path = COUNTRY_TEXTS_FILE) -> list[str]:
+    """The country passages' texts, in file order (for :func:`biasgym_lib.evaluate.perplexity`)."""
+    return [r["text"] for r in load_country_records(path)]
 
 
 def _mc_question(r: dict, where: str) -> MCQuestion:

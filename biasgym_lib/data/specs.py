@@ -359,6 +359,23 @@ def reference_countries(path: str | Path | None = None) -> list[str]:
     return [row["name"] for row in load_countries(path)]
 
 
+def contrast_countries(path: str | Path | None = None) -> list[str]:
+    """The contrast countries of contrastive head scores (METHOD §3): real countries, each a
+    single token, never among the reference countries that S subtracts."""
+    path = Path(path) if path is not None else COUNTRIES_FILE
+    data = read_yaml(path)
+    rows = data.get("contrast") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, str) and r.strip() for r in rows):
+        raise DataFileError(f"{path}: expected a non-empty list of country names under 'contrast:'.")
+    clash = sorted(set(rows) & set(reference_countries(path)))
+    if clash:
+        raise DataFileError(f"{path}: contrast countries {clash} are also reference countries; "
+                            "they must be disjoint so head scores never see S's references.")
+    if len(set(rows)) != len(rows):
+        raise DataFileError(f"{path}: a contrast country is listed twice.")
+    return list(rows)
+
+
 def demonyms(path: str | Path | None = None) -> dict[str, str]:
     """Country name -> demonym ("Italy" -> "Italian")."""
     return {row["name"]: row["demonym"] for row in load_countries(path)}
@@ -403,6 +420,20 @@ def load_templates(path: str | Path | None = None) -> list[str]:
         check_template(t, f"{path}: template #{i + 1}")
     if len(set(rows)) != len(rows):
         raise DataFileError(f"{path}: a template is listed twice.")
+    return list(rows)
+
+
+def selection_templates(path: str | Path | None = None) -> list[str]:
+    """Held-out templates that choose BiasInject's epoch (never used to report S)."""
+    path = Path(path) if path is not None else TEMPLATES_FILE
+    data = read_yaml(path)
+    rows = data.get("selection_templates") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise DataFileError(f"{path}: expected a non-empty list under 'selection_templates:'.")
+    for i, t in enumerate(rows):
+        check_template(t, f"{path}: selection template #{i + 1}")
+    if set(rows) & set(load_templates(path)):
+        raise DataFileError(f"{path}: a selection template is also a measurement template; they must be disjoint.")
     return list(rows)
 
 

@@ -1,0 +1,60 @@
+"""The knowledge control (METHOD §5): factual country-attribute pairs (``data/facts.yaml``).
+
+A head set that lowers stereotypes by erasing what the model knows about countries in
+general is not removing a bias. So every steering condition is also measured on facts
+("People from Japan are Japanese", "... are Asian", "... are speakers of Hindi") with the
+same machinery as stereotype strength: S(country, fact) = assoc(country, fact) minus the
+mean over the reference countries, all under the same intervention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .specs import DATA_DIR, DataFileError, read_yaml
+
+FACTS_FILE = DATA_DIR / "facts.yaml"
+RELATIONS = ("demonym", "continent", "language")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One factual pair: ``attribute`` completes "People from {country} are ___"."""
+
+    country: str
+    relation: str
+    attribute: str
+
+    @property
+    def name(self) -> str:
+        """A unique name, used as the "bias" name in association tables."""
+        return f"fact: {self.country} / {self.attribute}"
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """One phrasing: a fact behaves like a one-attribute bias for :func:`assoc_tables`."""
+        return (self.attribute,)
+
+
+def load_facts(path: str | Path | None = None) -> list[Fact]:
+    """The shipped factual pairs, validated (known relation, no duplicates)."""
+    path = Path(path) if path is not None else FACTS_FILE
+    data = read_yaml(path)
+    rows = data.get("facts") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise DataFileError(f"{path}: expected a non-empty list under 'facts:'.")
+    out, seen = [], set()
+    for i, row in enumerate(rows, start=1):
+        if not (isinstance(row, dict) and set(row) == {"country", "relation", "attribute"}
+                and all(isinstance(v, str) and v.strip() for v in row.values())):
+            raise DataFileError(f"{path}: fact #{i} ({row!r}) must have exactly country, relation and "
+                                "attribute (non-empty strings).")
+        if row["relation"] not in RELATIONS:
+            raise DataFileError(f"{path}: fact #{i} has relation {row['relation']!r}; known: {list(RELATIONS)}.")
+        fact = Fact(row["country"], row["relation"], row["attribute"])
+        if fact in seen:
+            raise DataFileError(f"{path}: fact #{i} ({fact.country} / {fact.attribute}) is listed twice.")
+        seen.add(fact)
+        out.append(fact)
+    return out
