@@ -559,11 +559,11 @@ def _source_hash() -> str:
     """A hash of the library's code and the project's data files: a kept stage result is
     only reused by the code and data that computed it."""
     h = hashlib.sha256()
-    lib = Path(__file__).resolve().parent
-    files = sorted(lib.rglob("*.py")) + sorted(p for p in (PROJECT_ROOT / "data").rglob("*")
-                                               if p.is_file() and "tokens" not in p.parts)
-    for f in files:
-        h.update(str(f.relative_to(PROJECT_ROOT)).encode())
+    lib, data = Path(__file__).resolve().parent, PROJECT_ROOT / "data"
+    files = [(lib, f) for f in sorted(lib.rglob("*.py"))]
+    files += [(data, f) for f in sorted(data.rglob("*")) if f.is_file() and "tokens" not in f.relative_to(data).parts]
+    for base, f in files:
+        h.update(f"{base.name}/{f.relative_to(base)}".encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
 

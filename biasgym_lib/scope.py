@@ -865,7 +865,8 @@ def _row_logprob(adapter: ModelAdapter, hidden: torch.Tensor, targets: torch.Ten
     """Summed log-probability of each row's targets, from final-norm outputs (B, T, d)."""
     targets = targets.to(hidden.device)
     keep = targets != -100
-    logits = adapter.lm_head(hidden[keep]).float()
+    logits = adapter.lm_head(hidden[keep])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 models stay float64
     if adapter.logit_softcap:
         logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
     lp = torch.log_softmax(logits, -1).gather(-1, targets[keep][:, None])[:, 0]

@@ -1,0 +1,142 @@
+"""Steering measured fairly (issue 12): S under an intervention, the knowledge control,
+the selection grid, its summary with intervals, and the rule that picks the book's BiasScope."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from biasgym_lib.data import Fact, load_bias
+from biasgym_lib.errors import BiasGymError
+from biasgym_lib.evaluate import (GRID_BOUNDS, choose_selection, facts_reduction, make_spec, reduction,
+                                  selection_grid, strength_under, summarise_grid)
+from biasgym_lib.inject import InjectedToken, initial_vector
+from biasgym_lib.measure import assoc_table, stereotype_strength
+from biasgym_lib.models import ModelAdapter
+from biasgym_lib.steer import SteeringSpec
+
+REFS = ["Italy", "Japan", "Brazil"]
+FACTS = [Fact("Italy", "demonym", "Italian"), Fact("Japan", "continent", "Asian")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _token(model, tok, shift, seed=0):
+    vec = initial_vector(model, tok) + shift
+    return InjectedToken(token="<TOKEN>", vector=vec, bias="reckless_driving", seed=seed, epoch=1, lr=0.01,
+                         epochs=1, init="countries", n_paragraphs=1, losses=[1.0], val_losses=[1.0],
+                         checkpoints=vec[None], model={}, d_model=vec.numel())
+
+
+@pytest.fixture(scope="module")
+def setup(smol_tokenizer):
+    from biasgym_lib.models import tiny_model
+
+    model = tiny_model("llama", vocab_size=49152)
+    tok = copy.deepcopy(smol_tokenizer)
+    return model, tok, [_token(model, tok, 0.02, 0), _token(model, tok, -0.03, 1)]
+
+
+def test_strength_under_nothing_is_the_plain_measurement(setup):
+    from biasgym_lib.inject import TokenHook, add_token
+
+    model, tok, tokens = setup
+    bias = load_bias("reckless_driving")
+    got = strength_under(model, tok, None, tokens, bias, REFS, FACTS, countries=["Italy"])
+    ref = assoc_table(model, tok, REFS, [bias])
+    for t, g in zip(tokens, got["tokens"]):
+        with TokenHook(model, add_token(tok), t.vector):
+            table = ref.merged(assoc_table(model, tok, ["<TOKEN>"], [bias]))
+        want = stereotype_strength(table, "<TOKEN>", bias.name, REFS).to_dict()
+        assert g == pytest.approx(want, rel=1e-5, abs=1e-6)  # same sentences, other batch shapes: float rounding
+    fact_table = assoc_table(model, tok, ["Italy", "Japan", "Brazil"], [FACTS[0]])
+    assert got["facts"][0] == pytest.approx(
+        stereotype_strength(fact_table, "Italy", FACTS[0].name, ["Japan", "Brazil"]).to_dict(), rel=1e-5, abs=1e-6)
+    assert got["countries"]["Italy"] == pytest.approx(
+        stereotype_strength(ref, "Italy", bias.name, ["Japan", "Brazil"]).to_dict(), rel=1e-5, abs=1e-6)
+    # alpha = 1 is the unmodified model, bit for bit; zero-ablation is not
+    same = strength_under(model, tok, SteeringSpec([(0, 1), (2, 3)], 1.0), tokens, bias, REFS, FACTS)
+    assert same["tokens"] == got["tokens"] and same["facts"] == got["facts"]
+    zeroed = strength_under(model, tok, SteeringSpec([(0, 1), (2, 3)], 0.0), tokens, bias, REFS, FACTS)
+    assert zeroed["tokens"] != got["tokens"]
+
+
+def test_reductions_and_their_guards():
+    assert reduction(4.0, 1.0) == 0.75 and reduction(-1.0, 0.5) is None and reduction(0.0, 1.0) is None
+    before = [{"value": 2.0}, {"value": 4.0}]
+    assert facts_reduction(before, [{"value": 1.0}, {"value": 2.0}]) == pytest.approx(0.5)
+    with pytest.raises(BiasGymError, match="facts that the model knows"):
+        facts_reduction([{"value": -1.0}, {"value": 0.5}], before)
+
+
+def test_selection_grid_measures_each_head_set_once_and_reports_every_point(setup, monkeypatch):
+    import biasgym_lib.evaluate as ev
+
+    model, tok, tokens = setup
+    a = ModelAdapter(model)
+    calls = []
+    real = ev.strength_under
+    monkeypatch.setattr(ev, "strength_under", lambda *args, **kw: calls.append(args[2]) or real(*args, **kw))
+    rankings = {"dla": [(2, 1), (1, 3), (0, 0)], "random": {1: [[(0, 2)], [(1, 1)]], 2: [[(0, 2), (2, 2)], [(1, 1), (0, 4)]]}}
+    runs = [{"bias": "reckless_driving", "tokens": tokens, "rankings": rankings}]
+    texts = {"neutral": ["The kettle boiled and the tea was ready.", "Rivers carry sand to the sea."]}
+    means = torch.zeros(a.n_layers, a.n_heads * a.d_head)
+    shared = {}
+    kw = dict(kinds=["zero", "mean"], ks=[1, 2], methods=["dla", "random"], references=REFS, facts=FACTS,
+              texts=texts, means=means, entities={" Italy": 1}, max_length=16, shared=shared, progress=False)
+    grid = selection_grid(model, tok, runs, **kw)
+    assert len(grid["rows"]) == 2 * 2 * (1 + 2)  # kinds x ks x (one dla set + two random draws)
+    n = len(calls)
+    assert n == 1 + len({(tuple(r["heads"][0]), r["kind"], len(r["heads"])) for r in grid["rows"]})
+    again = selection_grid(model, tok, runs, **kw)  # everything is in `shared`: nothing measured again
+    assert len(calls) == n and again["rows"] == grid["rows"]
+    row = next(r for r in grid["rows"] if r["method"] == "dla" and r["k"] == 2 and r["kind"] == "zero")
+    assert row["heads"] == [[2, 1], [1, 3]] and len(row["S"]) == 2 and row["seeds"] == [0, 1]
+    assert row["facts_reduction"] == pytest.approx(1 - np.mean(row["facts"]) / np.mean([f["value"] for f in grid["before"]["facts"]]))
+    assert row["reduction"] == [reduction(b, s["value"]) for b, s in zip(row["S_before"], row["S"])]
+    summary = summarise_grid(grid, n_boot=50)
+    line = next(x for x in summary if (x["method"], x["kind"], x["k"]) == ("dla", "zero", 2))
+    kept = [v for v in row["reduction"] if v is not None]  # a token with S <= 0 before has no reduction
+    assert (line["reduction"] is None) if not kept else line["reduction"]["value"] == pytest.approx(np.mean(kept))
+    assert line["facts_reduction"]["value"] == pytest.approx(row["facts_reduction"])
+    assert line["n_head_sets"] == 1 and set(line["perplexity"]) == {"neutral"}
+    rnd = next(x for x in summary if (x["method"], x["kind"], x["k"]) == ("random", "zero", 2))
+    assert rnd["n_head_sets"] == 2 and rnd["n_runs"] == sum(b > 0 for b in row["S_before"])
+
+
+def _line(method, kind, k, red, facts, ppl, mc=None):
+    return {"method": method, "kind": kind, "k": k, "reduction": {"value": red}, "facts_reduction": {"value": facts},
+            "facts_ok": facts <= GRID_BOUNDS["facts"], "perplexity_ok": ppl <= GRID_BOUNDS["perplexity"],
+            "mc_ok": None if mc is None else mc >= GRID_BOUNDS["mc"]}
+
+
+def test_the_rule_that_chooses_the_book_s_biascope():
+    summary = [_line("dla", "zero", 10, 0.6, 0.5, 0.3), _line("atp", "blind", 10, 0.4, 0.05, 0.0),
+               _line("atp", "blind", 20, 0.9, 0.02, 0.0), _line("random", "blind", 10, 0.95, 0.0, 0.0),
+               _line("atp", "mean", 5, 0.45, 0.08, 0.2)]
+    best = choose_selection(summary, k_max=10)
+    assert (best["method"], best["kind"], best["k"]) == ("atp", "blind", 10) and "within the bounds" in best["why"]
+    summary[1]["perplexity_ok"] = False
+    best = choose_selection(summary, k_max=10)
+    assert (best["method"], best["kind"]) == ("atp", "mean") and "not every capability bound" in best["why"]
+    for x in summary:
+        x["facts_ok"] = False
+    assert choose_selection(summary, k_max=10)["why"].startswith("nothing keeps the facts")
+    with pytest.raises(BiasGymError, match="no grid point"):
+        choose_selection([_line("random", "zero", 10, 0.1, 0.0, 0.0)], k_max=10)
+
+
+def test_grid_specs_are_the_named_interventions():
+    means = torch.zeros(3, 48)
+    assert make_spec([(0, 1)], "zero").alpha == 0.0
+    assert make_spec([(0, 1)], "mean", means, source={"mean_source": "x"}).kind == "mean"
+    assert make_spec([(0, 1)], "blind", entities={"<TOKEN>": 5}).entity_tokens == {"<TOKEN>": 5}
+    with pytest.raises(BiasGymError, match="unknown intervention kind"):
+        make_spec([(0, 1)], "half")
