@@ -164,26 +164,26 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
 
 
 def bench_steering(model, tok, n_references: int = 8) -> dict:
-    """The steering evaluation of a second token of the same bias, with the first token's
-    :class:`~biasgym_lib.pipeline.ReferenceCache` (shared reference countries) and without."""
-    from dataclasses import replace
-
+    """One steering condition as the selection grid measures it (:func:`strength_under`: the
+    reference countries and the facts in one scoring pass, then each seed's token), against
+    measuring each token with its own references and facts (the per-token path)."""
     from .config import load_profile
-    from .pipeline import ReferenceCache, get_token, steer_eval, steer_references
+    from .data import load_bias, load_facts
+    from .evaluate import strength_under
+    from .pipeline import get_token, steer_references
+    from .steer import SteeringSpec, random_heads
 
-    cfg = replace(load_profile("teaching"), n_random_draws=2)
-    refs = steer_references(cfg, n_references)
-    first, second = (get_token(model, tok, "reckless_driving", cfg, s, progress=False) for s in (0, 1))
-    heads = [(27, 1), (27, 2), (23, 5), (24, 7), (29, 1)]
-    cache = ReferenceCache(model)
-    steer_eval(model, tok, first, heads, 0.0, cfg, refs, cache=cache)
-    shared_s, shared = _timed(lambda: steer_eval(model, tok, second, heads, 0.0, cfg, refs, cache=cache))
-    alone_s, alone = _timed(lambda: steer_eval(model, tok, second, heads, 0.0, cfg, refs))
-    values = lambda e: [e["token"]["before"]["value"], e["token"]["after"]["value"],  # noqa: E731
-                        e["baselines"]["system_prompt"]["value"], *[d["value"] for d in e["baselines"]["random_heads_draws"]]]
-    return {"conditions": 3 + cfg.n_random_draws, "references": len(refs), "second_token_shared_s": shared_s,
-            "second_token_alone_s": alone_s, "speedup": alone_s / shared_s,
-            "max_abs_difference_S": max(abs(a - b) for a, b in zip(values(shared), values(alone)))}
+    cfg = load_profile("teaching")
+    refs, facts, bias = steer_references(cfg, n_references), load_facts(), load_bias("reckless_driving")
+    tokens = [get_token(model, tok, bias.name, cfg, s, progress=False) for s in cfg.seeds]
+    spec = SteeringSpec(random_heads(30, 9, 10, seed=7), 0.0)
+    shared_s, shared = _timed(lambda: strength_under(model, tok, spec, tokens, bias, refs, facts))
+    alone_s, alone = _timed(lambda: [strength_under(model, tok, spec, [t], bias, refs, facts) for t in tokens])
+    a = [x["value"] for x in shared["tokens"]] + [x["value"] for x in shared["facts"]]
+    b = [r["tokens"][0]["value"] for r in alone] + [x["value"] for x in alone[0]["facts"]]
+    return {"tokens": len(tokens), "references": len(refs), "facts": len(facts), "shared_s": shared_s,
+            "per_token_s": alone_s, "speedup": alone_s / shared_s,
+            "max_abs_difference_S": max(abs(x - y) for x, y in zip(a, b))}
 
 
 def bench_patching(model, tok, n_probes: int = 2) -> dict:

@@ -49,6 +49,7 @@ class Profile:
     grid_kinds: tuple[str, ...]
     grid_k: tuple[int, ...]
     curve_methods: tuple[str, ...]
+    curve_kinds: tuple[str, ...]
     overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -56,7 +57,7 @@ class Profile:
 
 
 _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "grid_methods": str,
-           "grid_kinds": str, "grid_k": int, "curve_methods": str}
+           "grid_kinds": str, "grid_k": int, "curve_methods": str, "curve_kinds": str}
 
 
 def profile_names(path: Path = PROFILES_FILE) -> list[str]:
@@ -108,7 +109,8 @@ def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **override
     from .pipeline import METHODS  # the ways of ranking heads, and the kinds of intervention
 
     kinds = ("zero", "mean", "blind")
-    for key, allowed in (("grid_methods", METHODS), ("curve_methods", METHODS), ("grid_kinds", kinds)):
+    for key, allowed in (("grid_methods", METHODS), ("curve_methods", METHODS), ("grid_kinds", kinds),
+                         ("curve_kinds", kinds)):
         unknown = [v for v in values[key] if v not in allowed]
         if unknown:
             raise BiasGymError(f"profile {name!r}: {key} has unknown entries {unknown}; known: {list(allowed)}.")

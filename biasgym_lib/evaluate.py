@@ -314,46 +314,6 @@ def comparison_table(comparison: dict):
     return pd.DataFrame(rows).set_index("metric")
 
 
-def perplexity_dose(model, tokenizer, ranked_heads: Sequence, k_values: Sequence[int],
-                    alpha_values: Sequence[float], texts: Sequence[str], seed: int = 0,
-                    measured: dict | None = None) -> list[dict]:
-    """Perplexity on ``texts`` with the top ``k`` of ``ranked_heads`` scaled by ``alpha``,
-    for every (k, alpha): the capability side of METHOD §4's dose-response.
-
-    One row per setting: ``ppl``, and ``change`` (relative to the unsteered model) with its
-    paired 95% interval ``lo``/``hi``. k = 0 or alpha = 1 is the unsteered model (change 0),
-    measured once.
-
-    ``measured`` maps ``(k, alpha)`` to a :func:`perplexity` result already measured on the
-    same texts with those heads (``(0, 1.0)``: the unsteered model); those settings are not
-    measured again.
-    """
-    from .steer import steer_heads
-
-    if max(k_values, default=0) > len(ranked_heads):
-        raise BiasGymError(f"k up to {max(k_values)} needs at least that many ranked heads; got {len(ranked_heads)}.")
-    measured = {(int(k), float(a)): r for (k, a), r in (measured or {}).items()}
-    for (k, a), r in measured.items():
-        if r.get("metric") != "perplexity" or r.get("fingerprint") != _fingerprint([512, *texts]):
-            raise BiasGymError(f"measured[({k}, {a})] is not a perplexity result on these texts "
-                               "(default max_length); measure it with perplexity(model, tokenizer, texts).")
-    base = measured.get((0, 1.0)) or perplexity(model, tokenizer, texts, seed=seed)
-    rows = []
-    for k in k_values:
-        for alpha in alpha_values:
-            if k == 0 or alpha == 1.0:
-                rows.append({"k": int(k), "alpha": float(alpha), "ppl": base["ppl"], "change": 0.0, "lo": 0.0, "hi": 0.0})
-                continue
-            after = measured.get((int(k), float(alpha)))
-            if after is None:
-                with steer_heads(model, list(ranked_heads[:k]), alpha):
-                    after = perplexity(model, tokenizer, texts, seed=seed)
-            change = paired_change(base, after, seed=seed)
-            rows.append({"k": int(k), "alpha": float(alpha), "ppl": after["ppl"], "change": change["change"],
-                         "lo": change["ci"][0], "hi": change["ci"][1]})
-    return rows
-
-
 # ----------------------------------------------------------------------------- steering, measured fairly
 
 
@@ -463,7 +423,7 @@ def _mc_raw(result: dict) -> dict:
             "n": result["n"], "metric": "mc_accuracy", "ci": result["ci"]}
 
 
-def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds: Sequence[str], ks,
+def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
                    methods: Sequence[str], references: Sequence[str], facts: Sequence,
                    texts: dict[str, Sequence[str]], means=None, entities: dict | None = None,
                    questions: Sequence | None = None, mc: bool = False, max_length: int = 128, seed: int = 0,
@@ -473,7 +433,8 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds: Sequence[st
 
     ``runs``: one dict per bias with ``bias`` (a spec or name), ``tokens`` (its injected
     tokens, one per seed) and ``rankings`` (:func:`~biasgym_lib.pipeline.bias_rankings`).
-    ``ks``: the k values, or a mapping method -> k values. For each (bias, method, kind, k)
+    ``kinds`` / ``ks``: the kinds and k values, or mappings method -> kinds / k values. For
+    each (bias, method, kind, k)
     the heads are steered (:func:`make_spec`) and measured with :func:`strength_under` (S of
     every token of the bias; the facts) and :func:`capability_under` (perplexity on each set
     of ``texts``, cut to ``max_length`` tokens; multiple choice on ``questions`` if ``mc``).
@@ -502,7 +463,8 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds: Sequence[st
     shared[("capability", None)] = base
     before = {"biases": {}, "perplexity": base["perplexity"], "mc": base.get("mc")}
     rows = []
-    points = [(run, m, kind, k) for run in runs for m in methods for kind in kinds
+    points = [(run, m, kind, k) for run in runs for m in methods
+              for kind in (kinds.get(m, ()) if isinstance(kinds, dict) else kinds)
               for k in (ks.get(m, ()) if isinstance(ks, dict) else ks)]
     for run, method, kind, k in tqdm(points, desc="selection grid", disable=not progress):
         bias = run["bias"] if hasattr(run["bias"], "attributes") else load_bias(run["bias"])
@@ -642,3 +604,41 @@ def choose_selection(summary: Sequence[dict], k_max: int) -> dict:
             return {**best, "why": why}
     best = max(pool, key=lambda x: x["reduction"]["value"] - x["facts_reduction"]["value"])
     return {**best, "why": "nothing keeps the facts: the largest reduction beyond the facts' reduction"}
+
+
+def _interval(v: dict | None, pct: bool = True) -> str:
+    if v is None:
+        return "-"
+    f = (lambda x: f"{x:+.0%}") if pct else (lambda x: f"{x:+.2f}")
+    return f"{f(v['value'])} [{f(v['lo'])}, {f(v['hi'])}]"
+
+
+def summary_frame(summary: Sequence[dict]):
+    """The lines of :func:`summarise_grid` as a table for the book: S removed, the facts'
+    S lost, the perplexity change on each text set and the MC change, each with its 95%
+    interval, and whether the bounds of :data:`GRID_BOUNDS` hold."""
+    import pandas as pd
+
+    rows = []
+    for x in summary:
+        row = {"method": x["method"], "kind": x["kind"], "k": x["k"], "heads": round(x["mean_heads"], 1),
+               "S removed": _interval(x["reduction"]), "facts lost": _interval(x["facts_reduction"])}
+        row.update({f"perplexity ({n})": _interval(v) for n, v in x["perplexity"].items()})
+        row["MC change"] = _interval(x["mc"])
+        row["within bounds"] = bool(x["facts_ok"] and x["perplexity_ok"] and x["mc_ok"] is not False)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_bias_frame(grid: dict):
+    """Mean S removed per bias (over its seeds; random heads: over draws too) for every
+    (method, kind) of a grid at one k: rows are biases, columns "method / kind"."""
+    import pandas as pd
+
+    cells: dict = {}
+    for r in grid["rows"]:
+        vals = [v for v in r["reduction"] if v is not None]
+        if vals:
+            cells.setdefault((r["bias"], f"{r['method']} / {r['kind']} / k={r['k']}"), []).append(float(np.mean(vals)))
+    table = pd.Series({key: float(np.mean(v)) for key, v in cells.items()}).unstack()
+    return table

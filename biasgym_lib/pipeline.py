@@ -289,7 +289,7 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
     import time
 
     from .data import load_bias
-    from .scope import attribute_head_scores, attribution_patching, contrastive_head_scores, head_scores
+    from .scope import attribute_head_scores, attribution_patching, contrastive_head_scores
     from .steer import attention_to_entity
 
     spec = load_bias(injected.bias)
@@ -306,10 +306,9 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
         prompts, counter = probe_prompts(tokenizer, spec, cfg.n_probes, country)
         biased = label_id(tokenizer, spec.label)
         adv = adversarial_labels(model, tokenizer, counter, biased)
-        hs = head_scores(model, tokenizer, prompts, biased, adv)
-        lap("dla")
         delta = contrastive_head_scores(model, tokenizer, prompts, biased, adv, contrast["probe_z"])
-        lap("delta_dla")
+        hs = delta.meta["dla"]  # the paper's DLA, from the same forward pass
+        lap("dla_and_delta_dla")
         attr = attribute_head_scores(model, tokenizer, injected.token, spec.attributes, contrast["countries"])
         lap("attr")
         atp = attribution_patching(model, tokenizer, injected.token, spec.attributes, contrast["template_z"],
@@ -557,7 +556,7 @@ def seegull_under(model, tokenizer, pairs: list[dict], spec) -> list[dict]:
 
 def _source_hash() -> str:
     """A hash of the library's code and the project's data files: a kept stage result is
-    only reused by the code and data that computed it."""
+    only reused by the code and data that computed it (read afresh each time: a few ms)."""
     h = hashlib.sha256()
     lib, data = Path(__file__).resolve().parent, PROJECT_ROOT / "data"
     files = [(lib, f) for f in sorted(lib.rglob("*.py"))]
@@ -583,20 +582,24 @@ def token_fingerprint(token: InjectedToken) -> str:
 
 
 def _memo(path: Path, compute, token: InjectedToken | None = None, need=None, fingerprint: str | None = None):
-    """The JSON at ``path`` if it is there, measured this token (or these tokens: a combined
-    ``fingerprint``) and satisfies ``need``; else ``compute()``, saved there (atomically)."""
+    """The JSON at ``path`` if it is there, was computed by this code on these data files
+    (:func:`_source_hash`), measured this token (or these tokens: a combined ``fingerprint``)
+    and satisfies ``need``; else ``compute()``, saved there (atomically). The one cache of
+    stage results: any change to the library, the data or the tokens computes again."""
     if token is not None:
         fingerprint = token_fingerprint(token)
+    code = _source_hash()
     if path.is_file():
         try:
             value = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             value = None
-        if value is not None and value.get("token_fingerprint") == fingerprint and (need is None or need(value)):
+        if (value is not None and value.get("token_fingerprint") == fingerprint and value.get("code") == code
+                and (need is None or need(value))):
             return value
     value = compute()
-    if fingerprint is not None:
-        value["token_fingerprint"] = fingerprint
+    value["token_fingerprint"] = fingerprint
+    value["code"] = code
     _write_json(path, value)
     return value
 
@@ -736,21 +739,24 @@ class Run:
         return list(self.cfg.biases) if self.full_grid else list(self.cfg.biases[: self.cfg.grid_biases])
 
     def grid(self) -> dict:
-        """The selection grid (METHOD §4) on the grid biases: every method of the profile at
-        the profile's k, the ``curve_methods`` (all, with ``full_grid``) at every k of
-        ``grid_k``, under every kind of intervention; MC only with ``full_grid``."""
+        """The selection grid (METHOD §4) on the grid biases: every method of the profile
+        under every kind at the profile's k; the ``curve_methods`` under the ``curve_kinds``
+        at every other k of ``grid_k``. With ``full_grid``: every bias, and multiple choice
+        at the profile's k (a subset fixed in advance; the ``paper`` profile runs it all)."""
         cfg = self.cfg
-        curve = set(cfg.grid_methods) if self.full_grid else set(cfg.curve_methods)
-        ks_all = sorted(set(cfg.grid_k) | ({1, 2, 5, 10, 20} if self.full_grid else set()))
-        ks = {m: (ks_all if m in curve else [cfg.k]) for m in cfg.grid_methods}
         biases = self.grid_biases
         name = "grid_full.json" if self.full_grid else "grid.json"
 
         def compute():
             runs = [{"bias": b, "tokens": self.tokens(b),
                      "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
-            return {"biases": biases, **self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), ks,
-                                                   mc=self.full_grid)}
+            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=self.full_grid)
+            others = [k for k in cfg.grid_k if k != cfg.k]
+            curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
+            rows = at_k["rows"]
+            if others and curve:
+                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=False)["rows"]
+            return {"biases": biases, "before": at_k["before"], "rows": rows}
         return _memo(self.out / name, compute, fingerprint=self._fingerprint(biases))
 
     def summary(self) -> list[dict]:
@@ -766,19 +772,21 @@ class Run:
         return choose_selection(self.summary(), self.cfg.k)
 
     def confirm(self) -> dict:
-        """The chosen selection and the paper's on every bias of the profile at the profile's
-        k, under the chosen kind and zero-ablation, with k random heads, the facts,
-        perplexity and multiple choice."""
+        """The chosen selection (under its kind) and the paper's (robust DLA at alpha = 0) on
+        every bias of the profile at the profile's k, with k random heads under both kinds:
+        S, the facts, perplexity and multiple choice."""
         best = self.best()
-        methods = list(dict.fromkeys([best["method"], PAPER[0], "random"]))
-        kinds = list(dict.fromkeys([best["kind"], PAPER[1]]))
+        kinds = {best["method"]: [best["kind"]], PAPER[0]: [PAPER[1]],
+                 "random": list(dict.fromkeys([best["kind"], PAPER[1]]))}
+        if best["method"] == PAPER[0]:
+            kinds[PAPER[0]] = list(dict.fromkeys([best["kind"], PAPER[1]]))
         fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
 
         def compute():
             runs = [{"bias": b, "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
                      "countries": [strength_matrix_top(self.reference, b)]} for b in self.cfg.biases]
             return {"best": {k: best[k] for k in ("method", "kind", "k", "why")},
-                    **self._grid(runs, methods, kinds, [self.cfg.k], mc=True)}
+                    **self._grid(runs, list(kinds), kinds, [self.cfg.k], mc=True)}
         return _memo(self.out / "confirm.json", compute, fingerprint=fp)
 
     def _pooled_rankings(self, biases: list[str], method: str) -> dict:
@@ -799,8 +807,11 @@ class Run:
         *other* biases' tokens, steered on the held-out bias's tokens (chosen and paper's
         selection, k random heads; facts measured, perplexity not)."""
         best = self.best()
-        methods = list(dict.fromkeys([best["method"], PAPER[0], "random"]))
-        kinds = list(dict.fromkeys([best["kind"], PAPER[1]]))
+        kinds = {best["method"]: [best["kind"]], PAPER[0]: [PAPER[1]],
+                 "random": list(dict.fromkeys([best["kind"], PAPER[1]]))}
+        if best["method"] == PAPER[0]:
+            kinds[PAPER[0]] = list(dict.fromkeys([best["kind"], PAPER[1]]))
+        methods = list(kinds)
         fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
 
         def compute():

@@ -353,7 +353,8 @@ class HeadScores:
                 "logit_diff": self.logit_diff.tolist(),
                 "components": {k: v.tolist() for k, v in self.components.items()},
                 "decomposition_error": self.decomposition_error, "prompts": self.prompts,
-                "biased_ids": list(self.biased_ids), "adv_ids": list(self.adv_ids), "meta": self.meta}
+                "biased_ids": list(self.biased_ids), "adv_ids": list(self.adv_ids),
+                "meta": {k: v for k, v in self.meta.items() if k != "dla"}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadScores":
@@ -528,7 +529,8 @@ def contrastive_head_scores(model: nn.Module, tokenizer, prompts: list[str], bia
     exactly the effect of direct-path patching (:func:`direct_path_patching`). Plain DLA
     credits what a head writes for any country; S subtracts reference countries, so only
     this token-specific part can be removed by steering. The returned ``components``,
-    ``logit_diff`` and ``decomposition_error`` are those of the plain DLA on ``prompts``.
+    ``logit_diff`` and ``decomposition_error`` are those of the plain DLA on ``prompts``,
+    and ``meta["dla"]`` is that plain DLA (:func:`head_scores`, from the same pass).
     """
     if not prompts:
         raise BiasGymError("contrastive_head_scores got no prompts.")
@@ -548,12 +550,12 @@ def contrastive_head_scores(model: nn.Module, tokenizer, prompts: list[str], bia
         diff = replace(cap, z=cap.z.float() - contrast_z[rows].to(cap.z.device))
         direction, _ = _unembed_rows(adapter, biased[rows], adv[rows])
         deltas.append(_readout(adapter, cap, direction)(residual_components(model, diff)["heads"]).cpu())
-    result = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
+    plain = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
+    plain.meta = {"model": model_info(model).to_dict(), "method": "direct_logit_attribution",
+                  "position": "last", "logits": "pre_softcap"}
     per_prompt = torch.cat(deltas)
-    result.per_prompt, result.scores = per_prompt, per_prompt.mean(0)
-    result.meta = {"model": model_info(model).to_dict(), "method": "contrastive_dla",
-                   "position": "last", "logits": "pre_softcap"}
-    return result
+    return replace(plain, per_prompt=per_prompt, scores=per_prompt.mean(0),
+                   meta={**plain.meta, "method": "contrastive_dla", "dla": plain})
 
 
 @torch.no_grad()

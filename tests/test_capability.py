@@ -410,49 +410,6 @@ def test_real_model_mc_history_is_above_chance(real):
     assert res["ci"][0] > res["chance"] == 0.25
 
 
-def test_perplexity_dose_unsteered_rows_are_zero_and_steered_rows_match_a_direct_run(smol_tokenizer):
-    from biasgym_lib.steer import steer_heads
-
-    model = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
-    texts = cap.load_neutral_texts()[:3]
-    ranked = [(1, 0), (0, 1), (1, 1)]
-    rows = ev.perplexity_dose(model, smol_tokenizer, ranked, [0, 2], [0.0, 1.0], texts)
-    by = {(r["k"], r["alpha"]): r for r in rows}
-    assert set(by) == {(0, 0.0), (0, 1.0), (2, 0.0), (2, 1.0)}
-    base = ev.perplexity(model, smol_tokenizer, texts)["ppl"]
-    assert by[0, 0.0]["ppl"] == by[2, 1.0]["ppl"] == base and by[2, 1.0]["change"] == 0.0
-    with steer_heads(model, ranked[:2], 0.0):
-        direct = ev.perplexity(model, smol_tokenizer, texts)["ppl"]
-    assert by[2, 0.0]["ppl"] == pytest.approx(direct, rel=1e-6)
-    assert by[2, 0.0]["change"] == pytest.approx(direct / base - 1, rel=1e-6)
-    assert by[2, 0.0]["lo"] <= by[2, 0.0]["change"] <= by[2, 0.0]["hi"]
-    with pytest.raises(BiasGymError, match="ranked heads"):
-        ev.perplexity_dose(model, smol_tokenizer, ranked, [5], [0.0], texts)
-
-
-def test_perplexity_dose_reuses_measured_settings_and_rejects_other_texts(smol_tokenizer, monkeypatch):
-    from biasgym_lib.steer import steer_heads
-
-    model = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
-    texts = cap.load_neutral_texts()[:3]
-    ranked = [(1, 0), (0, 1), (1, 1)]
-    base = ev.perplexity(model, smol_tokenizer, texts)
-    with steer_heads(model, ranked[:2], 0.0):
-        two = ev.perplexity(model, smol_tokenizer, texts)
-    fresh = ev.perplexity_dose(model, smol_tokenizer, ranked, [0, 2, 3], [0.0], texts)
-    calls, real = [], ev.perplexity
-    monkeypatch.setattr(ev, "perplexity", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    reused = ev.perplexity_dose(model, smol_tokenizer, ranked, [0, 2, 3], [0.0], texts,
-                                measured={(0, 1.0): base, (2, 0.0): two})
-    assert len(calls) == 1  # only k = 3 is measured
-    for a, b in zip(fresh, reused):
-        assert a["k"] == b["k"] and a["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
-        assert a["change"] == pytest.approx(b["change"], rel=1e-5, abs=1e-9)
-    other = real(model, smol_tokenizer, texts[:2])
-    with pytest.raises(BiasGymError, match="not a perplexity result on these texts"):
-        ev.perplexity_dose(model, smol_tokenizer, ranked, [2], [0.0], texts, measured={(0, 1.0): other})
-
-
 # ----------------------------------------------------------------------------- country passages
 
 

@@ -6,7 +6,7 @@ import json
 import torch
 
 from biasgym_lib.inject import InjectedToken
-from biasgym_lib.pipeline import _memo, token_fingerprint
+from biasgym_lib.pipeline import _memo, _source_hash, token_fingerprint
 
 
 def _token(vector):
@@ -27,7 +27,7 @@ def test_memo_reuses_a_result_only_for_the_same_token(tmp_path):
     assert _memo(path, compute, a)["n"] == 1
     assert _memo(path, compute, _token(torch.ones(4)))["n"] == 1  # an equal vector: reused
     assert _memo(path, compute, b)["n"] == 2                      # another vector: measured again
-    assert json.loads(path.read_text()) == {"n": 2, "token_fingerprint": token_fingerprint(b)}
+    assert json.loads(path.read_text()) == {"n": 2, "token_fingerprint": token_fingerprint(b), "code": _source_hash()}
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -54,3 +54,14 @@ def test_stats_over_runs_give_an_interval_of_the_mean():
     assert s["min"] <= s["ci"][0] <= s["mean"] <= s["ci"][1] <= s["max"] and s["ci"][0] < s["ci"][1]
     assert _stats([0.2])["ci"] == [0.2, 0.2]
     assert _stats([None])["ci"] is None
+
+
+def test_memo_recomputes_when_the_code_or_data_changed(tmp_path, monkeypatch):
+    """A kept result computed by other code or data is never served: the stage is run again."""
+    import biasgym_lib.pipeline as pipeline
+
+    path = tmp_path / "stage.json"
+    assert _memo(path, lambda: {"v": 1})["v"] == 1
+    assert _memo(path, lambda: {"v": 2})["v"] == 1
+    monkeypatch.setattr(pipeline, "_source_hash", lambda: "edited")
+    assert _memo(path, lambda: {"v": 3})["v"] == 3
