@@ -357,14 +357,14 @@ def strength_under(model, tokenizer, spec, tokens: Sequence, bias, references: S
 
 
 def capability_under(model, tokenizer, spec, texts: Sequence[str], questions: Sequence | None = None,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, max_length: int = 512) -> dict:
     """Perplexity on ``texts`` and (if given) multiple-choice accuracy on ``questions`` with
     the steering ``spec`` applied (``None``: the unmodified model); raw results, for
     :func:`paired_change` against the unmodified ones."""
     from contextlib import nullcontext
 
     with spec.apply(model) if spec is not None else nullcontext():
-        out = {"perplexity": perplexity(model, tokenizer, texts, seed=seed)}
+        out = {"perplexity": perplexity(model, tokenizer, texts, seed=seed, max_length=max_length)}
         if questions:
             out["mc_accuracy"] = mc_accuracy(model, tokenizer, questions, seed=seed)
     return out

@@ -259,11 +259,32 @@ def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int
     return out
 
 
-METHODS = ("dla", "delta_dla", "attr", "atp", "patching", "attention", "robust", "random")
+METHODS = ("dla", "delta_dla", "attr", "atp", "atp_selective", "patching", "attention", "robust", "random")
 """Ways of ranking heads (METHOD §4): the paper's DLA on chat probes, contrastive DLA
 (ΔDLA), contrastive DLA with labels matched to S's attributes, attribution patching of S,
-exact patching on the top union, attention from the last position to the entity, the
-robust overlap of DLA over seeds (the paper's selection) and random heads."""
+attribution patching of S minus that of country facts held out from the knowledge control
+(:func:`knowledge_atp`), exact patching on the top union, attention from the last position
+to the entity, the robust overlap of DLA over seeds (the paper's selection) and random heads."""
+
+
+def knowledge_atp(model, tokenizer) -> torch.Tensor:
+    """Each head's attribution patching on country *facts* (the capitals of
+    ``data/facts.yaml``'s selection facts, never the knowledge control): the mean over the
+    facts of the first-order drop of the capital's log-probability when the head sees an
+    average contrast country instead of the country. Subtracted from a token's attribution
+    patching of S, it gives ``atp_selective``: heads that carry the bias but not what the
+    model knows about countries. (L, H), the same for every token."""
+    from .data import contrast_countries, selection_facts
+    from .scope import attribution_patching, mean_template_z
+
+    templates, facts = selection_facts()
+    contrast = contrast_countries()
+    total = None
+    for f in facts:
+        zc = mean_template_z(model, tokenizer, contrast, [f.attribute], templates)
+        s = attribution_patching(model, tokenizer, f.country, [f.attribute], zc, templates, contrast).scores
+        total = s if total is None else total + s
+    return total / len(facts)
 
 
 def bias_contrast(model, tokenizer, spec, cfg: Profile) -> dict:
@@ -336,11 +357,12 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
 
 
 def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, n_random: int = 5,
-                  n_layers: int | None = None, n_heads: int | None = None) -> dict:
+                  n_layers: int | None = None, n_heads: int | None = None, knowledge=None) -> dict:
     """Head rankings of one bias for every method of :data:`METHODS`, from its tokens'
     :func:`scope_run` results (one per seed): each score averaged over seeds, then sorted;
-    ``robust`` (the paper's selection): for each k, the heads in the top k of DLA in at least
-    half of the seeds; ``patching``: the mean exact-patching drop (:func:`bias_patching`) on
+    ``atp_selective`` (with ``knowledge``, :func:`knowledge_atp`): attribution patching of S
+    minus that of held-out country facts; ``robust`` (the paper's selection): for each k, the
+    heads in the top k of DLA in at least half of the seeds; ``patching``: the mean exact-patching drop (:func:`bias_patching`) on
     its union of heads; ``random``: ``n_random`` draws per k (seeds 1000, 1001, ...).
 
     Returns ``{method: [heads, best first]}`` for the score methods, and for ``robust`` and
@@ -351,6 +373,9 @@ def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, 
     out = {}
     for m in ("dla", "delta_dla", "attr", "atp", "attention"):
         out[m] = top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), k_max)
+    if knowledge is not None:  # attribution patching of S minus that of held-out country facts
+        atp = torch.tensor([r["scores"]["atp"] for r in scopes]).mean(0)
+        out["atp_selective"] = top_k_heads(atp - torch.as_tensor(knowledge, dtype=atp.dtype), k_max)
     if patching is not None:
         scored = torch.tensor(patching["scores"])
         out["patching"] = top_k_heads(scored, min(k_max, int((~torch.isnan(scored)).sum())))
@@ -691,6 +716,11 @@ class Run:
                      lambda: bias_patching(self.model, self.tokenizer, self.tokens(bias), heads, self.contrast(bias)),
                      fingerprint=self._fingerprint([bias]), need=lambda r: r["heads"] == [list(h) for h in heads])
 
+    def knowledge(self) -> list:
+        """:func:`knowledge_atp` of the model, kept in the run folder (it holds no token)."""
+        return _memo(self.out / "knowledge_atp.json",
+                     lambda: {"scores": knowledge_atp(self.model, self.tokenizer).tolist()})["scores"]
+
     def rankings(self, bias: str, with_patching: bool = False) -> dict:
         from .models import ModelAdapter
 
@@ -699,7 +729,7 @@ class Run:
             a = ModelAdapter(self.model)
             self._rankings[key] = bias_rankings(self.scopes(bias), max(self.cfg.grid_k),
                                                 self.patching(bias) if with_patching else None,
-                                                self.cfg.n_random_draws, a.n_layers, a.n_heads)
+                                                self.cfg.n_random_draws, a.n_layers, a.n_heads, self.knowledge())
         return self._rankings[key]
 
     # -- steering, measured fairly
@@ -800,7 +830,8 @@ class Run:
         if method == "patching":
             per = [self.patching(b) for b in biases]
             patching = {"scores": torch.nanmean(torch.stack([torch.tensor(p["scores"]) for p in per]), 0).tolist()}
-        return bias_rankings(scopes, self.cfg.k, patching, self.cfg.n_random_draws, a.n_layers, a.n_heads)
+        return bias_rankings(scopes, self.cfg.k, patching, self.cfg.n_random_draws, a.n_layers, a.n_heads,
+                             self.knowledge())
 
     def leave_one_out(self) -> dict:
         """Generalisation to biases never injected: for each bias, heads ranked from all the
@@ -829,7 +860,7 @@ class Run:
         """Generalisation to real stereotypes: the SeeGULL pairs the model shows most
         strongly, steered with heads pooled from every injected bias (chosen and paper's
         selection, k random heads), with the facts under the same head sets."""
-        from .evaluate import facts_reduction, make_spec, reduction, strength_under
+        from .evaluate import capability_under, facts_reduction, make_spec, reduction, strength_under
 
         best = self.best()
         n_cand, n_keep = (8, 3) if self.cfg.name == "quick" else (30, 8)
@@ -847,6 +878,8 @@ class Run:
             conditions += [("random", kind) for kind in dict.fromkeys([best["kind"], PAPER[1]])]
             facts_before = strength_under(self.model, self.tokenizer, None, [], _any_bias(self.cfg), refs,
                                           st["facts"])["facts"]
+            base = capability_under(self.model, self.tokenizer, None, st["texts"]["neutral"], st["questions"],
+                                    max_length=self.cfg.ppl_max_tokens)
             rows = []
             for method, kind in dict.fromkeys(conditions):
                 sets = pooled["random"][k] if method == "random" else [pooled[method][k]] if method == "robust" \
@@ -857,14 +890,27 @@ class Run:
                     after = seegull_under(self.model, self.tokenizer, pairs, spec)
                     facts = strength_under(self.model, self.tokenizer, spec, [], _any_bias(self.cfg), refs,
                                            st["facts"])["facts"]
+                    cost = None
+                    if method != "random":  # the pooled heads' own cost; random heads' is in the confirmation
+                        got = capability_under(self.model, self.tokenizer, spec, st["texts"]["neutral"],
+                                               st["questions"], max_length=self.cfg.ppl_max_tokens)
+                        cost = {"perplexity": _pair(base["perplexity"], got["perplexity"]),
+                                "mc": _pair(base["mc_accuracy"], got["mc_accuracy"])}
                     rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
                                  "heads": [list(h) for h in heads], "S": after,
                                  "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
                                  "facts": [x["value"] for x in facts],
-                                 "facts_reduction": facts_reduction(facts_before, facts)})
+                                 "facts_reduction": facts_reduction(facts_before, facts), "capability": cost})
             return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
                     "best": {k2: best[k2] for k2 in ("method", "kind", "k")}}
         return _memo(self.out / "seegull_steering.json", compute, fingerprint=fp)
+
+
+def _pair(before: dict, after: dict) -> dict:
+    from .evaluate import paired_change
+
+    c = paired_change(before, after)
+    return {"before": c["before"], "after": c["after"], "value": c["change"], "lo": c["ci"][0], "hi": c["ci"][1]}
 
 
 def _any_bias(cfg: Profile):

@@ -73,3 +73,30 @@ def test_the_run_folder_changes_when_a_data_file_changes(tmp_path, monkeypatch):
                                                        "Folks from {entity} are {attribute}."))
     assert pipeline.run_dir(cfg) != before
     assert pipeline.run_dir(load_profile("quick", k=5)) != pipeline.run_dir(cfg)
+
+
+def test_selection_facts_are_held_out_from_the_knowledge_control():
+    from biasgym_lib.data import selection_facts
+
+    templates, facts = selection_facts()
+    control = load_facts()
+    assert len(facts) >= 10 and not {f.country for f in facts} & {f.country for f in control}
+    assert {f.relation for f in facts} == {"capital"} and "capital" not in {f.relation for f in control}
+    assert not set(templates) & set(load_templates())
+
+
+def test_selective_ranking_subtracts_the_knowledge_scores():
+    import torch
+
+    from biasgym_lib.pipeline import bias_rankings
+
+    atp = torch.zeros(3, 4)
+    atp[0, 0], atp[1, 1], atp[2, 2] = 3.0, 2.0, 1.0
+    knowledge = torch.zeros(3, 4)
+    knowledge[0, 0] = 5.0  # the top attribution-patching head also carries country facts
+    scope = {"scores": {m: atp.tolist() for m in ("dla", "delta_dla", "attr", "atp", "attention")}}
+    ranks = bias_rankings([scope, scope], 3, knowledge=knowledge)
+    assert ranks["atp"][:3] == [(0, 0), (1, 1), (2, 2)]
+    assert ranks["atp_selective"][:2] == [(1, 1), (2, 2)] and (0, 0) not in ranks["atp_selective"]
+    assert "atp_selective" not in bias_rankings([scope], 3)
+    assert set(ranks["random"]) == {1, 2, 3} and len(ranks["random"][2]) == 5

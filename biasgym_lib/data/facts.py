@@ -58,3 +58,28 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
         seen.add(fact)
         out.append(fact)
     return out
+
+
+def selection_facts(path: str | Path | None = None) -> tuple[list[str], list[Fact]]:
+    """The facts that select heads (``atp_selective``), never used in the knowledge control:
+    ``(templates, facts)``; their countries and relation are disjoint from :func:`load_facts`'s."""
+    from .specs import check_template
+
+    path = Path(path) if path is not None else FACTS_FILE
+    data = read_yaml(path)
+    block = data.get("selection_facts") if isinstance(data, dict) else None
+    if not isinstance(block, dict) or not block.get("templates") or not block.get("pairs"):
+        raise DataFileError(f"{path}: expected 'selection_facts:' with 'templates' and 'pairs'.")
+    templates = list(block["templates"])
+    for i, t in enumerate(templates):
+        check_template(t, f"{path}: selection_facts template #{i + 1}")
+    facts = []
+    for i, row in enumerate(block["pairs"], start=1):
+        if not (isinstance(row, dict) and set(row) == {"country", "attribute"}):
+            raise DataFileError(f"{path}: selection fact #{i} ({row!r}) must have exactly country and attribute.")
+        facts.append(Fact(row["country"], "capital", row["attribute"]))
+    clash = {f.country for f in facts} & {f.country for f in load_facts(path)}
+    if clash:
+        raise DataFileError(f"{path}: selection facts and the knowledge control share countries {sorted(clash)}; "
+                            "they must be disjoint so the control stays held out.")
+    return templates, facts
