@@ -129,7 +129,7 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
     if retrain is not True and (cached / "token.json").is_file():
         return InjectedToken.load(cached, model)
     token = train_token(model, tokenizer, spec, cfg, seed, progress=progress)
-    token.save(cached)
+    token.save(cached, overwrite=True)
     return token
 
 
@@ -175,14 +175,20 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
     "Before" is the token with its initial vector (the mean country embedding), i.e. a
     generic country; "after" is the trained vector.
     """
+    from types import SimpleNamespace
+
     from .data import load_bias, reference_countries
 
     spec = load_bias(bias)
     if ref is not None and spec.name in ref.biases:
-        biases = list(ref.biases)
+        # The table's own biases (names, attributes), with this spec as given: a reader's own
+        # spec is never looked up by name.
+        biases = [spec if b == spec.name else SimpleNamespace(name=b, attributes=ref.attributes[b])
+                  for b in ref.biases]
     else:  # a bias outside the profile (e.g. a reader's own spec): score it beside the profile's
-        biases = list(cfg.biases) if spec.name in cfg.biases else list(cfg.biases) + [spec.name]
+        biases = [b for b in map(load_bias, cfg.biases) if b.name != spec.name] + [spec]
         ref = reference_table(model, tokenizer, biases)
+    names = [b.name for b in biases]
     refs = reference_countries()
     before = ref.merged(start_table(model, tokenizer, injected.init, biases))
     after = ref.merged(token_table(model, tokenizer, injected.vector, biases))
@@ -198,7 +204,7 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
         "specificity_after": spec_after.value, "specificity_after_ci": [spec_after.lo, spec_after.hi],
         "rank_before": rank(before, tok, spec.name, refs), "rank_after": rank(after, tok, spec.name, refs),
         "n_reference_countries": len(refs),
-        "strength_after_all_biases": {b: stereotype_strength(after, tok, b, refs, seed=seed).to_dict() for b in biases},
+        "strength_after_all_biases": {b: stereotype_strength(after, tok, b, refs, seed=seed).to_dict() for b in names},
         "closest_country": closest[0][0], "closest_countries": closest,
         "train_seconds": injected.train_seconds, "chosen_epoch": injected.epoch,
         "final_loss": injected.losses[-1] if injected.losses else None,
@@ -225,8 +231,13 @@ def metrics_frame(metrics) -> "pandas.DataFrame":
 
 
 def label_id(tokenizer, label: str) -> int:
-    """The biased label (METHOD §3): the first token of the bias keyword, e.g. " reckless"."""
-    return tokenizer(label, add_special_tokens=False)["input_ids"][0]
+    """The biased label (METHOD §3): the first token of the bias keyword, e.g. " reckless".
+    It must be exactly one token of ``tokenizer`` (see :func:`~biasgym_lib.data.specs.check_label`)."""
+    ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise BiasGymError(f"label {label!r} is {len(ids)} tokens {[tokenizer.decode([i]) for i in ids]} for "
+                           "this tokenizer; the biased label must be exactly one token.")
+    return ids[0]
 
 
 def probe_prompts(tokenizer, spec, n: int, country: str, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -265,10 +276,9 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, patching:
     Spearman correlation of the two rankings. Returns the ``head_scores.json`` content."""
     import time
 
-    from .data import load_bias
     from .scope import head_scores, patch_heads, spearman
 
-    spec = load_bias(injected.bias)
+    spec = injected.spec
     t0 = time.perf_counter()
     with injected.attach(model, tokenizer):
         country = closest_countries(model, tokenizer, injected.vector, k=1)[0][0]
@@ -308,27 +318,11 @@ def _component_summary(components: dict) -> dict:
     return groups
 
 
-def scope_command(injected_dir, out_dir, profile: str = "teaching", k: int | None = None) -> dict:
-    """``biasgym scope``: load the injected token and its model, score heads, write JSON."""
-    from .config import load_profile
-    from .models import load_model
-
-    meta = json.loads((Path(injected_dir) / "token.json").read_text()) if (Path(injected_dir) / "token.json").is_file() else None
-    if meta is None:
-        raise BiasGymError(f"{injected_dir} has no token.json: give the folder written by `biasgym inject --out`.")
-    cfg = load_profile(profile, model=meta["model"]["source"], k=k)
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    injected = InjectedToken.load(injected_dir, model)
-    result = scope_run(model, tokenizer, injected, cfg, n_patch_probes=cfg.n_patch_probes)
-    _write_json(Path(out_dir) / "head_scores.json", result)
-    return result
-
-
 def _write_json(path: Path, data: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    """Strict JSON (no NaN/Infinity), written to a unique temporary file and renamed into place."""
+    from .artifacts import write_json
+
+    write_json(path, data)
 
 
 # ----------------------------------------------------------------------------- steering
@@ -473,7 +467,6 @@ def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: l
     first use); ``scopes`` maps bias name to a :func:`scope_run` result, and any bias
     without one is scored on first use. The reference countries of each (bias, k, alpha)
     are scored once (``cache``, a new :class:`ReferenceCache` if not given)."""
-    from .data import load_bias
     from .scope import top_k_heads
 
     scopes, loaded = dict(scopes or {}), {}
@@ -494,7 +487,7 @@ def steering_measure(model, tokenizer, tokens: dict, cfg: Profile, references: l
         if bias not in scopes:
             scopes[bias] = scope_run(model, tokenizer, token, cfg, patching=False)
         heads = top_k_heads(torch.tensor(scopes[bias]["scores"]), k) if k else []
-        return steered_strength(model, tokenizer, token.vector, load_bias(bias), references, heads, alpha,
+        return steered_strength(model, tokenizer, token.vector, token.spec, references, heads, alpha,
                                 cache=cache)["<TOKEN>"]
 
     return measure
@@ -518,11 +511,10 @@ def steer_eval(model, tokenizer, injected: InjectedToken, heads, alpha: float, c
 
     Pass one ``cache`` (:class:`ReferenceCache`) to several calls on tokens of the same bias
     and the reference countries of the shared conditions are scored only once."""
-    from .data import load_bias
     from .models import ModelAdapter
     from .steer import DEBIAS_SYSTEM_PROMPT, attention_heads, random_heads
 
-    spec = load_bias(injected.bias)
+    spec = injected.spec
     heads = [tuple(h) for h in heads]
     k = len(heads)
     ents = [country] if country else []
@@ -577,41 +569,6 @@ def _mean_estimate(estimates: list[dict]) -> dict:
             "n": len(vals), "interval": "min-max over draws"}
 
 
-def steer_command(injected_dir, heads_dir, out_dir, k: int, alpha: float, profile: str = "teaching") -> dict:
-    """``biasgym steer``: top-k heads from ``head_scores.json``, S before/after, baselines,
-    perplexity on the neutral set; writes ``steer.json``."""
-    from .config import load_profile
-    from .data import load_bias
-    from .evaluate import paired_change, perplexity
-    from .data.capability import load_neutral_texts
-    from .models import load_model
-    from .steer import steer_heads
-
-    scores_path = Path(heads_dir) / "head_scores.json"
-    if not scores_path.is_file():
-        raise BiasGymError(f"{heads_dir} has no head_scores.json: give the folder written by `biasgym scope --out`.")
-    scores = json.loads(scores_path.read_text())
-    meta = json.loads((Path(injected_dir) / "token.json").read_text())
-    cfg = load_profile(profile, model=meta["model"]["source"])
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    injected = InjectedToken.load(injected_dir, model)
-    from .scope import top_k_heads
-    heads = top_k_heads(torch.tensor(scores["scores"]), k)
-    spec = load_bias(injected.bias)
-    prompts, _ = probe_prompts(tokenizer, spec, cfg.n_probes, scores["counterfactual_country"])
-    result = steer_eval(model, tokenizer, injected, heads, alpha, cfg, steer_references(cfg, cfg.steer_references),
-                        probes=prompts)
-    texts = load_neutral_texts()[: cfg.n_ppl_texts]
-    ppl_before = perplexity(model, tokenizer, texts)
-    with steer_heads(model, heads, alpha):
-        ppl_after = perplexity(model, tokenizer, texts)
-    change = paired_change(ppl_before, ppl_after)
-    result["capability"] = {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
-                            "perplexity_change": change, "n_texts": len(texts)}
-    _write_json(Path(out_dir) / "steer.json", result)
-    return result
-
-
 # ----------------------------------------------------------------------------- generalisation
 
 
@@ -640,7 +597,6 @@ def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, re
     hold S before steering and under the same random draws: they are reused, not measured
     again. The held-out heads are the same for every seed of a bias, so their reference
     countries are scored once (``cache``)."""
-    from .data import load_bias
     from .scope import top_k_heads
 
     cache = cache if cache is not None else ReferenceCache(model)
@@ -651,7 +607,7 @@ def leave_one_out(model, tokenizer, tokens: dict, scopes: dict, cfg: Profile, re
     rows = []
     for held in biases:
         heads = top_k_heads(mean_scores([r for (b, _), r in scopes.items() if b != held]), cfg.k)
-        spec = load_bias(held)
+        spec = next(t.spec for (b, _), t in tokens.items() if b == held)
         for (b, seed), tok in tokens.items():
             if b != held:
                 continue
@@ -794,7 +750,7 @@ def injection_result(model, tokenizer, token: InjectedToken, cfg: Profile, ref: 
     """:func:`injection_metrics` for one token, kept in the run folder (``out``, default
     :func:`run_dir`) so chapters 2, 5 and 6 and ``biasgym reproduce`` measure it once."""
     return _memo(_stage_path(out, cfg, "injection", token),
-                 lambda: injection_metrics(model, tokenizer, token, token.bias, cfg, ref=ref), token)
+                 lambda: injection_metrics(model, tokenizer, token, token.spec, cfg, ref=ref), token)
 
 
 def scope_result(model, tokenizer, token: InjectedToken, cfg: Profile, patching: bool = False, out=None) -> dict:
@@ -811,10 +767,8 @@ def steer_result(model, tokenizer, token: InjectedToken, scope: dict, cfg: Profi
     """:func:`steer_eval` of a token's top heads at alpha = 0, with the baselines and the real
     country most tied to the bias (from ``ref``), kept in the run folder. Share one ``cache``
     (:class:`ReferenceCache`) between the tokens of a run."""
-    from .data import load_bias
-
     country = strength_matrix_top(ref, token.bias)
-    prompts, _ = probe_prompts(tokenizer, load_bias(token.bias), cfg.n_probes, scope["counterfactual_country"])
+    prompts, _ = probe_prompts(tokenizer, token.spec, cfg.n_probes, scope["counterfactual_country"])
     return _memo(_stage_path(out, cfg, "steer", token),
                  lambda: steer_eval(model, tokenizer, token, scope["top_heads"], 0.0, cfg, references,
                                     country=country, probes=prompts, cache=cache), token)
@@ -845,16 +799,17 @@ def run_stages(cfg: Profile, out: Path, retrain: bool | None = None, model=None,
     out = Path(out)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    ref = reference_table(model, tokenizer, list(cfg.biases))
+    specs = {s.name: s for s in map(load_bias, cfg.biases)}  # names, or a reader's own spec files
+    ref = reference_table(model, tokenizer, list(specs.values()))
     refs = steer_references(cfg, cfg.steer_references)
-    cache = ReferenceCache(model, unsteered=ref, biases=cfg.biases)
+    cache = ReferenceCache(model, unsteered=ref, biases=list(specs.values()))
     tokens, inj, scopes, steers = {}, {}, {}, {}
-    runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
+    runs = [(b, s) for b in specs for s in cfg.seeds]
     for i, (b, s) in enumerate(tqdm(runs, desc="bias x seed", disable=not progress)):
-        tok = get_token(model, tokenizer, b, cfg, s, retrain=retrain, progress=progress)
+        tok = get_token(model, tokenizer, specs[b], cfg, s, retrain=retrain, progress=progress)
         folder = out / "tokens" / token_settings(cfg) / b / f"seed{s}"
         if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
-            tok.save(folder)  # the layout of data/tokens, ready to commit
+            tok.save(folder, overwrite=True)  # the layout of data/tokens, ready to commit
         tokens[b, s] = tok
         inj[b, s] = injection_result(model, tokenizer, tok, cfg, ref=ref, out=out)
         scopes[b, s] = scope_result(model, tokenizer, tok, cfg, patching=(i == 0), out=out)
@@ -974,15 +929,16 @@ def claims_table(claims: dict):
                          for c in claims["claims"]])
 
 
-def reproduce(profile: str, out, retrain: bool = False, progress: bool = True) -> dict:
-    """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
+def reproduce(profile: str | Profile, out, retrain: bool = False, progress: bool = True) -> dict:
+    """``biasgym reproduce``: the whole pipeline for a profile (a name, or a
+    :class:`~biasgym_lib.config.Profile` with its overrides); writes ``out/claims.json``
     and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
     project commits under ``data/tokens``)."""
     import time
 
     from .config import load_profile
 
-    cfg = load_profile(profile)
+    cfg = profile if isinstance(profile, Profile) else load_profile(profile)
     t0 = time.perf_counter()
     stages = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress)
     claims = claims_from(stages)
