@@ -101,19 +101,53 @@ def read_json(path, what: str = "file") -> dict:
     if not path.is_file():
         raise BiasGymError(f"{path}: {what} not found.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BiasGymError(f"{path}: cannot read the {what}: {exc.strerror or exc}.") from exc
+    return parse_json(raw, path, what)
+
+
+def parse_json(raw: bytes, path, what: str = "file") -> dict:
+    """:func:`read_json` of bytes already read from ``path``."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise BiasGymError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
     except json.JSONDecodeError as exc:
         raise BiasGymError(f"{path}: {what} is not valid JSON (truncated or damaged?): {exc}.") from exc
-    except OSError as exc:
-        raise BiasGymError(f"{path}: cannot read the {what}: {exc.strerror or exc}.") from exc
     if not isinstance(data, dict):
         raise BiasGymError(f"{path}: {what} must hold a JSON object, found {type(data).__name__}.")
     return data
 
 
 # ----------------------------------------------------------------------------- folders
+
+
+def read_files(folder, names, attempts: int = 5) -> dict[str, bytes]:
+    """The bytes of several files of one result folder, read through one handle on the
+    folder: even if the folder is replaced meanwhile, they all come from the same result.
+    (If the result being read is replaced and removed half-way, it is read again from the
+    new one.)"""
+    folder = Path(folder)
+    if os.open not in os.supports_dir_fd:
+        return {n: (folder / n).read_bytes() for n in names}
+    for attempt in range(attempts):
+        dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            out = {}
+            for name in names:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                with os.fdopen(fd, "rb") as f:
+                    out[name] = f.read()
+            return out
+        except FileNotFoundError:
+            # Gone from the folder we opened: if the path now holds every file, that folder
+            # was replaced while we read it; read the new one.
+            if attempt == attempts - 1 or not all((folder / n).is_file() for n in names):
+                raise
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")
 
 
 def _umask() -> int:

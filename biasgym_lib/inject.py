@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 
 from . import __version__
 from .errors import ArtifactMismatch, BiasGymError
@@ -187,17 +188,21 @@ class InjectedToken:
         """Read an artifact written by :meth:`save`; with ``model``, check it belongs to it.
         A missing, truncated or inconsistent artifact is a :class:`BiasGymError` that says
         what is wrong with it."""
-        from .artifacts import read_json
+        from .artifacts import parse_json, read_files
 
         folder = Path(folder)
         vec_path, meta_path = folder / ARTIFACT_VECTOR, folder / ARTIFACT_META
-        if not vec_path.is_file() or not meta_path.is_file():
+        try:  # both files through one handle on the folder: never half of an old and half of a new result
+            raw = read_files(folder, [ARTIFACT_META, ARTIFACT_VECTOR])
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise BiasGymError(f"{folder} is not an injected-token folder: it needs {ARTIFACT_VECTOR} "
-                               f"and {ARTIFACT_META} (written by `biasgym inject --out {folder}`).")
-        meta = read_json(meta_path, "injected-token metadata")
+                               f"and {ARTIFACT_META} (written by `biasgym inject --out {folder}`).") from exc
+        except OSError as exc:
+            raise BiasGymError(f"{folder}: cannot read the injected token: {exc.strerror or exc}.") from exc
+        meta = parse_json(raw[ARTIFACT_META], meta_path, "injected-token metadata")
         _check_meta(meta, meta_path)
         try:
-            tensors = load_file(str(vec_path))
+            tensors = load_tensors(raw[ARTIFACT_VECTOR])
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise BiasGymError(f"{vec_path}: could not read the injected token's vector ({exc}); "
                                "the file is damaged: train the token again.") from exc

@@ -305,9 +305,26 @@ def _entries(data, source) -> list:
     return data
 
 
+_PARSED: dict = {}  # (path, mtime, size) -> {name: BiasSpec}: a file is parsed once until it changes
+
+
 def load_biases(path: str | Path | None = None) -> dict[str, BiasSpec]:
     """All biases in a YAML file (default: the project's ``data/biases.yaml``), by name."""
     path = Path(path) if path is not None else BIASES_FILE
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _PARSED:
+        return dict(_PARSED[key])
+    out = _load_biases(path)
+    if key is not None:
+        _PARSED[key] = dict(out)
+    return out
+
+
+def _load_biases(path: Path) -> dict[str, BiasSpec]:
     data = read_yaml(path, BiasSpecError)
     out: dict[str, BiasSpec] = {}
     for i, entry in enumerate(_entries(data, path)):
