@@ -66,10 +66,12 @@ def reference_table(model, tokenizer, biases, countries: list[str] | None = None
             pass  # a corrupt cache entry is recomputed below
     table = assoc_table(model, tokenizer, countries, biases, templates)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table_to_json(table)))
-        tmp.replace(path)
+        from .artifacts import write_json
+
+        try:  # a unique temporary file, renamed into place: two runs may fill the cache at once
+            write_json(path, table_to_json(table), indent=None)
+        except BiasGymError:
+            pass  # a non-finite score is not cached (strict JSON); the table is still returned
     return table
 
 
