@@ -188,7 +188,8 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
         biases = [spec if b == spec.name else SimpleNamespace(name=b, attributes=ref.attributes[b])
                   for b in ref.biases]
     else:  # a bias outside the profile (e.g. a reader's own spec): score it beside the profile's
-        biases = [b for b in map(load_bias, cfg.biases) if b.name != spec.name] + [spec]
+        biases = [spec if b.name == spec.name else b for b in map(load_bias, cfg.biases)]
+        biases += [] if spec.name in [b.name for b in biases] else [spec]
         ref = reference_table(model, tokenizer, biases)
     names = [b.name for b in biases]
     refs = reference_countries()
