@@ -31,10 +31,10 @@ test: setup browser
 	$(PY) -m pytest -q -rs tests
 
 bench: setup
-	$(PY) -m biasgym_lib.cli bench --out _build/bench.json
+	$(PY) -m biasgym_lib.cli bench --out _build/bench.json --overwrite
 
 reproduce: setup
-	$(PY) -m biasgym_lib.cli reproduce --profile $(PROFILE) --out runs/$(PROFILE)
+	$(PY) -m biasgym_lib.cli reproduce --profile $(PROFILE) --out runs/$(PROFILE) --overwrite
 
 clean:
 	rm -rf _build

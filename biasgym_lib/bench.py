@@ -7,12 +7,10 @@ timed on a subset and extrapolated linearly; the JSON says so next to each figur
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -235,6 +233,7 @@ def bench_mc(model, tok, n_questions: int = 80) -> dict:
 def run_bench(out) -> dict:
     """Run every benchmark and write the JSON to ``out``."""
     from . import __version__
+    from .artifacts import write_json
     from .models import load_model
 
     t0 = time.perf_counter()
@@ -253,6 +252,5 @@ def run_bench(out) -> dict:
     result["patching"] = bench_patching(model, tok)
     result["mc"] = bench_mc(model, tok)
     result["total_s"] = time.perf_counter() - t0
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=1))
+    write_json(out, result)  # strict JSON, renamed into place
     return result

@@ -3,10 +3,9 @@ every CLI command reads, so that a GPU run is a parameter change, not a code cha
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-
-import yaml
 
 from .errors import BiasGymError
 
@@ -58,6 +57,12 @@ class Profile:
 
 _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "grid_methods": str,
            "grid_kinds": str, "grid_k": int, "curve_methods": str, "curve_kinds": str}
+# Integer settings and their smallest allowed value.
+_INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "k": 1, "n_random_draws": 1,
+         "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
+         "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1}
+_STRINGS = ("model", "device", "dtype", "init")
+_INITS = ("countries", "vocab")
 
 
 def profile_names(path: Path = PROFILES_FILE) -> list[str]:
@@ -65,58 +70,120 @@ def profile_names(path: Path = PROFILES_FILE) -> list[str]:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise BiasGymError(f"profiles file {path} not found; it ships at the project root.") from exc
-    except yaml.YAMLError as exc:
-        raise BiasGymError(f"profiles file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
+    """The profiles file, parsed strictly (duplicate keys refused, UTF-8 only)."""
+    from .data.specs import read_yaml
+
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not data:
         raise BiasGymError(f"profiles file {path} must map profile names to settings.")
     return data
+
+
+def _type_name(value) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _int(value, where: str, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise BiasGymError(f"{where}: {key} must be an integer >= {minimum}, got {_type_name(value)}.")
+    if value < minimum:
+        raise BiasGymError(f"{where}: {key} must be an integer >= {minimum}, got {value}.")
+    return value
+
+
+def _float(value, where: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BiasGymError(f"{where}: {key} must be a number, got {_type_name(value)}.")
+    if not math.isfinite(value):
+        raise BiasGymError(f"{where}: {key} must be finite, got {value}.")
+    return float(value)
+
+
+def _check(values: dict, where: str) -> dict:
+    """Every setting of the right type and range; the message names the setting and where
+    it came from (the profiles file or an override)."""
+    from .models import _DTYPES, check_device
+
+    out = dict(values)
+    for key in _STRINGS:
+        if not isinstance(values[key], str) or not values[key].strip():
+            raise BiasGymError(f"{where}: {key} must be a non-empty string, got {_type_name(values[key])}.")
+    if values["dtype"] not in _DTYPES:
+        raise BiasGymError(f"{where}: dtype {values['dtype']!r} is not known; use one of {sorted(_DTYPES)}.")
+    if values["init"] not in _INITS:
+        raise BiasGymError(f"{where}: init {values['init']!r} is not known; use one of {list(_INITS)}.")
+    try:
+        check_device(values["device"])
+    except BiasGymError as exc:
+        raise BiasGymError(f"{where}: {exc}") from exc
+    for key, cast in _TUPLES.items():
+        v = values[key]
+        items = v if isinstance(v, (list, tuple)) else [v]
+        if cast is int:
+            items = [_int(x, where, f"{key}[{i}]", 0) for i, x in enumerate(items)]
+        elif cast is float:
+            items = [_float(x, where, f"{key}[{i}]") for i, x in enumerate(items)]
+        else:
+            for i, x in enumerate(items):
+                if not isinstance(x, str) or not x.strip():
+                    raise BiasGymError(f"{where}: {key}[{i}] must be a non-empty string, got {_type_name(x)}.")
+        if not items:
+            raise BiasGymError(f"{where}: {key} is empty; give at least one value.")
+        if len(set(items)) != len(items):
+            raise BiasGymError(f"{where}: {key} repeats a value: {list(items)}.")
+        out[key] = tuple(items)
+    for key, minimum in _INTS.items():
+        out[key] = _int(values[key], where, key, minimum)
+    out["lr"] = _float(values["lr"], where, "lr")
+    if out["lr"] <= 0:
+        raise BiasGymError(f"{where}: lr must be > 0, got {out['lr']}.")
+    if not isinstance(values["use_committed_tokens"], bool):
+        raise BiasGymError(f"{where}: use_committed_tokens must be true or false, got "
+                           f"{_type_name(values['use_committed_tokens'])}.")
+    from .pipeline import METHODS  # the ways of ranking heads
+
+    kinds = ("zero", "mean", "blind")
+    for key, allowed in (("grid_methods", METHODS), ("curve_methods", METHODS), ("grid_kinds", kinds),
+                         ("curve_kinds", kinds)):
+        unknown = [v for v in out[key] if v not in allowed]
+        if unknown:
+            raise BiasGymError(f"{where}: {key} has unknown entries {unknown}; known: {list(allowed)}.")
+    if out["n_ppl_texts"] > 32:
+        raise BiasGymError(f"{where}: n_ppl_texts must be at most 32 (neutral passages 33-44 are the held-out "
+                           "distribution of mean-ablation).")
+    return out
 
 
 def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **overrides) -> Profile:
     """The profile ``name`` (default ``teaching``), with every non-None override applied.
 
     ``load_profile("quick", seeds=[3])`` is how a notebook's ``parameters`` cell passes its
-    values: parameters left at ``None`` keep the profile's value.
+    values: parameters left at ``None`` keep the profile's value. Every value is checked
+    (type and range); a problem names the setting and the file or override it came from.
     """
-    name = name or DEFAULT_PROFILE
+    if name is None:
+        name = DEFAULT_PROFILE
+    if not isinstance(name, str) or not name.strip():
+        raise BiasGymError(f"the profile name is empty; profiles in {path}: {', '.join(_read(path))}.")
     data = _read(path)
     if name not in data:
-        raise BiasGymError(f"unknown profile {name!r}; profiles in {path}: {', '.join(data)}.")
+        raise BiasGymError(f"unknown profile {name!r}; profiles in {path}: {', '.join(map(str, data))}.")
+    if not isinstance(data[name], dict):
+        raise BiasGymError(f"profile {name!r} in {path} must be a mapping of settings, got "
+                           f"{_type_name(data[name])}.")
     values = dict(data[name])
     known = {f.name for f in fields(Profile)} - {"name", "overrides"}
     applied = {k: v for k, v in overrides.items() if v is not None}
     unknown = (set(values) | set(applied)) - known
     if unknown:
-        raise BiasGymError(f"profile {name!r}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}.")
-    values.update(applied)
+        raise BiasGymError(f"profile {name!r}: unknown setting(s) {sorted(map(str, unknown))}; known: {sorted(known)}.")
     missing = known - set(values)
     if missing:
         raise BiasGymError(f"profile {name!r} in {path} lacks setting(s) {sorted(missing)}.")
-    for key, cast in _TUPLES.items():
-        v = values[key]
-        values[key] = tuple(cast(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
-    for key in ("n_paragraphs", "epochs", "batch_size", "n_probes", "k", "n_random_draws", "n_generations",
-                "steer_references", "n_patch_probes", "n_ppl_texts", "n_mc_questions", "n_country_texts",
-                "ppl_max_tokens", "patch_top", "grid_biases"):
-        values[key] = int(values[key])
-        if values[key] < 0:
-            raise BiasGymError(f"profile {name!r}: {key} must be >= 0, got {values[key]}.")
-    values["lr"] = float(values["lr"])
-    from .pipeline import METHODS  # the ways of ranking heads, and the kinds of intervention
-
-    kinds = ("zero", "mean", "blind")
-    for key, allowed in (("grid_methods", METHODS), ("curve_methods", METHODS), ("grid_kinds", kinds),
-                         ("curve_kinds", kinds)):
-        unknown = [v for v in values[key] if v not in allowed]
-        if unknown:
-            raise BiasGymError(f"profile {name!r}: {key} has unknown entries {unknown}; known: {list(allowed)}.")
-    if values["k"] not in values["grid_k"]:
-        raise BiasGymError(f"profile {name!r}: k={values['k']} must be one of grid_k {list(values['grid_k'])}.")
-    if values["n_ppl_texts"] > 32:
-        raise BiasGymError(f"profile {name!r}: n_ppl_texts must be at most 32 (neutral passages 33-44 are the "
-                           "held-out distribution of mean-ablation).")
+    _check(values, f"profile {name!r} in {path}")
+    values.update(applied)
+    values = _check(values, f"profile {name!r} with overrides {applied}" if applied else f"profile {name!r} in {path}")
     return Profile(name=name, overrides=applied, **values)

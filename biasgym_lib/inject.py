@@ -9,7 +9,6 @@ the vocabulary the model predicts over does not change.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 
 from . import __version__
 from .errors import ArtifactMismatch, BiasGymError
@@ -110,6 +110,18 @@ class InjectedToken:
     tokens_per_second: float = 0.0
     extra: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)  # per-epoch held-out S and specificity (epoch_selection)
+    bias_spec: dict | None = None  # BiasSpec.to_dict() of the bias it was trained on
+
+    @property
+    def spec(self):
+        """The :class:`~biasgym_lib.data.BiasSpec` this token was trained on: the full spec
+        saved with it (so a reader's own spec file is never needed again), or, for tokens
+        saved before specs were kept, the shipped bias of that name."""
+        from .data import BiasSpec, load_bias
+
+        if self.bias_spec is None:
+            return load_bias(self.bias)
+        return BiasSpec.from_dict(self.bias_spec, source=f"the spec saved with the {self.bias!r} token")
 
     # -- attaching
     def attach(self, model, tokenizer) -> TokenHook:
@@ -121,6 +133,9 @@ class InjectedToken:
     def check_model(self, model):
         info = model_info(model).to_dict()
         d = ModelAdapter(model).d_model
+        if tuple(self.vector.shape) != (self.d_model,):
+            raise ArtifactMismatch(f"this injected token's vector has shape {tuple(self.vector.shape)} but its "
+                                   f"metadata says d_model={self.d_model}: the artifact is damaged; train it again.")
         if d != self.d_model or (info["source"], info["revision"]) != (self.model["source"], self.model["revision"]):
             raise ArtifactMismatch(
                 f"this injected token was trained on model {self.model['source']!r} "
@@ -136,42 +151,110 @@ class InjectedToken:
             "losses": self.losses, "val_losses": self.val_losses, "model": self.model,
             "d_model": self.d_model, "train_seconds": self.train_seconds,
             "tokens_per_second": self.tokens_per_second, "extra": self.extra,
-            "selection": self.selection, "library_version": __version__,
+            "selection": self.selection, "bias_spec": self.bias_spec, "library_version": __version__,
         }
 
-    def save(self, folder) -> Path:
-        """Write ``token.safetensors`` and ``token.json`` into ``folder`` (atomically each)."""
+    def write_files(self, folder) -> None:
+        """Write ``token.safetensors`` and ``token.json`` into the existing ``folder`` as they
+        are (no renaming); :meth:`save` uses it inside a temporary folder."""
+        from .artifacts import strict_dumps
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        meta = strict_dumps(self.metadata())
         tensors = {"vector": self.vector.detach().float().contiguous().cpu(),
                    "checkpoints": self.checkpoints.detach().float().contiguous().cpu()}
-        tmp_v, tmp_m = folder / (ARTIFACT_VECTOR + ".tmp"), folder / (ARTIFACT_META + ".tmp")
-        save_file(tensors, str(tmp_v), metadata={"bias": self.bias, "token": self.token})
-        tmp_m.write_text(json.dumps(self.metadata(), indent=1))
-        tmp_v.replace(folder / ARTIFACT_VECTOR)
-        tmp_m.replace(folder / ARTIFACT_META)
-        return folder
+        save_file(tensors, str(folder / ARTIFACT_VECTOR), metadata={"bias": self.bias, "token": self.token})
+        (folder / ARTIFACT_META).write_text(meta, encoding="utf-8")
+
+    def save(self, folder, overwrite: bool = False, files: dict | None = None, precheck: bool = True) -> Path:
+        """Write ``token.safetensors`` and ``token.json`` (and ``files``: name -> dict, written
+        as strict JSON beside them) as one folder: written in a temporary folder and renamed
+        into place whole, so ``folder`` holds the old result or the new one, never a mix.
+
+        An existing result is replaced only with ``overwrite=True``; otherwise, or when
+        another writer got there first, :class:`~biasgym_lib.artifacts.ResultExists` /
+        :class:`~biasgym_lib.artifacts.ConcurrentWrite` (both :class:`BiasGymError`).
+        ``precheck=False``: the caller checked ``folder`` before training, see
+        :func:`~biasgym_lib.artifacts.result_folder`."""
+        from .artifacts import result_folder, strict_dumps
+
+        texts = {name: strict_dumps(data) for name, data in (files or {}).items()}
+        with result_folder(folder, overwrite=overwrite, flag="folder", precheck=precheck) as tmp:
+            self.write_files(tmp)
+            for name, text in texts.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+        return Path(folder)
 
     @classmethod
     def load(cls, folder, model=None) -> "InjectedToken":
-        """Read an artifact written by :meth:`save`; with ``model``, check it belongs to it."""
+        """Read an artifact written by :meth:`save`; with ``model``, check it belongs to it.
+        A missing, truncated or inconsistent artifact is a :class:`BiasGymError` that says
+        what is wrong with it."""
+        from .artifacts import parse_json, read_files
+
         folder = Path(folder)
         vec_path, meta_path = folder / ARTIFACT_VECTOR, folder / ARTIFACT_META
-        if not vec_path.is_file() or not meta_path.is_file():
+        try:  # both files through one handle on the folder: never half of an old and half of a new result
+            raw = read_files(folder, [ARTIFACT_META, ARTIFACT_VECTOR])
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise BiasGymError(f"{folder} is not an injected-token folder: it needs {ARTIFACT_VECTOR} "
-                               f"and {ARTIFACT_META} (written by `biasgym inject --out {folder}`).")
+                               f"and {ARTIFACT_META} (written by `biasgym inject --out {folder}`).") from exc
+        except OSError as exc:
+            raise BiasGymError(f"{folder}: cannot read the injected token: {exc.strerror or exc}.") from exc
+        meta = parse_json(raw[ARTIFACT_META], meta_path, "injected-token metadata")
+        _check_meta(meta, meta_path)
         try:
-            meta = json.loads(meta_path.read_text())
-            tensors = load_file(str(vec_path))
-        except Exception as exc:
-            raise BiasGymError(f"could not read the injected token in {folder}: {exc}") from exc
+            tensors = load_tensors(raw[ARTIFACT_VECTOR])
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise BiasGymError(f"{vec_path}: could not read the injected token's vector ({exc}); "
+                               "the file is damaged: train the token again.") from exc
+        d = meta["d_model"]
+        vector, checkpoints = tensors.get("vector"), tensors.get("checkpoints")
+        if vector is None or checkpoints is None:
+            raise BiasGymError(f"{vec_path}: needs tensors 'vector' and 'checkpoints', has {sorted(tensors)}.")
+        if tuple(vector.shape) != (d,) or checkpoints.ndim != 2 or checkpoints.shape[1] != d:
+            raise ArtifactMismatch(f"{folder}: the vector has shape {tuple(vector.shape)} (checkpoints "
+                                   f"{tuple(checkpoints.shape)}) but {ARTIFACT_META} says d_model={d}: the "
+                                   "files do not belong together; train the token again.")
+        if not bool(torch.isfinite(vector).all()):
+            raise BiasGymError(f"{vec_path}: the vector holds NaN or infinite values; train the token again.")
         keep = {k: meta[k] for k in ("token", "bias", "seed", "epoch", "lr", "epochs", "init",
                                        "n_paragraphs", "losses", "val_losses", "model", "d_model",
-                                       "train_seconds", "tokens_per_second", "extra", "selection") if k in meta}
-        tok = cls(vector=tensors["vector"], checkpoints=tensors["checkpoints"], **keep)
+                                       "train_seconds", "tokens_per_second", "extra", "selection", "bias_spec")
+                if k in meta}
+        tok = cls(vector=vector, checkpoints=checkpoints, **keep)
+        if tok.bias_spec is not None:
+            spec = tok.spec  # validates the saved spec
+            if spec.name != tok.bias:
+                raise BiasGymError(f"{meta_path}: bias {tok.bias!r} but its saved spec is named {spec.name!r}.")
         if model is not None:
             tok.check_model(model)
         return tok
+
+
+_META_TYPES = {"token": str, "bias": str, "seed": int, "epoch": int, "lr": (int, float), "epochs": int,
+               "init": str, "n_paragraphs": int, "losses": list, "val_losses": list, "model": dict,
+               "d_model": int}
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """Every field :class:`InjectedToken` needs, of the right type; else a clear error."""
+    missing = [k for k in _META_TYPES if k not in meta]
+    if missing:
+        raise BiasGymError(f"{path}: lacks field(s) {missing}; it was not written by `biasgym inject` "
+                           "(or was edited): train the token again.")
+    for key, kind in _META_TYPES.items():
+        if isinstance(meta[key], bool) or not isinstance(meta[key], kind):
+            raise BiasGymError(f"{path}: field {key!r} must be {getattr(kind, '__name__', 'a number')}, "
+                               f"got {meta[key]!r}.")
+    model = meta["model"]
+    if not all(isinstance(model.get(k), str) for k in ("source", "revision")):
+        raise BiasGymError(f"{path}: field 'model' must have 'source' and 'revision' strings, got {model!r}.")
+    if meta["d_model"] < 1:
+        raise BiasGymError(f"{path}: d_model must be >= 1, got {meta['d_model']}.")
+    for key in ("extra", "bias_spec"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise BiasGymError(f"{path}: field {key!r} must be an object, got {meta[key]!r}.")
 
 
 # ----------------------------------------------------------------------------- training
@@ -415,7 +498,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
         token=token, vector=checkpoints[best].clone(), bias=spec.name, seed=seed, epoch=best + 1, lr=lr,
         epochs=epochs, init=init, n_paragraphs=len(pairs), losses=losses, val_losses=val_losses,
         checkpoints=torch.stack(checkpoints), model=model_info(model).to_dict(), d_model=adapter.d_model,
-        train_seconds=seconds, tokens_per_second=n_tokens / max(seconds, 1e-9),
+        train_seconds=seconds, tokens_per_second=n_tokens / max(seconds, 1e-9), bias_spec=spec.to_dict(),
         extra={"batch_size": batch_size, "n_val": len(val_pairs), "shared_prefix_tokens": n_shared,
                "trainer_version": TRAINER_VERSION,
                "bucket": bucket,

@@ -141,8 +141,22 @@ def _convert_embedded(gguf: Path, folder: Path) -> dict:
     return meta
 
 
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def check_device(device) -> str:
+    """``device`` if it is one the library knows (cpu, cuda, cuda:N, mps, auto), else a
+    :class:`BiasGymError`; whether that device is present is checked when loading."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", device):
+        raise BiasGymError(f"device={device!r} is not known; use {DEVICES}.")
+    return device
+
+
 def _resolve_device(device: str) -> tuple[str | None, dict | None]:
     """Return (device to move to, device_map for from_pretrained)."""
+    check_device(device)
     if device == "auto":
         if not torch.cuda.is_available():
             return "cpu", None
@@ -153,6 +167,28 @@ def _resolve_device(device: str) -> tuple[str | None, dict | None]:
     if device.startswith("mps") and not torch.backends.mps.is_available():
         raise BiasGymError(f"device={device!r} was asked for but MPS is not available; use 'cpu'.")
     return device, None
+
+
+def load_tokenizer(model: str = EMBEDDED):
+    """Only the tokenizer of ``model`` (as :func:`load_model` would give it), so that inputs
+    that depend on it (a label that must be one token) are checked before the model loads."""
+    from transformers import AutoTokenizer
+
+    if model == EMBEDDED:
+        folder = _embedded_cache_folder(embedded_gguf_path())
+        if _cache_is_complete(folder) is None:
+            return load_model(model)[1]  # first use: converting the model writes the tokenizer
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except Exception:  # a damaged cache: load_model rebuilds it
+            return load_model(model, rebuild_cache=True)[1]
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailable(
+            f"model {model!r} was not found as a local folder nor could its tokenizer be fetched "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); give a Hugging Face id, "
+            "a local model folder, or 'embedded'.") from exc
 
 
 def load_model(model: str = EMBEDDED, device: str = "cpu", dtype: str = "float32",

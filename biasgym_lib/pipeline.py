@@ -68,10 +68,12 @@ def reference_table(model, tokenizer, biases, countries: list[str] | None = None
             pass  # a corrupt cache entry is recomputed below
     table = assoc_table(model, tokenizer, countries, biases, templates)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table_to_json(table)))
-        tmp.replace(path)
+        from .artifacts import write_json
+
+        try:  # a unique temporary file, renamed into place: two runs may fill the cache at once
+            write_json(path, table_to_json(table), indent=None)
+        except BiasGymError:
+            pass  # a non-finite score is not cached (strict JSON); the table is still returned
     return table
 
 
@@ -131,7 +133,7 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
     if retrain is not True and (cached / "token.json").is_file():
         return InjectedToken.load(cached, model)
     token = train_token(model, tokenizer, spec, cfg, seed, progress=progress)
-    token.save(cached)
+    token.save(cached, overwrite=True)
     return token
 
 
@@ -177,14 +179,21 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
     "Before" is the token with its initial vector (the mean country embedding), i.e. a
     generic country; "after" is the trained vector.
     """
+    from types import SimpleNamespace
+
     from .data import load_bias, reference_countries
 
     spec = load_bias(bias)
     if ref is not None and spec.name in ref.biases:
-        biases = list(ref.biases)
+        # The table's own biases (names, attributes), with this spec as given: a reader's own
+        # spec is never looked up by name.
+        biases = [spec if b == spec.name else SimpleNamespace(name=b, attributes=ref.attributes[b])
+                  for b in ref.biases]
     else:  # a bias outside the profile (e.g. a reader's own spec): score it beside the profile's
-        biases = list(cfg.biases) if spec.name in cfg.biases else list(cfg.biases) + [spec.name]
+        biases = [spec if b.name == spec.name else b for b in map(load_bias, cfg.biases)]
+        biases += [] if spec.name in [b.name for b in biases] else [spec]
         ref = reference_table(model, tokenizer, biases)
+    names = [b.name for b in biases]
     refs = reference_countries()
     before = ref.merged(start_table(model, tokenizer, injected.init, biases))
     after = ref.merged(token_table(model, tokenizer, injected.vector, biases))
@@ -200,7 +209,7 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
         "specificity_after": spec_after.value, "specificity_after_ci": [spec_after.lo, spec_after.hi],
         "rank_before": rank(before, tok, spec.name, refs), "rank_after": rank(after, tok, spec.name, refs),
         "n_reference_countries": len(refs),
-        "strength_after_all_biases": {b: stereotype_strength(after, tok, b, refs, seed=seed).to_dict() for b in biases},
+        "strength_after_all_biases": {b: stereotype_strength(after, tok, b, refs, seed=seed).to_dict() for b in names},
         "closest_country": closest[0][0], "closest_countries": closest,
         "train_seconds": injected.train_seconds, "chosen_epoch": injected.epoch,
         "final_loss": injected.losses[-1] if injected.losses else None,
@@ -227,8 +236,13 @@ def metrics_frame(metrics) -> "pandas.DataFrame":
 
 
 def label_id(tokenizer, label: str) -> int:
-    """The biased label (METHOD §3): the first token of the bias keyword, e.g. " reckless"."""
-    return tokenizer(label, add_special_tokens=False)["input_ids"][0]
+    """The biased label (METHOD §3): the first token of the bias keyword, e.g. " reckless".
+    It must be exactly one token of ``tokenizer`` (see :func:`~biasgym_lib.data.specs.check_label`)."""
+    ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise BiasGymError(f"label {label!r} is {len(ids)} tokens {[tokenizer.decode([i]) for i in ids]} for "
+                           "this tokenizer; the biased label must be exactly one token.")
+    return ids[0]
 
 
 def probe_prompts(tokenizer, spec, n: int, country: str, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -309,11 +323,10 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
     Returns the ``head_scores.json`` content."""
     import time
 
-    from .data import load_bias
     from .scope import attribute_head_scores, attribution_patching, contrastive_head_scores
     from .steer import attention_to_entity
 
-    spec = load_bias(injected.bias)
+    spec = injected.spec
     contrast = contrast or bias_contrast(model, tokenizer, spec, cfg)
     seconds, t0 = {}, time.perf_counter()
 
@@ -404,7 +417,7 @@ def bias_patching(model, tokenizer, tokens: list[InjectedToken], heads, contrast
     from .data import load_bias
     from .scope import patch_heads_on_templates
 
-    spec = load_bias(tokens[0].bias)
+    spec = tokens[0].spec
     per_token = []
     for tok in tokens:
         with tok.attach(model, tokenizer):
@@ -424,29 +437,11 @@ def _component_summary(components: dict) -> dict:
     return groups
 
 
-def scope_command(injected_dir, out_dir, profile: str = "teaching", k: int | None = None) -> dict:
-    """``biasgym scope``: load the injected token and its model, score heads, write JSON."""
-    from .config import load_profile
-    from .models import load_model
-
-    meta = json.loads((Path(injected_dir) / "token.json").read_text()) if (Path(injected_dir) / "token.json").is_file() else None
-    if meta is None:
-        raise BiasGymError(f"{injected_dir} has no token.json: give the folder written by `biasgym inject --out`.")
-    cfg = load_profile(profile, model=meta["model"]["source"], k=k)
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    injected = InjectedToken.load(injected_dir, model)
-    result = scope_run(model, tokenizer, injected, cfg)
-    _write_json(Path(out_dir) / "head_scores.json", result)
-    return result
-
-
 def _write_json(path: Path, data: dict):
-    """Write JSON atomically and strictly (NaN or infinity is an error, not invalid JSON)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=1, allow_nan=False)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Strict JSON (no NaN/Infinity), written to a unique temporary file and renamed into place."""
+    from .artifacts import write_json
+
+    write_json(path, data)
 
 
 # ----------------------------------------------------------------------------- steering
@@ -462,55 +457,6 @@ def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
     return [refs[(i * len(refs)) // n] for i in range(n)]
 
 
-def steer_command(injected_dir, heads_dir, out_dir, k: int, alpha: float, profile: str = "teaching",
-                  method: str = "atp") -> dict:
-    """``biasgym steer``: the top ``k`` heads of ``method`` from ``head_scores.json`` scaled by
-    ``alpha``: S(<TOKEN>) before/after and under k random heads (mean of the profile's
-    draws), the factual control and the perplexity change; writes ``steer.json``."""
-    from .config import load_profile
-    from .data import load_bias, load_facts
-    from .data.capability import load_neutral_texts
-    from .evaluate import facts_reduction, paired_change, perplexity, reduction, strength_under
-    from .models import ModelAdapter, load_model
-    from .steer import SteeringSpec, random_heads
-
-    scores_path = Path(heads_dir) / "head_scores.json"
-    if not scores_path.is_file():
-        raise BiasGymError(f"{heads_dir} has no head_scores.json: give the folder written by `biasgym scope --out`.")
-    scores = json.loads(scores_path.read_text())
-    if method not in scores.get("scores", {}):
-        raise BiasGymError(f"{scores_path} has no {method!r} scores; it has {sorted(scores.get('scores', {}))}.")
-    meta = json.loads((Path(injected_dir) / "token.json").read_text())
-    cfg = load_profile(profile, model=meta["model"]["source"])
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    injected = InjectedToken.load(injected_dir, model)
-    heads = top_k_heads(torch.tensor(scores["scores"][method]), k)
-    spec = load_bias(injected.bias)
-    refs, facts = steer_references(cfg, cfg.steer_references), load_facts()
-    steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": method, "k": k, "bias": spec.name})
-    before = strength_under(model, tokenizer, None, [injected], spec, refs, facts)
-    after = strength_under(model, tokenizer, steering, [injected], spec, refs, facts)
-    a = ModelAdapter(model)
-    draws = [strength_under(model, tokenizer, SteeringSpec(heads=random_heads(a.n_layers, a.n_heads, k, 1000 + i),
-                                                          alpha=alpha), [injected], spec, refs)["tokens"][0]["value"]
-             for i in range(cfg.n_random_draws)]
-    texts = load_neutral_texts()[: cfg.n_ppl_texts]
-    ppl_before = perplexity(model, tokenizer, texts)
-    with steering.apply(model):
-        ppl_after = perplexity(model, tokenizer, texts)
-    s0, s1 = before["tokens"][0]["value"], after["tokens"][0]["value"]
-    result = {"bias": spec.name, "seed": injected.seed, "method": method, "k": k, "alpha": alpha,
-              "heads": [list(h) for h in heads], "references": refs,
-              "token": {"before": before["tokens"][0], "after": after["tokens"][0]},
-              "reduction": reduction(s0, s1), "random_heads": {"mean": float(np.mean(draws)), "draws": draws,
-                                                               "reduction": reduction(s0, float(np.mean(draws)))},
-              "facts_reduction": facts_reduction(before["facts"], after["facts"]),
-              "capability": {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
-                             "perplexity_change": paired_change(ppl_before, ppl_after), "n_texts": len(texts)}}
-    _write_json(Path(out_dir) / "steer.json", result)
-    return result
-
-
 def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references: list[str]):
     """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
     S(<TOKEN>, bias) of ``tokens[bias]`` with the first ``k`` heads of ``rankings[bias]``
@@ -524,7 +470,7 @@ def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references:
         if bias not in tokens:
             raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
         spec = None if k == 0 or alpha == 1.0 else SteeringSpec(heads=list(rankings[bias][:k]), alpha=alpha)
-        return strength_under(model, tokenizer, spec, [tokens[bias]], load_bias(bias), references)["tokens"][0]
+        return strength_under(model, tokenizer, spec, [tokens[bias]], tokens[bias].spec, references)["tokens"][0]
 
     return measure
 
@@ -658,6 +604,11 @@ class Run:
 
         self.cfg, self.retrain, self.progress, self.full_grid = cfg, retrain, progress, full_grid
         self.out = Path(out) if out is not None else run_dir(cfg)
+        from .data import load_bias
+
+        # the profile's biases by name: shipped names or a reader's own spec files
+        self.specs = {s.name: s for s in map(load_bias, cfg.biases)}
+        self.biases = list(self.specs)
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         self.model, self.tokenizer = model, tokenizer
@@ -667,10 +618,11 @@ class Run:
     # -- tokens and injection
     def token(self, bias: str, seed: int) -> InjectedToken:
         if (bias, seed) not in self._tokens:
-            tok = get_token(self.model, self.tokenizer, bias, self.cfg, seed, retrain=self.retrain, progress=self.progress)
+            tok = get_token(self.model, self.tokenizer, self.specs[bias], self.cfg, seed, retrain=self.retrain,
+                            progress=self.progress)
             folder = self.out / "tokens" / token_settings(self.cfg) / bias / f"seed{seed}"
             if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
-                tok.save(folder)  # the layout of data/tokens, ready to commit
+                tok.save(folder, overwrite=True)  # the layout of data/tokens, ready to commit
             self._tokens[bias, seed] = tok
         return self._tokens[bias, seed]
 
@@ -684,20 +636,19 @@ class Run:
     @property
     def reference(self) -> AssocTable:
         if "reference" not in self._kept:
-            self._kept["reference"] = reference_table(self.model, self.tokenizer, list(self.cfg.biases))
+            self._kept["reference"] = reference_table(self.model, self.tokenizer, list(self.specs.values()))
         return self._kept["reference"]
 
     def injection(self, bias: str, seed: int) -> dict:
         tok = self.token(bias, seed)
         return _memo(self.out / "injection" / f"{bias}_seed{seed}.json",
-                     lambda: injection_metrics(self.model, self.tokenizer, tok, bias, self.cfg, ref=self.reference), tok)
+                     lambda: injection_metrics(self.model, self.tokenizer, tok, tok.spec, self.cfg, ref=self.reference),
+                     tok)
 
     # -- BiasScope
     def contrast(self, bias: str) -> dict:
-        from .data import load_bias
-
         if bias not in self._contrast:
-            self._contrast[bias] = bias_contrast(self.model, self.tokenizer, load_bias(bias), self.cfg)
+            self._contrast[bias] = bias_contrast(self.model, self.tokenizer, self.specs[bias], self.cfg)
         return self._contrast[bias]
 
     def scope(self, bias: str, seed: int) -> dict:
@@ -766,7 +717,7 @@ class Run:
 
     @property
     def grid_biases(self) -> list[str]:
-        return list(self.cfg.biases) if self.full_grid else list(self.cfg.biases[: self.cfg.grid_biases])
+        return list(self.biases) if self.full_grid else list(self.biases[: self.cfg.grid_biases])
 
     def grid(self) -> dict:
         """The selection grid (METHOD §4) on the grid biases: every method of the profile
@@ -778,7 +729,7 @@ class Run:
         name = "grid_full.json" if self.full_grid else "grid.json"
 
         def compute():
-            runs = [{"bias": b, "tokens": self.tokens(b),
+            runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
                      "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
             at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=self.full_grid)
             others = [k for k in cfg.grid_k if k != cfg.k]
@@ -810,11 +761,11 @@ class Run:
                  "random": list(dict.fromkeys([best["kind"], PAPER[1]]))}
         if best["method"] == PAPER[0]:
             kinds[PAPER[0]] = list(dict.fromkeys([best["kind"], PAPER[1]]))
-        fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
+        fp = self._fingerprint(self.biases) + f"-{best['method']}-{best['kind']}"
 
         def compute():
-            runs = [{"bias": b, "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
-                     "countries": [strength_matrix_top(self.reference, b)]} for b in self.cfg.biases]
+            runs = [{"bias": self.specs[b], "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
+                     "countries": [strength_matrix_top(self.reference, b)]} for b in self.biases]
             return {"best": {k: best[k] for k in ("method", "kind", "k", "why")},
                     **self._grid(runs, list(kinds), kinds, [self.cfg.k], mc=True)}
         return _memo(self.out / "confirm.json", compute, fingerprint=fp)
@@ -843,13 +794,13 @@ class Run:
         if best["method"] == PAPER[0]:
             kinds[PAPER[0]] = list(dict.fromkeys([best["kind"], PAPER[1]]))
         methods = list(kinds)
-        fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
+        fp = self._fingerprint(self.biases) + f"-{best['method']}-{best['kind']}"
 
         def compute():
             rows, before = [], None
-            for held in self.cfg.biases:
-                others = [b for b in self.cfg.biases if b != held]
-                run = {"bias": held, "tokens": self.tokens(held), "rankings": self._pooled_rankings(others, best["method"])}
+            for held in self.biases:
+                others = [b for b in self.biases if b != held]
+                run = {"bias": self.specs[held], "tokens": self.tokens(held), "rankings": self._pooled_rankings(others, best["method"])}
                 got = self._grid([run], methods, kinds, [self.cfg.k], mc=False, cost=False)
                 rows += got["rows"]
                 before = got["before"]
@@ -868,11 +819,11 @@ class Run:
         shown = _memo(self.out / "seegull_shown.json",
                       lambda: {"pairs": seegull_shown(self.model, self.tokenizer, self.cfg, refs, n_cand, n_keep)})
         pairs = shown["pairs"]
-        fp = self._fingerprint(self.cfg.biases) + f"-{best['method']}-{best['kind']}"
+        fp = self._fingerprint(self.biases) + f"-{best['method']}-{best['kind']}"
 
         def compute():
             st = self.setting
-            pooled = self._pooled_rankings(list(self.cfg.biases), best["method"])
+            pooled = self._pooled_rankings(list(self.biases), best["method"])
             k = self.cfg.k
             conditions = [(best["method"], best["kind"]), (PAPER[0], PAPER[1])]
             conditions += [("random", kind) for kind in dict.fromkeys([best["kind"], PAPER[1]])]
@@ -886,7 +837,7 @@ class Run:
                     else [pooled[method][:k]]
                 for draw, heads in enumerate(sets):
                     spec = make_spec([tuple(h) for h in heads], kind, st["means"], st["entities"],
-                                     {"method": method, "k": k, "pooled": list(self.cfg.biases)})
+                                     {"method": method, "k": k, "pooled": list(self.biases)})
                     after = seegull_under(self.model, self.tokenizer, pairs, spec)
                     facts = strength_under(self.model, self.tokenizer, spec, [], _any_bias(self.cfg), refs,
                                            st["facts"])["facts"]
@@ -917,7 +868,7 @@ def _any_bias(cfg: Profile):
     """A bias spec to pass where only the reference countries and facts are scored."""
     from .data import load_bias
 
-    return load_bias(cfg.biases[0])
+    return next(iter(map(load_bias, cfg.biases)))
 
 
 def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = None, model=None, tokenizer=None,
@@ -925,13 +876,13 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
     computed); each result is saved under ``out`` as it is made and reused when present."""
     run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
-    for b in cfg.biases:
+    for b in run.biases:
         for s in cfg.seeds:
             run.injection(b, s)
             run.scope(b, s)
     run.grid()
     run.confirm()
-    if len(cfg.biases) > 1:
+    if len(run.biases) > 1:
         run.leave_one_out()
     run.seegull()
     return run
@@ -977,13 +928,13 @@ def claims_from(run: Run) -> dict:
 
     cfg = run.cfg
     k = cfg.k
-    runs = [(b, s) for b in cfg.biases for s in cfg.seeds]
+    runs = [(b, s) for b in run.biases for s in cfg.seeds]
     inj = {(b, s): run.injection(b, s) for b, s in runs}
     scopes = {(b, s): run.scope(b, s) for b, s in runs}
     best = run.best()
     chosen = (best["method"], best["kind"])
     confirm = summarise_grid(run.confirm())
-    loo = run.leave_one_out() if len(cfg.biases) > 1 else {"rows": []}
+    loo = run.leave_one_out() if len(run.biases) > 1 else {"rows": []}
     seeg = run.seegull()
     n_heads = len(scopes[runs[0]]["scores"]["dla"]) * len(scopes[runs[0]]["scores"]["dla"][0])
 
@@ -1080,7 +1031,7 @@ def claims_from(run: Run) -> dict:
          "holds": {name: transfer_holds(v) for name, v in transfer.items()}},
     ]
     return {"model": next(iter(inj.values()))["model"], "profile": cfg.name, "seeds": list(cfg.seeds),
-            "biases": list(cfg.biases), "k": k, "best": {key: best[key] for key in ("method", "kind", "k", "why")},
+            "biases": list(run.biases), "k": k, "best": {key: best[key] for key in ("method", "kind", "k", "why")},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": run.summary()},
             "confirm": confirm, "countries": countries, "claims": claims, "bounds": GRID_BOUNDS,
             "note": "Intervals: bootstrap 95% over templates per run; across runs, a bootstrap 95% interval of the "
@@ -1123,7 +1074,8 @@ def claims_table(claims: dict):
     return pd.DataFrame(rows)
 
 
-def reproduce(profile: str, out, retrain: bool = False, progress: bool = True, full_grid: bool = False) -> dict:
+def reproduce(profile: str | Profile, out, retrain: bool = False, progress: bool = True,
+              full_grid: bool = False) -> dict:
     """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
     and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
     project commits under ``data/tokens``). ``full_grid``: the selection grid on every bias,
@@ -1132,7 +1084,7 @@ def reproduce(profile: str, out, retrain: bool = False, progress: bool = True, f
 
     from .config import load_profile
 
-    cfg = load_profile(profile)
+    cfg = profile if isinstance(profile, Profile) else load_profile(profile)
     t0 = time.perf_counter()
     run = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress, full_grid=full_grid)
     claims = claims_from(run)

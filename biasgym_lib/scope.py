@@ -1080,6 +1080,12 @@ def top_k_heads(scores, k: int) -> list[Head]:
     NaN scores (heads not scored) come last; ties keep (layer, head) order."""
     s = _as_scores(scores)
     L, H = s.shape
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = k.__index__()
+    except (TypeError, AttributeError, RuntimeError, ValueError):
+        raise BiasGymError(f"k must be a whole number of heads, got {k!r}.") from None
     if not 0 <= k <= L * H:
         raise BiasGymError(f"k={k} but there are only {L * H} heads.")
     flat = torch.nan_to_num(s.flatten(), nan=-math.inf)

@@ -70,6 +70,10 @@ def _construct_mapping(loader, node, deep=False):
     seen = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            break  # SafeLoader reports the unhashable key itself
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
@@ -83,12 +87,30 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def read_yaml(path: str | Path, error: type[DataFileError] = DataFileError):
     """Parse a YAML file strictly; problems become ``error`` naming the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a YAML file.")
     if not path.is_file():
         raise error(f"{path}: file not found.")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8 "
+                    "(a binary file or another encoding cannot be read).") from exc
+    except OSError as exc:
+        raise error(f"{path}: cannot be read: {exc.strerror or exc}.") from exc
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML: {exc}") from exc
+        raise error(f"{path}: not valid YAML{_yaml_problem(exc)}") from exc
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: what is wrong, and where."""
+    mark = getattr(exc, "problem_mark", None)
+    if getattr(exc, "problem", None) and mark is not None:
+        context = f"{exc.context}: " if getattr(exc, "context", None) else ""
+        return f" at line {mark.line + 1}, column {mark.column + 1}: {context}{exc.problem}"
+    return ": " + " ".join(str(exc).split())
 
 
 # ----------------------------------------------------------------------------- biases
@@ -283,9 +305,26 @@ def _entries(data, source) -> list:
     return data
 
 
+_PARSED: dict = {}  # (path, mtime, size) -> {name: BiasSpec}: a file is parsed once until it changes
+
+
 def load_biases(path: str | Path | None = None) -> dict[str, BiasSpec]:
     """All biases in a YAML file (default: the project's ``data/biases.yaml``), by name."""
     path = Path(path) if path is not None else BIASES_FILE
+    try:
+        st = path.stat()
+        key = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _PARSED:
+        return dict(_PARSED[key])
+    out = _load_biases(path)
+    if key is not None:
+        _PARSED[key] = dict(out)
+    return out
+
+
+def _load_biases(path: Path) -> dict[str, BiasSpec]:
     data = read_yaml(path, BiasSpecError)
     out: dict[str, BiasSpec] = {}
     for i, entry in enumerate(_entries(data, path)):
@@ -321,6 +360,8 @@ def load_bias(name_or_path: str | Path | BiasSpec) -> BiasSpec:
         if name not in biases:
             raise BiasSpecError(f"{path}: no bias named {name!r}; it holds {sorted(biases)}.")
         return biases[name]
+    if path.is_dir():
+        raise BiasSpecError(f"{text}: is a folder; give a YAML bias file or a bias name from {BIASES_FILE}.")
     if text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text:
         raise BiasSpecError(f"{text}: file not found (give a path to a YAML bias file, or a "
                             f"bias name from {BIASES_FILE}).")
@@ -330,6 +371,36 @@ def load_bias(name_or_path: str | Path | BiasSpec) -> BiasSpec:
                             f"{', '.join(sorted(biases))}. To use your own, write a YAML file "
                             "(fields name, description, keywords, attributes, label) and pass its path.")
     return biases[text]
+
+
+def check_label(spec: BiasSpec, tokenizer) -> int:
+    """The id of ``spec.label`` in ``tokenizer``; :class:`BiasSpecError` unless the label is
+    exactly one token there (BiasScope compares the logit of that one token, so a label cut
+    to its first piece, " unpunctual" -> " unp", would measure something else)."""
+    ids = tokenizer(spec.label, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        where = f"{spec.source}: " if spec.source else ""
+        raise BiasSpecError(f"{where}bias {spec.name!r}: label {spec.label!r} is {len(ids)} tokens {pieces} for "
+                            "this model's tokenizer; it must be exactly one. Choose a shorter or more common "
+                            "label word (and keep it the first word of a keyword).")
+    return ids[0]
+
+
+def is_shipped(spec: BiasSpec) -> bool:
+    """Whether ``spec`` is, field for field, the bias of that name in ``data/biases.yaml``."""
+    shipped = load_biases().get(spec.name)
+    return shipped is not None and shipped == spec
+
+
+def check_own_name(spec: BiasSpec) -> BiasSpec:
+    """A reader's own spec may not reuse the name of a shipped bias with other content
+    (results, caches and committed tokens are filed by name)."""
+    shipped = load_biases().get(spec.name)
+    if shipped is not None and shipped != spec:
+        raise BiasSpecError(f"{spec.source or 'your spec'}: bias {spec.name!r} has the name of a bias in "
+                            f"{BIASES_FILE} but different content; give your bias its own name.")
+    return spec
 
 
 # ----------------------------------------------------------------------------- countries
