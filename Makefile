@@ -37,4 +37,4 @@ reproduce: setup
 	$(PY) -m biasgym_lib.cli reproduce --profile $(PROFILE) --out runs/$(PROFILE) --overwrite
 
 clean:
-	rm -rf _build
+	rm -rf _build runs

@@ -390,7 +390,7 @@ def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, 
         atp = torch.tensor([r["scores"]["atp"] for r in scopes]).mean(0)
         out["atp_selective"] = top_k_heads(atp - torch.as_tensor(knowledge, dtype=atp.dtype), k_max)
     if patching is not None:
-        scored = torch.tensor(patching["scores"])
+        scored = nan_tensor(patching["scores"])
         out["patching"] = top_k_heads(scored, min(k_max, int((~torch.isnan(scored)).sum())))
     dla = [torch.tensor(r["scores"]["dla"]) for r in scopes]
     m = (len(dla) + 1) // 2
@@ -409,6 +409,20 @@ def patch_union(scopes: list[dict], n: int) -> list[tuple[int, int]]:
     return sorted(heads)
 
 
+def nan_tensor(data) -> torch.Tensor:
+    """A float tensor from nested lists in which ``None`` stands for NaN (strict JSON has no
+    NaN): exact patching scores only the heads of its union, the others are NaN."""
+    def walk(x):
+        return [walk(v) for v in x] if isinstance(x, list) else (float("nan") if x is None else x)
+    return torch.tensor(walk(data), dtype=torch.float32)
+
+
+def _nan_to_none(t: torch.Tensor) -> list:
+    def walk(x):
+        return [walk(v) for v in x] if isinstance(x, list) else (None if x != x else x)
+    return walk(t.tolist())
+
+
 def bias_patching(model, tokenizer, tokens: list[InjectedToken], heads, contrast: dict) -> dict:
     """Exact activation patching of assoc(<TOKEN>) on S's sentences (z of each head in
     ``heads`` at every position replaced by its mean over the contrast countries), for each
@@ -424,8 +438,8 @@ def bias_patching(model, tokenizer, tokens: list[InjectedToken], heads, contrast
             per_token.append(patch_heads_on_templates(model, tokenizer, tok.token, spec.attributes, heads,
                                                       contrast["template_z"], contrast=contrast["countries"]))
     return {"bias": spec.name, "seeds": [t.seed for t in tokens], "heads": [list(h) for h in heads],
-            "scores": torch.stack([p.scores for p in per_token]).mean(0).tolist(),
-            "units": [p.per_sentence.tolist() for p in per_token]}
+            "scores": _nan_to_none(torch.stack([p.scores for p in per_token]).mean(0)),
+            "units": [_nan_to_none(p.per_sentence) for p in per_token]}
 
 
 def _component_summary(components: dict) -> dict:
@@ -780,7 +794,7 @@ class Run:
         patching = None
         if method == "patching":
             per = [self.patching(b) for b in biases]
-            patching = {"scores": torch.nanmean(torch.stack([torch.tensor(p["scores"]) for p in per]), 0).tolist()}
+            patching = {"scores": _nan_to_none(torch.nanmean(torch.stack([nan_tensor(p["scores"]) for p in per]), 0))}
         return bias_rankings(scopes, self.cfg.k, patching, self.cfg.n_random_draws, a.n_layers, a.n_heads,
                              self.knowledge())
 
@@ -946,7 +960,7 @@ def claims_from(run: Run) -> dict:
     for b in run.grid_biases:
         if "patching" in cfg.grid_methods:
             p = run.patching(b)
-            units = [torch.tensor(u) for u in p["units"]]
+            units = [nan_tensor(u) for u in p["units"]]
             for m in ("dla", "delta_dla", "atp"):
                 mu = [torch.tensor(r["units"][m]) for r in run.scopes(b)]
                 agree[f"{b}: {m} vs patching"] = agreement(mu, units, k)
