@@ -483,9 +483,9 @@ COUNTRY_GOOD = {"id": "c1", "topic": "geography", "text": "The Rhine flows from 
 
 @pytest.mark.parametrize("rows, message", [
     ([COUNTRY_GOOD, {**COUNTRY_GOOD, "id": "c2", "text": "The Rhine flows through Germany."}],
-     r"record 2 \('c2'\) names 1 reference"),
+     r"record 2 \('c2'\) names 1 country"),
     ([COUNTRY_GOOD, {**COUNTRY_GOOD, "id": "c3", "text": "The Rhine flows through Germanyland."}],
-     r"record 2 \('c3'\) names 0 reference"),
+     r"record 2 \('c3'\) names 0 country"),
     ([COUNTRY_GOOD, dict(COUNTRY_GOOD)], r"duplicate id 'c1'"),
     ([COUNTRY_GOOD, {"id": "c4", "topic": "trade"}], r"record 2 lacks the key\(s\) \['text'\]"),
     ([COUNTRY_GOOD, {**COUNTRY_GOOD, "id": "c5", "text": " "}], r"record 2 \('c5'\) has an empty text"),

@@ -99,12 +99,14 @@ def load_neutral_texts(path: Path = NEUTRAL_FILE) -> list[str]:
 
 def load_country_records(path: Path = COUNTRY_TEXTS_FILE) -> list[dict]:
     """The country passages as ``{"id", "topic", "text"}`` dicts, validated; each text must name
-    at least two different countries of :func:`biasgym_lib.data.reference_countries`."""
+    at least two different countries of the countries file (its reference or contrast lists; read
+    from the file itself, so a run that uses only some reference countries reads the same texts)."""
     import re
 
-    from . import reference_countries
+    from .specs import contrast_countries, load_countries
 
-    patterns = {c: re.compile(r"\b" + re.escape(c) + r"\b") for c in reference_countries()}
+    names = [row["name"] for row in load_countries()] + contrast_countries()
+    patterns = {c: re.compile(r"\b" + re.escape(c) + r"\b") for c in names}
     rows = _read_jsonl(Path(path))
     for n, r in enumerate(rows, start=1):
         where = f"{Path(path).name} record {n}"
@@ -113,7 +115,7 @@ def load_country_records(path: Path = COUNTRY_TEXTS_FILE) -> list[dict]:
             raise CapabilityDataError(f"{where} ({r['id']!r}) has an empty text.")
         named = [c for c, pat in patterns.items() if pat.search(r["text"])]
         if len(named) < 2:
-            raise CapabilityDataError(f"{where} ({r['id']!r}) names {len(named)} reference "
+            raise CapabilityDataError(f"{where} ({r['id']!r}) names {len(named)} "
                                       f"country(ies) {named}; at least two are needed.")
     _check_unique_ids(rows, Path(path).name)
     return rows
