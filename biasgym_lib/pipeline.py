@@ -766,22 +766,41 @@ class Run:
 
         return choose_selection(self.summary(), self.cfg.k)
 
-    def confirm(self) -> dict:
-        """The chosen selection (under its kind) and the paper's (robust DLA at alpha = 0) on
-        every bias of the profile at the profile's k, with k random heads under both kinds:
-        S, the facts, perplexity and multiple choice."""
+    def conditions(self) -> list[tuple[str, str, int]]:
+        """The (method, kind, k) steered after the grid: the chosen selection at its own k, the
+        paper's (robust DLA, alpha = 0) at the profile's k, and k random heads under each of
+        those kinds and k."""
         best = self.best()
-        kinds = {best["method"]: [best["kind"]], PAPER[0]: [PAPER[1]],
-                 "random": list(dict.fromkeys([best["kind"], PAPER[1]]))}
-        if best["method"] == PAPER[0]:
-            kinds[PAPER[0]] = list(dict.fromkeys([best["kind"], PAPER[1]]))
-        fp = self._fingerprint(self.biases) + f"-{best['method']}-{best['kind']}"
+        return list(dict.fromkeys([(best["method"], best["kind"], best["k"]), (PAPER[0], PAPER[1], self.cfg.k),
+                                   ("random", best["kind"], best["k"]), ("random", PAPER[1], self.cfg.k)]))
+
+    def _grid_at(self, runs, mc: bool, cost: bool = True) -> dict:
+        """:meth:`_grid` on :meth:`conditions`, one call per k (each method steered only under
+        its own kinds at its own k)."""
+        by_k: dict = {}
+        for m, kind, k in self.conditions():
+            by_k.setdefault(k, {}).setdefault(m, []).append(kind)
+        out = None
+        for k, kinds in by_k.items():
+            got = self._grid(runs, list(kinds), kinds, [k], mc=mc, cost=cost)
+            out = got if out is None else {**got, "rows": out["rows"] + got["rows"]}
+        return out
+
+    def _best_key(self) -> str:
+        best = self.best()
+        return f"-{best['method']}-{best['kind']}-k{best['k']}-paperk{self.cfg.k}"
+
+    def confirm(self) -> dict:
+        """The chosen selection (under its kind, at its k) and the paper's (robust DLA at
+        alpha = 0, the profile's k) on every bias of the profile, with random heads at each
+        kind and k: S, the facts, perplexity and multiple choice."""
+        best = self.best()
+        fp = self._fingerprint(self.biases) + self._best_key()
 
         def compute():
             runs = [{"bias": self.specs[b], "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
                      "countries": [strength_matrix_top(self.reference, b)]} for b in self.biases]
-            return {"best": {k: best[k] for k in ("method", "kind", "k", "why")},
-                    **self._grid(runs, list(kinds), kinds, [self.cfg.k], mc=True)}
+            return {"best": {k: best[k] for k in ("method", "kind", "k", "why")}, **self._grid_at(runs, mc=True)}
         return _memo(self.out / "confirm.json", compute, fingerprint=fp)
 
     def _pooled_rankings(self, biases: list[str], method: str) -> dict:
@@ -803,19 +822,14 @@ class Run:
         *other* biases' tokens, steered on the held-out bias's tokens (chosen and paper's
         selection, k random heads; facts measured, perplexity not)."""
         best = self.best()
-        kinds = {best["method"]: [best["kind"]], PAPER[0]: [PAPER[1]],
-                 "random": list(dict.fromkeys([best["kind"], PAPER[1]]))}
-        if best["method"] == PAPER[0]:
-            kinds[PAPER[0]] = list(dict.fromkeys([best["kind"], PAPER[1]]))
-        methods = list(kinds)
-        fp = self._fingerprint(self.biases) + f"-{best['method']}-{best['kind']}"
+        fp = self._fingerprint(self.biases) + self._best_key()
 
         def compute():
             rows, before = [], None
             for held in self.biases:
                 others = [b for b in self.biases if b != held]
                 run = {"bias": self.specs[held], "tokens": self.tokens(held), "rankings": self._pooled_rankings(others, best["method"])}
-                got = self._grid([run], methods, kinds, [self.cfg.k], mc=False, cost=False)
+                got = self._grid_at([run], mc=False, cost=False)
                 rows += got["rows"]
                 before = got["before"]
             return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": before, "rows": rows}
@@ -833,20 +847,17 @@ class Run:
         shown = _memo(self.out / "seegull_shown.json",
                       lambda: {"pairs": seegull_shown(self.model, self.tokenizer, self.cfg, refs, n_cand, n_keep)})
         pairs = shown["pairs"]
-        fp = self._fingerprint(self.biases) + f"-{best['method']}-{best['kind']}"
+        fp = self._fingerprint(self.biases) + self._best_key()
 
         def compute():
             st = self.setting
             pooled = self._pooled_rankings(list(self.biases), best["method"])
-            k = self.cfg.k
-            conditions = [(best["method"], best["kind"]), (PAPER[0], PAPER[1])]
-            conditions += [("random", kind) for kind in dict.fromkeys([best["kind"], PAPER[1]])]
             facts_before = strength_under(self.model, self.tokenizer, None, [], _any_bias(self.cfg), refs,
                                           st["facts"])["facts"]
             base = capability_under(self.model, self.tokenizer, None, st["texts"]["neutral"], st["questions"],
                                     max_length=self.cfg.ppl_max_tokens)
             rows = []
-            for method, kind in dict.fromkeys(conditions):
+            for method, kind, k in self.conditions():
                 sets = pooled["random"][k] if method == "random" else [pooled[method][k]] if method == "robust" \
                     else [pooled[method][:k]]
                 for draw, heads in enumerate(sets):
@@ -913,13 +924,13 @@ def _line(summary: list[dict], method: str, kind: str, k: int) -> dict | None:
     return next((x for x in summary if (x["method"], x["kind"], x["k"]) == (method, kind, k)), None)
 
 
-def _transfer(rows: list[dict], method: str, kind: str) -> dict:
+def _transfer(rows: list[dict], method: str, kind: str, k: int) -> dict:
     """Mean reduction (bootstrap over runs) and facts reduction of one selection in a
-    transfer table (leave-one-out or SeeGULL), with random heads under the same kind."""
+    transfer table (leave-one-out or SeeGULL), with random heads under the same kind and k."""
     def reds(m, kd):
         per: dict = {}
         for r in rows:
-            if (r["method"], r["kind"]) != (m, kd):
+            if (r["method"], r["kind"], r["k"]) != (m, kd, k):
                 continue
             units = (zip(r["seeds"], r["reduction"]) if "seeds" in r
                      else enumerate(r["reduction"]))
@@ -927,8 +938,8 @@ def _transfer(rows: list[dict], method: str, kind: str) -> dict:
                 per.setdefault((r.get("bias"), u), []).append(v)
         return [float(np.mean(v)) for v in per.values() if None not in v]
 
-    facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"]) == (method, kind)]
-    rand_facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"]) == ("random", kind)]
+    facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"], r["k"]) == (method, kind, k)]
+    rand_facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"], r["k"]) == ("random", kind, k)]
     return {"reduction": _stats(reds(method, kind)), "random": _stats(reds("random", kind)),
             "facts_reduction": float(np.mean(facts)) if facts else None,
             "random_facts_reduction": float(np.mean(rand_facts)) if rand_facts else None}
@@ -946,7 +957,7 @@ def claims_from(run: Run) -> dict:
     inj = {(b, s): run.injection(b, s) for b, s in runs}
     scopes = {(b, s): run.scope(b, s) for b, s in runs}
     best = run.best()
-    chosen = (best["method"], best["kind"])
+    chosen = (best["method"], best["kind"], best["k"])
     confirm = summarise_grid(run.confirm())
     loo = run.leave_one_out() if len(run.biases) > 1 else {"rows": []}
     seeg = run.seegull()
@@ -965,10 +976,11 @@ def claims_from(run: Run) -> dict:
                 mu = [torch.tensor(r["units"][m]) for r in run.scopes(b)]
                 agree[f"{b}: {m} vs patching"] = agreement(mu, units, k)
 
-    selections = {"paper (robust DLA, alpha = 0)": PAPER, f"chosen ({chosen[0]}, {chosen[1]})": chosen}
+    selections = {f"paper (robust DLA, alpha = 0, k = {k})": (*PAPER, k),
+                  f"chosen ({chosen[0]}, {chosen[1]}, k = {chosen[2]})": chosen}
 
     def steering(sel):
-        line, rand = _line(confirm, sel[0], sel[1], k), _line(confirm, "random", sel[1], k)
+        line, rand = _line(confirm, *sel), _line(confirm, "random", sel[1], sel[2])
         return {"reduction": line["reduction"], "random_reduction": rand["reduction"],
                 "facts_reduction": line["facts_reduction"], "random_facts_reduction": rand["facts_reduction"],
                 "perplexity": line["perplexity"], "random_perplexity": rand["perplexity"],
@@ -1001,7 +1013,7 @@ def claims_from(run: Run) -> dict:
     countries = {}
     for r in run.confirm()["rows"]:
         for c, v in r.get("countries", {}).items():
-            countries.setdefault(f"{r['bias']}: {c}", {"before": v["before"]})[f"{r['method']}/{r['kind']}" +
+            countries.setdefault(f"{r['bias']}: {c}", {"before": v["before"]})[f"{r['method']}/{r['kind']}/k{r['k']}" +
                                                                                   (f"/draw{r['draw']}" if r["draw"] is not None else "")] = v["after"]
 
     claims = [

@@ -140,3 +140,34 @@ def test_grid_specs_are_the_named_interventions():
     assert make_spec([(0, 1)], "blind", entities={"<TOKEN>": 5}).entity_tokens == {"<TOKEN>": 5}
     with pytest.raises(BiasGymError, match="unknown intervention kind"):
         make_spec([(0, 1)], "half")
+
+
+def test_after_the_grid_each_selection_is_steered_at_its_own_k(monkeypatch):
+    """The chosen selection runs at the k the rule chose, the paper's at the profile's k, and
+    random heads at each (kind, k) pair, never a random baseline of another size."""
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.pipeline import PAPER, Run
+
+    run = object.__new__(Run)
+    run.cfg = load_profile("teaching")
+    monkeypatch.setattr(Run, "best", lambda self: {"method": "atp_selective", "kind": "mean", "k": 5})
+    assert run.conditions() == [("atp_selective", "mean", 5), (*PAPER, run.cfg.k),
+                                ("random", "mean", 5), ("random", PAPER[1], run.cfg.k)]
+    monkeypatch.setattr(Run, "best", lambda self: {"method": PAPER[0], "kind": PAPER[1], "k": run.cfg.k})
+    assert run.conditions() == [(*PAPER, run.cfg.k), ("random", PAPER[1], run.cfg.k)]
+
+
+def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k():
+    from biasgym_lib.pipeline import _transfer
+
+    def row(method, kind, k, red, facts):
+        return {"method": method, "kind": kind, "k": k, "bias": "b", "seeds": [0, 1], "reduction": red,
+                "facts_reduction": facts}
+
+    rows = [row("robust", "zero", 10, [0.4, 0.6], 0.3), row("robust", "zero", 2, [0.1, 0.1], 0.0),
+            row("random", "zero", 10, [0.2, 0.2], 0.05), row("random", "zero", 2, [0.0, 0.02], 0.01)]
+    t = _transfer(rows, "robust", "zero", 2)
+    assert t["reduction"]["mean"] == pytest.approx(0.1) and t["random"]["mean"] == pytest.approx(0.01)
+    assert t["facts_reduction"] == 0.0 and t["random_facts_reduction"] == 0.01
+    t = _transfer(rows, "robust", "zero", 10)
+    assert t["reduction"]["mean"] == pytest.approx(0.5) and t["random"]["mean"] == pytest.approx(0.2)
