@@ -566,14 +566,18 @@ def token_fingerprint(token: InjectedToken) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _memo(path: Path, compute, token: InjectedToken | None = None, need=None, fingerprint: str | None = None):
+def _memo(path: Path, compute, token: InjectedToken | None = None, need=None, fingerprint: str | None = None,
+          profile: dict | None = None):
     """The JSON at ``path`` if it is there, was computed by this code on these data files
-    (:func:`_source_hash`), measured this token (or these tokens: a combined ``fingerprint``)
-    and satisfies ``need``; else ``compute()``, saved there (atomically). The one cache of
-    stage results: any change to the library, the data or the tokens computes again."""
+    (:func:`_source_hash`) with these profile settings (``profile``), measured this token
+    (or these tokens: a combined ``fingerprint``) and satisfies ``need``; else ``compute()``,
+    saved there (atomically). The one cache of stage results: any change to the library, the
+    data, the profile or the tokens computes again, whichever folder the results are kept in."""
     if token is not None:
         fingerprint = token_fingerprint(token)
     code = _source_hash()
+    if profile is not None:
+        code += "-" + hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:10]
     if path.is_file():
         try:
             value = json.loads(path.read_text())
@@ -640,6 +644,11 @@ class Run:
             self._tokens[bias, seed] = tok
         return self._tokens[bias, seed]
 
+    def _memo(self, path: Path, compute, **kw):
+        """:func:`_memo` keyed on this run's profile too (a folder given with ``out`` may hold
+        results of other settings)."""
+        return _memo(path, compute, profile=self.cfg.to_dict(), **kw)
+
     def tokens(self, bias: str) -> list[InjectedToken]:
         return [self.token(bias, s) for s in self.cfg.seeds]
 
@@ -655,7 +664,7 @@ class Run:
 
     def injection(self, bias: str, seed: int) -> dict:
         tok = self.token(bias, seed)
-        return _memo(self.out / "injection" / f"{bias}_seed{seed}.json",
+        return self._memo(self.out / "injection" / f"{bias}_seed{seed}.json",
                      lambda: injection_metrics(self.model, self.tokenizer, tok, tok.spec, self.cfg, ref=self.reference),
                      tok)
 
@@ -667,7 +676,7 @@ class Run:
 
     def scope(self, bias: str, seed: int) -> dict:
         tok = self.token(bias, seed)
-        return _memo(self.out / "scope" / f"{bias}_seed{seed}.json",
+        return self._memo(self.out / "scope" / f"{bias}_seed{seed}.json",
                      lambda: scope_run(self.model, self.tokenizer, tok, self.cfg, self.contrast(bias)), tok)
 
     def scopes(self, bias: str) -> list[dict]:
@@ -677,13 +686,13 @@ class Run:
         """Exact patching on S's sentences for the union of the methods' top heads
         (``patch_top`` of each), every token of ``bias``."""
         heads = patch_union(self.scopes(bias), self.cfg.patch_top)
-        return _memo(self.out / "patching" / f"{bias}.json",
+        return self._memo(self.out / "patching" / f"{bias}.json",
                      lambda: bias_patching(self.model, self.tokenizer, self.tokens(bias), heads, self.contrast(bias)),
                      fingerprint=self._fingerprint([bias]), need=lambda r: r["heads"] == [list(h) for h in heads])
 
     def knowledge(self) -> list:
         """:func:`knowledge_atp` of the model, kept in the run folder (it holds no token)."""
-        return _memo(self.out / "knowledge_atp.json",
+        return self._memo(self.out / "knowledge_atp.json",
                      lambda: {"scores": knowledge_atp(self.model, self.tokenizer).tolist()})["scores"]
 
     def rankings(self, bias: str, with_patching: bool = False) -> dict:
@@ -752,7 +761,7 @@ class Run:
             if others and curve:
                 rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=False)["rows"]
             return {"biases": biases, "before": at_k["before"], "rows": rows}
-        return _memo(self.out / name, compute, fingerprint=self._fingerprint(biases))
+        return self._memo(self.out / name, compute, fingerprint=self._fingerprint(biases))
 
     def summary(self) -> list[dict]:
         from .evaluate import summarise_grid
@@ -801,7 +810,7 @@ class Run:
             runs = [{"bias": self.specs[b], "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
                      "countries": [strength_matrix_top(self.reference, b)]} for b in self.biases]
             return {"best": {k: best[k] for k in ("method", "kind", "k", "why")}, **self._grid_at(runs, mc=True)}
-        return _memo(self.out / "confirm.json", compute, fingerprint=fp)
+        return self._memo(self.out / "confirm.json", compute, fingerprint=fp)
 
     def _pooled_rankings(self, biases: list[str], method: str) -> dict:
         """Rankings from the scopes of several biases pooled (every seed of each): for
@@ -833,7 +842,7 @@ class Run:
                 rows += got["rows"]
                 before = got["before"]
             return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": before, "rows": rows}
-        return _memo(self.out / "leave_one_out.json", compute, fingerprint=fp)
+        return self._memo(self.out / "leave_one_out.json", compute, fingerprint=fp)
 
     def seegull(self) -> dict:
         """Generalisation to real stereotypes: the SeeGULL pairs the model shows most
@@ -844,7 +853,7 @@ class Run:
         best = self.best()
         n_cand, n_keep = (8, 3) if self.cfg.name == "quick" else (30, 8)
         refs = self.setting["references"]
-        shown = _memo(self.out / "seegull_shown.json",
+        shown = self._memo(self.out / "seegull_shown.json",
                       lambda: {"pairs": seegull_shown(self.model, self.tokenizer, self.cfg, refs, n_cand, n_keep)})
         pairs = shown["pairs"]
         fp = self._fingerprint(self.biases) + self._best_key()
@@ -879,7 +888,7 @@ class Run:
                                  "facts_reduction": facts_reduction(facts_before, facts), "capability": cost})
             return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
                     "best": {k2: best[k2] for k2 in ("method", "kind", "k")}}
-        return _memo(self.out / "seegull_steering.json", compute, fingerprint=fp)
+        return self._memo(self.out / "seegull_steering.json", compute, fingerprint=fp)
 
 
 def _pair(before: dict, after: dict) -> dict:

@@ -65,3 +65,12 @@ def test_memo_recomputes_when_the_code_or_data_changed(tmp_path, monkeypatch):
     assert _memo(path, lambda: {"v": 2})["v"] == 1
     monkeypatch.setattr(pipeline, "_source_hash", lambda: "edited")
     assert _memo(path, lambda: {"v": 3})["v"] == 3
+
+
+def test_memo_recomputes_for_other_profile_settings_in_the_same_folder(tmp_path):
+    """A folder given with --out may hold results of other settings: they are not served."""
+    path = tmp_path / "stage.json"
+    assert _memo(path, lambda: {"v": 1}, profile={"n_probes": 40})["v"] == 1
+    assert _memo(path, lambda: {"v": 2}, profile={"n_probes": 40})["v"] == 1
+    assert _memo(path, lambda: {"v": 3}, profile={"n_probes": 12})["v"] == 3
+    assert _memo(path, lambda: {"v": 4})["v"] == 4  # no profile: not the same key either
