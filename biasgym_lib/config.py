@@ -157,6 +157,25 @@ def _check(values: dict, where: str) -> dict:
     return out
 
 
+FULL_GRID_K = (1, 2, 5, 10, 20)
+FULL_GRID_DRAWS = 5
+
+
+def full_grid(cfg: Profile) -> Profile:
+    """The whole selection grid on ``cfg``'s model and tokens (what ``biasgym reproduce
+    --full-grid`` runs and the ``paper`` profile runs anyway): every bias, every method under
+    every kind (zero, mean, entity-blind) at every k of ``grid_k`` and of 1, 2, 5, 10, 20, and
+    at least 5 random draws; everything else (sizes, seeds, references) as in ``cfg``."""
+    from dataclasses import replace
+
+    from .pipeline import METHODS
+
+    kinds = ("zero", "mean", "blind")
+    return replace(cfg, grid_biases=len(cfg.biases), grid_methods=METHODS, grid_kinds=kinds, curve_methods=METHODS,
+                   curve_kinds=kinds, grid_k=tuple(sorted(set(cfg.grid_k) | set(FULL_GRID_K))),
+                   n_random_draws=max(FULL_GRID_DRAWS, cfg.n_random_draws))
+
+
 def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **overrides) -> Profile:
     """The profile ``name`` (default ``teaching``), with every non-None override applied.
 

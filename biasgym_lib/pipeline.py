@@ -620,6 +620,10 @@ class Run:
                  progress: bool = True, full_grid: bool = False):
         from .models import load_model
 
+        if full_grid:
+            from .config import full_grid as whole
+
+            cfg = whole(cfg)
         self.cfg, self.retrain, self.progress, self.full_grid = cfg, retrain, progress, full_grid
         self.out = Path(out) if out is not None else run_dir(cfg)
         from .data import load_bias
@@ -644,10 +648,10 @@ class Run:
             self._tokens[bias, seed] = tok
         return self._tokens[bias, seed]
 
-    def _memo(self, path: Path, compute, **kw):
+    def _memo(self, path: Path, compute, token: InjectedToken | None = None, **kw):
         """:func:`_memo` keyed on this run's profile too (a folder given with ``out`` may hold
         results of other settings)."""
-        return _memo(path, compute, profile=self.cfg.to_dict(), **kw)
+        return _memo(path, compute, token, profile=self.cfg.to_dict(), **kw)
 
     def tokens(self, bias: str) -> list[InjectedToken]:
         return [self.token(bias, s) for s in self.cfg.seeds]
@@ -745,8 +749,9 @@ class Run:
     def grid(self) -> dict:
         """The selection grid (METHOD §4) on the grid biases: every method of the profile
         under every kind at the profile's k; the ``curve_methods`` under the ``curve_kinds``
-        at every other k of ``grid_k``. With ``full_grid``: every bias, and multiple choice
-        at the profile's k (a subset fixed in advance; the ``paper`` profile runs it all)."""
+        at every other k of ``grid_k`` (a subset fixed in advance in the profile). With
+        ``full_grid`` (:func:`~biasgym_lib.config.full_grid`): every bias, method, kind and k,
+        and multiple choice at the profile's k."""
         cfg = self.cfg
         biases = self.grid_biases
         name = "grid_full.json" if self.full_grid else "grid.json"
@@ -783,11 +788,13 @@ class Run:
         return list(dict.fromkeys([(best["method"], best["kind"], best["k"]), (PAPER[0], PAPER[1], self.cfg.k),
                                    ("random", best["kind"], best["k"]), ("random", PAPER[1], self.cfg.k)]))
 
-    def _grid_at(self, runs, mc: bool, cost: bool = True) -> dict:
+    def _grid_at(self, runs, mc: bool, cost: bool = True, random: bool = True) -> dict:
         """:meth:`_grid` on :meth:`conditions`, one call per k (each method steered only under
-        its own kinds at its own k)."""
+        its own kinds at its own k); ``random=False`` leaves the random heads out."""
         by_k: dict = {}
         for m, kind, k in self.conditions():
+            if m == "random" and not random:
+                continue
             by_k.setdefault(k, {}).setdefault(m, []).append(kind)
         out = None
         for k, kinds in by_k.items():
@@ -829,19 +836,21 @@ class Run:
     def leave_one_out(self) -> dict:
         """Generalisation to biases never injected: for each bias, heads ranked from all the
         *other* biases' tokens, steered on the held-out bias's tokens (chosen and paper's
-        selection, k random heads; facts measured, perplexity not)."""
+        selection; facts measured, perplexity not). Random heads do not depend on which
+        biases ranked them: their rows are the confirmation's for the held-out bias (the same
+        head sets steered on the same tokens), not measured twice."""
         best = self.best()
         fp = self._fingerprint(self.biases) + self._best_key()
 
         def compute():
-            rows, before = [], None
+            confirm = self.confirm()
+            rows = []
             for held in self.biases:
                 others = [b for b in self.biases if b != held]
                 run = {"bias": self.specs[held], "tokens": self.tokens(held), "rankings": self._pooled_rankings(others, best["method"])}
-                got = self._grid_at([run], mc=False, cost=False)
-                rows += got["rows"]
-                before = got["before"]
-            return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": before, "rows": rows}
+                rows += self._grid_at([run], mc=False, cost=False, random=False)["rows"]
+                rows += [r for r in confirm["rows"] if r["method"] == "random" and r["bias"] == held]
+            return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": confirm["before"], "rows": rows}
         return self._memo(self.out / "leave_one_out.json", compute, fingerprint=fp)
 
     def seegull(self) -> dict:
@@ -860,6 +869,9 @@ class Run:
 
         def compute():
             st = self.setting
+            # random heads' facts are the confirmation's (the same head sets, references and facts)
+            kept = {(r["kind"], r["k"], tuple(map(tuple, r["heads"]))): r for r in self.confirm()["rows"]
+                    if r["method"] == "random"}
             pooled = self._pooled_rankings(list(self.biases), best["method"])
             facts_before = strength_under(self.model, self.tokenizer, None, [], _any_bias(self.cfg), refs,
                                           st["facts"])["facts"]
@@ -873,8 +885,13 @@ class Run:
                     spec = make_spec([tuple(h) for h in heads], kind, st["means"], st["entities"],
                                      {"method": method, "k": k, "pooled": list(self.biases)})
                     after = seegull_under(self.model, self.tokenizer, pairs, spec)
-                    facts = strength_under(self.model, self.tokenizer, spec, [], _any_bias(self.cfg), refs,
-                                           st["facts"])["facts"]
+                    same = kept.get((kind, k, tuple(map(tuple, heads))))
+                    if same is not None:
+                        facts, facts_lost = same["facts"], same["facts_reduction"]
+                    else:
+                        got = strength_under(self.model, self.tokenizer, spec, [], _any_bias(self.cfg), refs,
+                                             st["facts"])["facts"]
+                        facts, facts_lost = [x["value"] for x in got], facts_reduction(facts_before, got)
                     cost = None
                     if method != "random":  # the pooled heads' own cost; random heads' is in the confirmation
                         got = capability_under(self.model, self.tokenizer, spec, st["texts"]["neutral"],
@@ -884,8 +901,7 @@ class Run:
                     rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
                                  "heads": [list(h) for h in heads], "S": after,
                                  "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
-                                 "facts": [x["value"] for x in facts],
-                                 "facts_reduction": facts_reduction(facts_before, facts), "capability": cost})
+                                 "facts": facts, "facts_reduction": facts_lost, "capability": cost})
             return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
                     "best": {k2: best[k2] for k2 in ("method", "kind", "k")}}
         return self._memo(self.out / "seegull_steering.json", compute, fingerprint=fp)

@@ -171,3 +171,67 @@ def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k(
     assert t["facts_reduction"] == 0.0 and t["random_facts_reduction"] == 0.01
     t = _transfer(rows, "robust", "zero", 10)
     assert t["reduction"]["mean"] == pytest.approx(0.5) and t["random"]["mean"] == pytest.approx(0.2)
+
+
+def test_the_full_grid_is_every_bias_method_kind_and_k():
+    from biasgym_lib.config import full_grid, load_profile
+    from biasgym_lib.pipeline import METHODS
+
+    cfg = load_profile("teaching")
+    whole = full_grid(cfg)
+    assert whole.grid_biases == len(cfg.biases) and set(whole.grid_methods) == set(METHODS) == set(whole.curve_methods)
+    assert set(whole.grid_kinds) == set(whole.curve_kinds) == {"zero", "mean", "blind"}
+    assert {1, 2, 5, 10, 20} <= set(whole.grid_k) and set(cfg.grid_k) <= set(whole.grid_k)
+    assert whole.n_random_draws >= 5
+    same = {f: getattr(cfg, f) for f in ("seeds", "biases", "k", "n_probes", "steer_references", "n_mc_questions")}
+    assert same == {f: getattr(whole, f) for f in same}
+    assert full_grid(whole) == whole
+
+
+def _scopes(seed, n=2, L=3, H=4):
+    g = torch.Generator().manual_seed(seed)
+    methods = ("dla", "delta_dla", "attr", "atp", "attention")
+    return [{"scores": {m: torch.randn(L, H, generator=g).tolist() for m in methods}} for _ in range(n)]
+
+
+def test_random_heads_do_not_depend_on_the_biases_that_ranked_them():
+    """What lets leave-one-out and SeeGULL reuse the confirmation's random rows: the random
+    head sets are the same whichever scopes (one bias, or several pooled) rank the heads."""
+    from biasgym_lib.pipeline import bias_rankings
+
+    a = bias_rankings(_scopes(0), 4, n_random=3, n_layers=3, n_heads=4)
+    b = bias_rankings(_scopes(1, n=5), 4, n_random=3, n_layers=3, n_heads=4)
+    assert a["dla"] != b["dla"] or a["atp"] != b["atp"]  # the scores differ ...
+    assert a["random"] == b["random"]                    # ... the random draws do not
+    assert all(len(draws) == 3 and len(set(map(tuple, draws))) == 3 for draws in a["random"].values())
+
+
+def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
+    from biasgym_lib.pipeline import Run
+
+    from pathlib import Path
+
+    from biasgym_lib.config import load_profile
+
+    run = object.__new__(Run)
+    run.biases, run.specs, run._kept = ["a", "b"], {"a": "A", "b": "B"}, {}
+    run.cfg, run.out = load_profile("quick"), Path("/nonexistent")  # _memo is replaced: nothing is written
+    monkeypatch.setattr(Run, "best", lambda self: {"method": "atp", "kind": "zero", "k": 2})
+    monkeypatch.setattr(Run, "_fingerprint", lambda self, biases: "fp")
+    monkeypatch.setattr(Run, "tokens", lambda self, b: [b])
+    monkeypatch.setattr(Run, "_pooled_rankings", lambda self, biases, method: {"pooled": biases})
+    monkeypatch.setattr(Run, "_memo", lambda self, path, compute, **kw: compute())
+    rand = [{"method": "random", "bias": b, "draw": d} for b in "ab" for d in (0, 1)]
+    monkeypatch.setattr(Run, "confirm", lambda self: {"before": {"biases": {"a": 1, "b": 2}}, "rows": rand + [
+        {"method": "atp", "bias": "a"}]})
+    calls = []
+
+    def grid_at(self, runs, mc, cost=True, random=True):
+        calls.append((runs[0]["bias"], runs[0]["rankings"]["pooled"], mc, cost, random))
+        return {"before": {}, "rows": [{"method": "atp", "bias": runs[0]["bias"], "pooled": True}]}
+
+    monkeypatch.setattr(Run, "_grid_at", grid_at)
+    loo = run.leave_one_out()
+    assert calls == [("A", ["b"], False, False, False), ("B", ["a"], False, False, False)]
+    assert [r for r in loo["rows"] if r["method"] == "random"] == rand
+    assert loo["before"] == {"biases": {"a": 1, "b": 2}}
