@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the biases to run instead of the profile's: names and/or spec files (at least two)")
     sp.add_argument("--retrain", action="store_true", help="retrain tokens instead of loading committed ones")
     sp.add_argument("--full-grid", action="store_true",
-                    help="the selection grid on every bias (with multiple choice), not the profile's subset")
+                    help="the whole selection grid (every bias, method, intervention and k in 1, 2, 5, 10, 20, 5 random draws), not the profile's subset; hours on a CPU")
     common(sp)
     sp.set_defaults(func=cmd_reproduce)
 

@@ -749,9 +749,9 @@ class Run:
     def grid(self) -> dict:
         """The selection grid (METHOD §4) on the grid biases: every method of the profile
         under every kind at the profile's k; the ``curve_methods`` under the ``curve_kinds``
-        at every other k of ``grid_k`` (a subset fixed in advance in the profile). With
-        ``full_grid`` (:func:`~biasgym_lib.config.full_grid`): every bias, method, kind and k,
-        and multiple choice at the profile's k."""
+        at every other k of ``grid_k`` (a subset fixed in advance in the profile); multiple
+        choice at the profile's k. With ``full_grid`` (:func:`~biasgym_lib.config.full_grid`):
+        every bias, method, kind and k."""
         cfg = self.cfg
         biases = self.grid_biases
         name = "grid_full.json" if self.full_grid else "grid.json"
@@ -759,7 +759,7 @@ class Run:
         def compute():
             runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
                      "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
-            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=self.full_grid)
+            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True)
             others = [k for k in cfg.grid_k if k != cfg.k]
             curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
             rows = at_k["rows"]
