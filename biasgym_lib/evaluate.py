@@ -601,6 +601,9 @@ def choose_selection(summary: Sequence[dict], k_max: int) -> dict:
     for why, cands in tiers:
         if cands:
             best = max(cands, key=lambda x: x["reduction"]["value"])
+            if best.get("mc_ok") is None and why.startswith("keeps the facts, perplexity"):
+                why = ("keeps the facts and perplexity within the bounds (multiple choice not measured at this k: "
+                       "the confirmation measures it)")
             return {**best, "why": why}
     best = max(pool, key=lambda x: x["reduction"]["value"] - x["facts_reduction"]["value"])
     return {**best, "why": "nothing keeps the facts: the largest reduction beyond the facts' reduction"}
@@ -625,7 +628,8 @@ def summary_frame(summary: Sequence[dict]):
                "S removed": _interval(x["reduction"]), "facts lost": _interval(x["facts_reduction"])}
         row.update({f"perplexity ({n})": _interval(v) for n, v in x["perplexity"].items()})
         row["MC change"] = _interval(x["mc"])
-        row["within bounds"] = bool(x["facts_ok"] and x["perplexity_ok"] and x["mc_ok"] is not False)
+        ok = bool(x["facts_ok"] and x["perplexity_ok"] and x["mc_ok"] is not False)
+        row["within bounds"] = "no" if not ok else "yes" if x["mc_ok"] else "yes (MC not measured)"
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -123,6 +123,9 @@ def test_the_rule_that_chooses_the_book_s_biascope():
                _line("atp", "mean", 5, 0.45, 0.08, 0.2)]
     best = choose_selection(summary, k_max=10)
     assert (best["method"], best["kind"], best["k"]) == ("atp", "blind", 10) and "within the bounds" in best["why"]
+    assert "multiple choice not measured" in best["why"]  # never claims a bound it did not test
+    summary[1]["mc_ok"] = True
+    assert "perplexity and multiple choice within the bounds" in choose_selection(summary, k_max=10)["why"]
     summary[1]["perplexity_ok"] = False
     best = choose_selection(summary, k_max=10)
     assert (best["method"], best["kind"]) == ("atp", "mean") and "not every capability bound" in best["why"]
@@ -235,3 +238,16 @@ def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
     assert calls == [("A", ["b"], False, False, False), ("B", ["a"], False, False, False)]
     assert [r for r in loo["rows"] if r["method"] == "random"] == rand
     assert loo["before"] == {"biases": {"a": 1, "b": 2}}
+
+
+def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
+    from biasgym_lib.evaluate import summary_frame
+
+    def line(mc_ok):
+        x = _line("atp_selective", "zero", 2, 0.1, 0.05, 0.0, mc=None if mc_ok is None else (0.0 if mc_ok else -0.1))
+        x.update(mean_heads=2, perplexity={}, mc=None, reduction={"value": 0.1, "lo": 0.05, "hi": 0.15},
+                 facts_reduction={"value": 0.05, "lo": 0.0, "hi": 0.1})
+        return x
+
+    frame = summary_frame([line(None), line(True), line(False)])
+    assert list(frame["within bounds"]) == ["yes (MC not measured)", "yes", "no"]
