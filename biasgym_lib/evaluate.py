@@ -609,6 +609,32 @@ def choose_selection(summary: Sequence[dict], k_max: int) -> dict:
     return {**best, "why": "nothing keeps the facts: the largest reduction beyond the facts' reduction"}
 
 
+TARGET_REDUCTION = 0.5
+"""The target stated in advance (issue 12): some selection and intervention with k <= the
+profile's k removes at least half of S (mean over biases x seeds) within every bound of
+:data:`GRID_BOUNDS`, multiple choice measured."""
+
+
+def target_result(summary: Sequence[dict], k_max: int) -> dict:
+    """Whether any non-random line of a grid summary with k <= ``k_max`` meets the target
+    (:data:`TARGET_REDUCTION` of S removed, facts, perplexity and measured MC within
+    :data:`GRID_BOUNDS`), and the frontier: the lines that no other line beats on both S
+    removed and the facts kept (sorted by the facts' loss). Returns ``{"met_by": [...],
+    "frontier": [...]}`` (summary lines)."""
+    pool = [x for x in summary if x["method"] != "random" and x["k"] <= k_max and x["reduction"] is not None]
+    met = [x for x in pool if x["reduction"]["value"] >= TARGET_REDUCTION and x["facts_ok"] and x["perplexity_ok"]
+           and x["mc_ok"] is True]
+
+    def beaten(x):
+        return any(y["reduction"]["value"] >= x["reduction"]["value"]
+                   and y["facts_reduction"]["value"] <= x["facts_reduction"]["value"]
+                   and (y["reduction"]["value"], -y["facts_reduction"]["value"])
+                   != (x["reduction"]["value"], -x["facts_reduction"]["value"]) for y in pool)
+
+    frontier = sorted((x for x in pool if not beaten(x)), key=lambda x: x["facts_reduction"]["value"])
+    return {"met_by": met, "frontier": frontier}
+
+
 def _interval(v: dict | None, pct: bool = True) -> str:
     if v is None:
         return "-"

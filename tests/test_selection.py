@@ -251,3 +251,22 @@ def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
 
     frame = summary_frame([line(None), line(True), line(False)])
     assert list(frame["within bounds"]) == ["yes (MC not measured)", "yes", "no"]
+
+
+def test_the_target_and_its_frontier():
+    from biasgym_lib.evaluate import target_result
+
+    def line(method, k, red, facts, mc_ok=True, ppl_ok=True):
+        return {"method": method, "k": k, "reduction": {"value": red}, "facts_reduction": {"value": facts},
+                "facts_ok": facts <= GRID_BOUNDS["facts"], "perplexity_ok": ppl_ok, "mc_ok": mc_ok}
+
+    lines = [line("dla", 10, 0.40, 0.70), line("atp", 10, 0.52, 0.25), line("sel", 10, 0.34, 0.07),
+             line("sel", 2, 0.08, 0.09), line("robust", 2, 0.08, 0.00), line("random", 10, 0.9, 0.0),
+             line("atp", 20, 0.66, 0.05)]
+    got = target_result(lines, 10)
+    assert got["met_by"] == []  # nothing >= 50% within the bounds at k <= 10
+    assert [(x["method"], x["k"]) for x in got["frontier"]] == [("robust", 2), ("sel", 10), ("atp", 10)]
+    lines.append(line("new", 5, 0.55, 0.05, mc_ok=None))  # MC not measured: not met
+    assert target_result(lines, 10)["met_by"] == []
+    lines.append(line("new", 5, 0.55, 0.05))
+    assert [x["method"] for x in target_result(lines, 10)["met_by"]] == ["new"]
