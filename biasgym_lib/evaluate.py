@@ -252,17 +252,6 @@ def mmlu_questions(subjects: Sequence[str] | None = None, split: str = "test", l
 # ----------------------------------------------------------------------------- before / after
 
 
-def evaluate_capability(model, tokenizer, texts: Sequence[str] | None = None, questions: Sequence | None = None,
-                        seed: int = 0, n_boot: int = 1000) -> dict:
-    """Both checks on the shipped sets (or the ones given): ``{"perplexity": ..., "mc_accuracy": ...}``."""
-    from .data.capability import load_mc, load_neutral_texts
-
-    texts = load_neutral_texts() if texts is None else texts
-    questions = load_mc() if questions is None else questions
-    return {"perplexity": perplexity(model, tokenizer, texts, seed=seed, n_boot=n_boot),
-            "mc_accuracy": mc_accuracy(model, tokenizer, questions, seed=seed, n_boot=n_boot)}
-
-
 def paired_change(before: dict, after: dict, seed: int = 0, n_boot: int = 1000) -> dict:
     """Change from ``before`` to ``after`` (two results of the same function on the same
     items), with a paired bootstrap 95% interval (the same resampled items on both sides).
@@ -294,8 +283,8 @@ def paired_change(before: dict, after: dict, seed: int = 0, n_boot: int = 1000) 
 
 
 def compare(before: dict, after: dict, seed: int = 0, n_boot: int = 1000) -> dict:
-    """Paired changes for every metric in two results of :func:`evaluate_capability`
-    (or for one pair of :func:`perplexity` / :func:`mc_accuracy` results)."""
+    """Paired changes for every metric in two ``{"perplexity": ..., "mc_accuracy": ...}``
+    results (or for one pair of :func:`perplexity` / :func:`mc_accuracy` results)."""
     if "metric" in before:
         return {before["metric"]: paired_change(before, after, seed, n_boot)}
     missing = sorted(set(before) ^ set(after))
