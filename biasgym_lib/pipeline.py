@@ -750,8 +750,9 @@ class Run:
         """The selection grid (METHOD §4) on the grid biases: every method of the profile
         under every kind at the profile's k; the ``curve_methods`` under the ``curve_kinds``
         at every other k of ``grid_k`` (a subset fixed in advance in the profile); multiple
-        choice at the profile's k. With ``full_grid`` (:func:`~biasgym_lib.config.full_grid`):
-        every bias, method, kind and k."""
+        choice everywhere, so that the rule never chooses a point whose MC bound was not
+        tested. With ``full_grid`` (:func:`~biasgym_lib.config.full_grid`): every bias,
+        method, kind and k."""
         cfg = self.cfg
         biases = self.grid_biases
         name = "grid_full.json" if self.full_grid else "grid.json"
@@ -764,7 +765,7 @@ class Run:
             curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
             rows = at_k["rows"]
             if others and curve:
-                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=False)["rows"]
+                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True)["rows"]
             return {"biases": biases, "before": at_k["before"], "rows": rows}
         return self._memo(self.out / name, compute, fingerprint=self._fingerprint(biases))
 
