@@ -614,11 +614,11 @@ def target_result(summary: Sequence[dict], k_max: int) -> dict:
     met = [x for x in pool if x["reduction"]["value"] >= TARGET_REDUCTION and x["facts_ok"] and x["perplexity_ok"]
            and x["mc_ok"] is True]
 
-    def beaten(x):
-        return any(y["reduction"]["value"] >= x["reduction"]["value"]
-                   and y["facts_reduction"]["value"] <= x["facts_reduction"]["value"]
-                   and (y["reduction"]["value"], -y["facts_reduction"]["value"])
-                   != (x["reduction"]["value"], -x["facts_reduction"]["value"]) for y in pool)
+    def point(x):
+        return x["reduction"]["value"], x["facts_reduction"]["value"]
+
+    def beaten(x):  # another line removes at least as much S and keeps at least as many facts
+        return any(point(y) != point(x) and point(y)[0] >= point(x)[0] and point(y)[1] <= point(x)[1] for y in pool)
 
     frontier = sorted((x for x in pool if not beaten(x)), key=lambda x: x["facts_reduction"]["value"])
     return {"met_by": met, "frontier": frontier}

@@ -1087,8 +1087,9 @@ def claims_from(run: Run) -> dict:
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": run.summary()},
             "confirm": confirm, "countries": countries, "claims": claims, "bounds": GRID_BOUNDS,
             "target": {"stated": f"some selection and intervention with k <= {k} removes >= {TARGET_REDUCTION:.0%} of S "
-                                 "(mean over biases x seeds) with the facts losing <= 10%, perplexity <= +5% on both "
-                                 "text sets and MC >= -2 points",
+                                 f"(mean over biases x seeds) with the facts losing <= {GRID_BOUNDS['facts']:.0%}, "
+                                 f"perplexity <= {GRID_BOUNDS['perplexity']:+.0%} on both text sets and MC >= "
+                                 f"{GRID_BOUNDS['mc'] * 100:+.0f} points",
                        "grid": target_result(run.summary(), k), "confirm": target_result(confirm, k)},
             "note": "Intervals: bootstrap 95% over templates per run; across runs, a bootstrap 95% interval of the "
                     "mean over biases x seeds; facts over fact pairs; perplexity and MC paired over texts and "
