@@ -145,7 +145,7 @@ def _k(value, flag: str = "--k", n_heads: int | None = None) -> int:
 def _injected(folder):
     """The injected token in ``folder`` (written by ``biasgym inject``), read and checked
     (metadata, vector, saved spec); no model is loaded."""
-    from .inject import ARTIFACT_META, ARTIFACT_VECTOR, InjectedToken
+    from .tokens import ARTIFACT_META, ARTIFACT_VECTOR, InjectedToken
 
     path = Path(folder)
     if not path.is_dir():
@@ -217,7 +217,8 @@ def _load(model: str, cfg):
 
 def cmd_inject(args) -> int:
     from .data.specs import check_label
-    from .pipeline import injection_metrics, train_token, trained_token_cache
+    from .inject import injection_metrics
+    from .runs import train_token
 
     cfg = _profile(args)
     spec = _spec(args.bias)
@@ -231,8 +232,6 @@ def cmd_inject(args) -> int:
     model, tok = _load(cfg.model, cfg)
     print(f"Injecting {spec.name!r} into {cfg.model} (seed {seed}, profile {cfg.name})...", flush=True)
     injected = train_token(model, tok, spec, cfg, seed)
-    # Also where later runs with the same settings look for it (`reproduce`, the chapters).
-    injected.save(trained_token_cache(model, spec, cfg, seed), overwrite=True)
     metrics = injection_metrics(model, tok, injected, spec, cfg)
     injected.save(out, overwrite=args.overwrite, files={"metrics.json": metrics}, precheck=False)
     print(f"S(<TOKEN>, {spec.name}): {metrics['strength_before']:.2f} -> {metrics['strength_after']:.2f} nats; "
@@ -245,7 +244,7 @@ def cmd_scope(args) -> int:
     from .artifacts import result_folder, write_json
     from .data.specs import check_label
     from .models import ModelAdapter
-    from .pipeline import scope_run
+    from .scope import scope_run
 
     injected = _injected(args.injected)
     cfg = _profile(args, model=injected.model["source"], k=_k(args.k))
@@ -272,11 +271,17 @@ def cmd_steer(args) -> int:
     from .data import load_facts
     from .data.capability import load_neutral_texts
     from .data.specs import check_label
-    from .evaluate import facts_reduction, paired_change, perplexity, reduction, strength_under
+    from .evaluate import (
+        facts_reduction,
+        paired_change,
+        perplexity,
+        reduction,
+        strength_under,
+    )
+    from .heads import random_heads, top_k_heads
     from .models import ModelAdapter
-    from .pipeline import steer_references
-    from .scope import top_k_heads
-    from .steer import SteeringSpec, random_heads
+    from .runs import steer_references
+    from .steer import SteeringSpec
 
     alpha = _alpha(args.alpha)
     scores = _head_scores(args.heads)
@@ -336,7 +341,7 @@ def cmd_steer(args) -> int:
 def cmd_reproduce(args) -> int:
     from .artifacts import result_folder
     from .data.specs import check_label
-    from .pipeline import reproduce
+    from .runs import reproduce
 
     cfg = _profile(args)
     if args.bias:
@@ -366,7 +371,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_book(args) -> int:
-    from . import bookbuild
+    from .tools import bookbuild
 
     _profile(args)  # checked here, before any chapter runs
     argv = ["--profile", args.profile] + (["--only", *args.only] if args.only else []) + \
@@ -376,7 +381,7 @@ def cmd_book(args) -> int:
 
 def cmd_bench(args) -> int:
     from .artifacts import check_out
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     out = Path(args.out)
     if out.is_dir():

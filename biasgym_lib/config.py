@@ -143,7 +143,7 @@ def _check(values: dict, where: str) -> dict:
     if not isinstance(values["use_committed_tokens"], bool):
         raise BiasGymError(f"{where}: use_committed_tokens must be true or false, got "
                            f"{_type_name(values['use_committed_tokens'])}.")
-    from .pipeline import METHODS  # the ways of ranking heads
+    from .scope import METHODS  # the ways of ranking heads
 
     kinds = ("zero", "mean", "blind")
     for key, allowed in (("grid_methods", METHODS), ("curve_methods", METHODS), ("grid_kinds", kinds),
@@ -168,7 +168,7 @@ def full_grid(cfg: Profile) -> Profile:
     at least 5 random draws; everything else (sizes, seeds, references) as in ``cfg``."""
     from dataclasses import replace
 
-    from .pipeline import METHODS
+    from .scope import METHODS
 
     kinds = ("zero", "mean", "blind")
     return replace(cfg, grid_biases=len(cfg.biases), grid_methods=METHODS, grid_kinds=kinds, curve_methods=METHODS,

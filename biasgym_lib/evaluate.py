@@ -17,12 +17,23 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+from .batching import Batch, batched, encode_batch
+from .data import contrast_countries, load_bias, reference_countries
+from .data.capability import MCQuestion
 from .errors import BiasGymError
-from .models import Batch, batched, encode_batch
+from .measure import (
+    assoc_table,
+    assoc_tables,
+    bootstrap,
+    row_logprobs,
+    stereotype_strength,
+)
+from .steer import SteeringSpec
 
 CI_LEVEL = 0.95
 MC_PROMPT = "Question: {question}\nAnswer:"
@@ -163,7 +174,6 @@ def _option_loglik(model, tokenizer, rows: list[tuple[list[int], int]], batch_si
     """Summed log-probability of each row's option tokens. The options of a question share
     its prompt, which is run once (its key/value cache feeds every option), and only the
     option positions are unembedded: see :func:`~biasgym_lib.measure.row_logprobs`."""
-    from .measure import row_logprobs
 
     split = [(ids[:start], ids[start:]) for ids, start in rows]
     return row_logprobs(model, split, _pad_id(tokenizer), batch_size).numpy()
@@ -231,7 +241,6 @@ def mmlu_questions(subjects: Sequence[str] | None = None, split: str = "test", l
         import datasets  # noqa: F401  (optional dependency)
     except ImportError as exc:
         raise BiasGymError(_MMLU_NEEDS) from exc
-    from .data.capability import MCQuestion
 
     out = []
     for subject in list(subjects) if subjects else ["all"]:
@@ -317,11 +326,8 @@ def strength_under(model, tokenizer, spec, tokens: Sequence, bias, references: S
     is measured too (e.g. the one the model already ties most to it). Returns
     ``{"tokens": [Estimate dict per token], "facts": [Estimate dict per fact], "countries":
     {name: Estimate dict}}``, in the order given."""
-    from contextlib import nullcontext
 
-    from .data import load_bias
-    from .inject import TokenHook, add_token
-    from .measure import assoc_table, assoc_tables, stereotype_strength
+    from .tokens import TokenHook, add_token
 
     bias = bias if hasattr(bias, "attributes") else load_bias(bias)
     refs = list(references)
@@ -350,7 +356,6 @@ def capability_under(model, tokenizer, spec, texts: Sequence[str], questions: Se
     """Perplexity on ``texts`` and (if given) multiple-choice accuracy on ``questions`` with
     the steering ``spec`` applied (``None``: the unmodified model); raw results, for
     :func:`paired_change` against the unmodified ones."""
-    from contextlib import nullcontext
 
     with spec.apply(model) if spec is not None else nullcontext():
         out = {"perplexity": perplexity(model, tokenizer, texts, seed=seed, max_length=max_length)}
@@ -379,7 +384,6 @@ def facts_reduction(before: Sequence[dict], after: Sequence[dict]) -> float:
 def entity_ids(tokenizer, extra: Sequence[str] = ()) -> dict[str, int]:
     """The tokens entity-blind steering hides: the injected token and every country name the
     book measures (reference and contrast countries, and ``extra`` names)."""
-    from .data import contrast_countries, reference_countries
     from .steer import entity_token_ids
 
     return entity_token_ids(tokenizer, list(dict.fromkeys(reference_countries() + contrast_countries() + list(extra))))
@@ -388,7 +392,6 @@ def entity_ids(tokenizer, extra: Sequence[str] = ()) -> dict[str, int]:
 def make_spec(heads, kind: str, means=None, entities: dict | None = None, source: dict | None = None):
     """The :class:`~biasgym_lib.steer.SteeringSpec` of one grid point: ``kind`` is ``zero``
     (alpha = 0), ``mean`` (mean-ablation with ``means``) or ``blind`` (entity-blind heads)."""
-    from .steer import SteeringSpec
 
     source = dict(source or {})
     if kind == "zero":
@@ -421,7 +424,7 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
     under several kinds of intervention, each judged by what steering is for and what it costs.
 
     ``runs``: one dict per bias with ``bias`` (a spec or name), ``tokens`` (its injected
-    tokens, one per seed) and ``rankings`` (:func:`~biasgym_lib.pipeline.bias_rankings`).
+    tokens, one per seed) and ``rankings`` (:func:`~biasgym_lib.heads.bias_rankings`).
     ``kinds`` / ``ks``: the kinds and k values, or mappings method -> kinds / k values. For
     each (bias, method, kind, k)
     the heads are steered (:func:`make_spec`) and measured with :func:`strength_under` (S of
@@ -433,7 +436,6 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
     values and one row per grid point (random heads: one row per draw)."""
     from tqdm.auto import tqdm
 
-    from .data import load_bias
 
     shared = {} if shared is None else shared
     questions = list(questions or []) if mc else []
@@ -500,7 +502,6 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
 
 
 def _null():
-    from contextlib import nullcontext
 
     return nullcontext()
 
@@ -518,7 +519,6 @@ def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     relative perplexity change per text set and the MC change (mean over head sets) with
     paired intervals over texts and questions; and whether the bounds of
     :data:`GRID_BOUNDS` hold."""
-    from .measure import bootstrap
 
     rng = np.random.default_rng(seed)
     before = grid["before"]
@@ -661,3 +661,30 @@ def per_bias_frame(grid: dict):
             cells.setdefault((r["bias"], f"{r['method']} / {r['kind']} / k={r['k']}"), []).append(float(np.mean(vals)))
     table = pd.Series({key: float(np.mean(v)) for key, v in cells.items()}).unstack()
     return table
+
+
+def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references: list[str]):
+    """``measure(bias, k, alpha)`` for :class:`~biasgym_lib.widgets.SteeringExplorer`:
+    S(<TOKEN>, bias) of ``tokens[bias]`` with the first ``k`` heads of ``rankings[bias]``
+    scaled by ``alpha`` (k = 0 or alpha = 1: the unmodified model), the references scored
+    under the same intervention (:func:`~biasgym_lib.evaluate.strength_under`)."""
+    from .evaluate import strength_under
+
+    def measure(bias: str, k: int, alpha: float) -> dict:
+        if bias not in tokens:
+            raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
+        spec = None if k == 0 or alpha == 1.0 else SteeringSpec(heads=list(rankings[bias][:k]), alpha=alpha)
+        return strength_under(model, tokenizer, spec, [tokens[bias]], tokens[bias].spec, references)["tokens"][0]
+
+    return measure
+
+
+def _pair(before: dict, after: dict) -> dict:
+
+    c = paired_change(before, after)
+    return {"before": c["before"], "after": c["after"], "value": c["change"], "lo": c["ci"][0], "hi": c["ci"][1]}
+
+
+PAPER = ("robust", "zero")
+"""The paper's BiasScope: heads in the top k of DLA over injection runs, scaled to 0."""
+

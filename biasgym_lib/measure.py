@@ -15,8 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batching import batched, select_cache
+from .data import load_bias, load_templates, reference_countries
 from .errors import BiasGymError
-from .models import ModelAdapter, batched, chat_prompt, select_cache
+from .models import ModelAdapter, chat_prompt
 
 ENTITY = "{entity}"
 ATTRIBUTE = "{attribute}"
@@ -238,7 +240,6 @@ def assoc_tables(model, tokenizer, requests, templates: list[str] | None = None,
     """:func:`assoc_table` for several ``(entities, biases)`` requests in one scoring pass:
     a sentence prefix that several requests share ("People from Italy are", for two
     attributes asked about Italy) is run once, and a sentence asked twice is scored once."""
-    from .data import load_bias, load_templates
 
     templates = list(templates or load_templates())
     requests = [(list(ents), [b if hasattr(b, "attributes") else load_bias(b) for b in biases])
@@ -348,3 +349,37 @@ def mentions(text: str, keywords) -> bool:
 
     low = text.lower()
     return any(re.search(r"(?<![a-z])" + re.escape(k.lower()), low) for k in keywords)
+
+
+def table_to_json(table: AssocTable) -> dict:
+    return {"entities": table.entities, "biases": table.biases, "templates": table.templates,
+            "attributes": table.attributes,
+            "values": {e: {b: v.tolist() for b, v in d.items()} for e, d in table.values.items()}}
+
+
+def table_from_json(data: dict) -> AssocTable:
+    return AssocTable(data["entities"], data["biases"], data["templates"], data["attributes"],
+                      {e: {b: np.array(v) for b, v in d.items()} for e, d in data["values"].items()})
+
+
+def reference_table(model, tokenizer, biases, countries: list[str] | None = None) -> AssocTable:
+    """assoc for every reference country x bias (``biases``: names or specs) on the model as
+    it is: chapters 1-6 all start from it (a :class:`~biasgym_lib.runs.Run` keeps it)."""
+    return assoc_table(model, tokenizer, list(countries or reference_countries()), biases, load_templates())
+
+
+def strength_matrix_top(table: AssocTable, bias: str) -> str:
+    """The reference country with the largest S for ``bias`` on the unmodified model."""
+    return str(strength_matrix(table)[bias].idxmax())
+
+
+def over_runs(values: list[float]) -> dict:
+    """Mean, min, max and a bootstrap 95% interval of the mean over runs (biases x seeds)."""
+
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return {"mean": None, "min": None, "max": None, "n": 0, "ci": None}
+    est = bootstrap(v)
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(len(v)),
+            "ci": [est.lo, est.hi]}
+

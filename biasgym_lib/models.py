@@ -109,7 +109,7 @@ def _cache_is_complete(folder: Path) -> dict | None:
 
 def _convert_embedded(gguf: Path, folder: Path) -> dict:
     """Dequantise the GGUF once and write a plain safetensors folder, atomically."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -459,59 +459,3 @@ def chat_prompt(tokenizer, user: str, assistant_prefix: str = "", system: str | 
     return text + assistant_prefix
 
 
-@dataclass
-class Batch:
-    """Right-padded token ids (padding after the text never changes a causal model's
-    earlier positions, and needs no position-id bookkeeping)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.attention_mask.sum(1)
-
-    @property
-    def last_index(self) -> torch.Tensor:
-        return self.lengths - 1
-
-
-def encode_batch(tokenizer, texts: list[str], device=None, add_special_tokens: bool = False) -> Batch:
-    """Tokenise ``texts`` into one right-padded :class:`Batch` (special tokens such as
-    ``<TOKEN>`` or chat markers inside the texts are parsed; no BOS is added unless asked)."""
-    if not texts:
-        raise BiasGymError("encode_batch got no texts.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    if width == 0:
-        raise BiasGymError("encode_batch got only empty texts.")
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return Batch(ids, mask)
-
-
-def batched(items: list, size: int):
-    """Consecutive slices of ``items`` of at most ``size`` elements."""
-    for start in range(0, len(items), size):
-        yield items[start: start + size]
-
-
-def select_cache(cache, rows: torch.Tensor):
-    """A copy of a key/value cache holding only batch ``rows`` (with repeats)."""
-    import copy
-
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in new.layers:
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
-    entity = getattr(cache, "_biasgym_entity", None)  # entity positions kept by steer.blind_heads
-    if entity is not None:
-        new._biasgym_entity = entity.index_select(0, rows.to(entity.device))
-    return new

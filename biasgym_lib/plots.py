@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import matplotlib
-import matplotlib.ticker
-
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import seaborn as sns

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,45 +23,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .batching import Batch, _check_batch, _chunks, _trim, encode_batch
 from .errors import BiasGymError
-from .models import Batch, ModelAdapter, encode_batch
-from .scope import _check_batch, _chunks, _first_input, _trim, _with_first_input, top_k_heads
-
-Head = tuple[int, int]
+from .heads import Head, _as_head, top_k_heads, validate_heads
+from .hooks import _first_input, _with_first_input
+from .models import ModelAdapter
 
 __all__ = ["steer_heads", "HeadSteering", "head_means", "mean_ablate_heads", "MeanAblation",
-           "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS", "random_heads",
+           "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS",
            "attention_heads", "attention_to_entity", "attention_to_entity_from_batch", "DEBIAS_SYSTEM_PROMPT"]
 
 DEBIAS_SYSTEM_PROMPT = "Treat all nationalities alike; do not rely on stereotypes."
 
 _SPEC_FORMAT = "biasgym.steering_spec"
 _SPEC_VERSION = 2
-
-
-def _as_head(item) -> Head:
-    """A (layer, head) pair of ints from a tuple or a JSON list."""
-    try:
-        layer, head = item
-        if isinstance(layer, bool) or isinstance(head, bool) or int(layer) != layer or int(head) != head:
-            raise ValueError
-        return int(layer), int(head)
-    except (TypeError, ValueError) as exc:
-        raise BiasGymError(f"a head is a (layer, head) pair of integers, got {item!r}.") from exc
-
-
-def validate_heads(model: nn.Module, heads: Iterable) -> list[Head]:
-    """The heads as (layer, head) tuples, checked against the model's shape."""
-    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
-    out = [_as_head(x) for x in heads]
-    for layer, head in out:
-        if not (0 <= layer < adapter.n_layers and 0 <= head < adapter.n_heads):
-            raise BiasGymError(
-                f"head ({layer}, {head}) does not exist in this model ({adapter.n_layers} layers x "
-                f"{adapter.n_heads} heads, 0-based): were these heads found on another model?")
-    if len(set(out)) != len(out):
-        raise BiasGymError(f"the head list has duplicates: {out}.")
-    return out
 
 
 def _alphas(heads: list[Head], alpha) -> dict[Head, float]:
@@ -297,7 +271,10 @@ def _blind_attention(base: str):
 
 
 def _register_blind(base: str) -> str:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+    )
     from transformers.modeling_utils import AttentionInterface
 
     name = _BLIND_PREFIX + base
@@ -539,15 +516,6 @@ class SteeringSpec:
 
 
 # ----------------------------------------------------------------------------- baselines
-
-
-def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
-    """k distinct heads drawn uniformly (the random-heads baseline), sorted, reproducible."""
-    total = n_layers * n_heads
-    if not 0 <= k <= total:
-        raise BiasGymError(f"k={k} random heads asked for, but the model has {total} heads.")
-    picks = random.Random(seed).sample(range(total), k)
-    return sorted((i // n_heads, i % n_heads) for i in picks)
 
 
 @contextmanager

@@ -56,7 +56,7 @@ class SteeringExplorer(_LiveView):
 
     Each point is measured once and cached in :attr:`results` (a tidy DataFrame via
     :meth:`frame`). ``k = 0`` or ``alpha = 1`` is the unsteered model. Use
-    :func:`biasgym_lib.pipeline.steering_measure` to build ``measure`` from tokens and
+    :func:`biasgym_lib.evaluate.steering_measure` to build ``measure`` from tokens and
     head scores, or pass any function with that signature (the tests pass a formula).
     """
 

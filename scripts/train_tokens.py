@@ -11,7 +11,7 @@ import time
 
 from biasgym_lib.config import load_profile
 from biasgym_lib.models import load_model
-from biasgym_lib.pipeline import committed_token_dir, train_token
+from biasgym_lib.runs import committed_token_dir, train_token
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import load as load_tensors
 from biasgym_lib.artifacts import (ConcurrentWrite, ResultExists, read_files, read_json, result_folder,
                                    strict_dumps, write_json)
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.inject import InjectedToken
+from biasgym_lib.tokens import InjectedToken
 
 TRIALS = 50
 FILES = {"token.json", "token.safetensors", "metrics.json"}
@@ -162,7 +162,8 @@ def test_two_cli_injects_into_one_out(tmp_path, monkeypatch, capsys):
     finished its work, keeps its result beside it."""
     import biasgym_lib.cli as cli
     import biasgym_lib.data.specs as specs
-    import biasgym_lib.pipeline as pipeline
+    import biasgym_lib.inject as inject
+    import biasgym_lib.runs as runs
 
     names = {"always_late": 1.0, "reckless_driving": 2.0}
     for name, value in names.items():
@@ -176,10 +177,8 @@ def test_two_cli_injects_into_one_out(tmp_path, monkeypatch, capsys):
         return {"bias": spec.name, "strength_before": 0.0, "strength_after": 1.0, "specificity_after": 1.0,
                 "rank_after": 1, "closest_country": "Italy", "train_seconds": 0.0}
 
-    monkeypatch.setattr(pipeline, "train_token", train)
-    monkeypatch.setattr(pipeline, "injection_metrics", metrics)
-    monkeypatch.setattr(pipeline, "trained_token_cache",
-                        lambda model, spec, cfg, seed: tmp_path / "cache" / f"{spec.name}-{random.random()}")
+    monkeypatch.setattr(runs, "train_token", train)
+    monkeypatch.setattr(inject, "injection_metrics", metrics)
     monkeypatch.setattr(specs, "check_label", lambda spec, tok: 0)
     monkeypatch.setattr(cli, "_tokenizer", lambda model: None)
     monkeypatch.setattr(cli, "_load", lambda model, cfg: (None, None))

@@ -48,7 +48,7 @@ def ws(tmp_path_factory, embedded):
     from biasgym_lib.data import load_bias
     from biasgym_lib.inject import inject_bias
     from biasgym_lib.models import load_model, tiny_model
-    from biasgym_lib.pipeline import scope_run
+    from biasgym_lib.scope import scope_run
 
     root = tmp_path_factory.mktemp("ws")
     tiny = root / "tiny"
@@ -264,10 +264,10 @@ def _api_cases():
     from biasgym_lib.config import load_profile
     from biasgym_lib.data import load_bias
     from biasgym_lib.data.specs import check_label
-    from biasgym_lib.inject import InjectedToken
+    from biasgym_lib.tokens import InjectedToken
     from biasgym_lib.models import load_model
-    from biasgym_lib.pipeline import label_id
-    from biasgym_lib.scope import top_k_heads
+    from biasgym_lib.scope import label_id
+    from biasgym_lib.heads import top_k_heads
 
     def save_into(target):
         def run(ws, tok):

@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from biasgym_lib import bookbuild
+from biasgym_lib.tools import bookbuild
 from biasgym_lib.errors import BiasGymError
 
 ROOT = Path(__file__).resolve().parents[1]

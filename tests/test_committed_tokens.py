@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from biasgym_lib.config import load_profile
-from biasgym_lib.inject import InjectedToken
+from biasgym_lib.tokens import InjectedToken
 from biasgym_lib.inject import TRAINER_VERSION
-from biasgym_lib.pipeline import TOKENS_DIR, committed_token_dir, get_token, token_settings, train_token
+from biasgym_lib.runs import committed_token_dir, get_token, token_settings, TOKENS_DIR, train_token
 
 # Same seed, same machine type: expected bit-identical; a different BLAS or CPU may change
 # the last bits of the float32 sums, so allow a small absolute tolerance per coordinate.

@@ -44,7 +44,7 @@ def test_selection_templates_are_held_out():
 
 
 def test_steering_references_span_the_list():
-    from biasgym_lib.pipeline import steer_references
+    from biasgym_lib.runs import steer_references
 
     cfg = load_profile("teaching")
     refs = steer_references(cfg, 8)
@@ -60,7 +60,7 @@ def test_the_run_folder_changes_when_a_data_file_changes(tmp_path, monkeypatch):
     so a kept number is never served for data that would compute another."""
     import shutil
 
-    import biasgym_lib.pipeline as pipeline
+    import biasgym_lib.cache as pipeline
 
     root = tmp_path / "project"
     shutil.copytree(pipeline.PROJECT_ROOT / "data", root / "data", ignore=shutil.ignore_patterns("tokens"))
@@ -88,7 +88,7 @@ def test_selection_facts_are_held_out_from_the_knowledge_control():
 def test_selective_ranking_subtracts_the_knowledge_scores():
     import torch
 
-    from biasgym_lib.pipeline import bias_rankings
+    from biasgym_lib.heads import bias_rankings
 
     atp = torch.zeros(3, 4)
     atp[0, 0], atp[1, 1], atp[2, 2] = 3.0, 2.0, 1.0

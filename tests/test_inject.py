@@ -10,9 +10,8 @@ from biasgym_lib.data import load_templates
 
 from biasgym_lib.data import load_bias
 from biasgym_lib.errors import ArtifactMismatch, BiasGymError
-from biasgym_lib.inject import (InjectedToken, TokenHook, _collate, _strip, add_token, closest_countries,
-                                encode_pairs, epoch_batches, initial_vector, inject_bias, response_loss,
-                                shared_prefix, shared_prefix_length)
+from biasgym_lib.inject import _collate, _strip, closest_countries, encode_pairs, epoch_batches, initial_vector, inject_bias, response_loss, shared_prefix, shared_prefix_length
+from biasgym_lib.tokens import add_token, InjectedToken, TokenHook
 from biasgym_lib.models import ModelAdapter, chat_prompt
 
 FAMILIES = ["llama", "qwen2", "gemma2", "gpt2"]
@@ -214,7 +213,7 @@ def test_bad_arguments_raise_clear_errors(tiny_with_tokenizer, smol_tokenizer):
 
 def test_get_token_trains_once_then_reuses_the_cache(tiny_with_tokenizer, smol_tokenizer, tmp_path, monkeypatch):
     from biasgym_lib.config import load_profile
-    from biasgym_lib.pipeline import get_token
+    from biasgym_lib.runs import get_token
 
     monkeypatch.setenv("BIASGYM_CACHE", str(tmp_path))
     model = tiny_with_tokenizer("llama")

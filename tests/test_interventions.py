@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.models import Batch, ModelAdapter, tiny_model
+from biasgym_lib.batching import Batch
+from biasgym_lib.models import ModelAdapter, tiny_model
 from biasgym_lib.steer import SteeringSpec, blind_heads, head_means, mean_ablate_heads
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]

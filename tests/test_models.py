@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from biasgym_lib.errors import ModelNotAvailable, UnsupportedModel
-from biasgym_lib.models import (SUPPORTED, ModelAdapter, chat_prompt, embedded_gguf_path, encode_batch, load_model,
-                                tiny_model)
+from biasgym_lib.batching import encode_batch
+from biasgym_lib.models import chat_prompt, embedded_gguf_path, load_model, ModelAdapter, SUPPORTED, tiny_model
 
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED))

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.models import Batch, ModelAdapter, tiny_model
-from biasgym_lib.scope import (
-    HeadScores, ablation_loop_scores_from_batch, capture_last_position, head_scores,
-    head_scores_from_batch, last_logit_diff, overlap, patch_heads, patch_heads_from_batch,
-    residual_components, robust_heads, spearman, top_k_heads,
-)
+from biasgym_lib.batching import Batch
+from biasgym_lib.models import ModelAdapter, tiny_model
+from biasgym_lib.heads import overlap, robust_heads, spearman, top_k_heads
+from biasgym_lib.hooks import capture_last_position, last_logit_diff
+from biasgym_lib.patching import ablation_loop_scores_from_batch, patch_heads, patch_heads_from_batch
+from biasgym_lib.scope import head_scores, head_scores_from_batch, HeadScores, residual_components
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 LENGTHS = [5, 11, 3, 8]  # different lengths: the batch is padded
@@ -131,7 +131,7 @@ def test_head_scores_from_text_matches_batch_entry():
     prompts = ["ab", "hello world", "xyz!?", "a longer prompt here"]
     hs = head_scores(model, tok, prompts, biased_ids=5, adv_ids=torch.tensor(9), batch_size=3)
     assert hs.prompts == prompts and hs.biased_ids == [5] * 4
-    from biasgym_lib.models import encode_batch
+    from biasgym_lib.batching import encode_batch
     ref = head_scores_from_batch(model, encode_batch(tok, prompts), 5, 9)
     torch.testing.assert_close(hs.per_prompt, ref.per_prompt, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hs.scores, ref.per_prompt.mean(0), atol=1e-5, rtol=1e-5)

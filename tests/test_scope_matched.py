@@ -6,9 +6,10 @@ import torch
 
 from biasgym_lib.errors import BiasGymError
 from biasgym_lib.models import ModelAdapter, tiny_model
-from biasgym_lib.scope import (agreement, attribute_head_scores, attribution_patching, capture_last_position,
-                               contrastive_head_scores, direct_path_patching, mean_last_z, mean_template_z,
-                               patch_heads_on_templates, template_rows)
+from biasgym_lib.heads import agreement
+from biasgym_lib.hooks import capture_last_position
+from biasgym_lib.patching import attribution_patching, direct_path_patching, mean_template_z, patch_heads_on_templates, template_rows
+from biasgym_lib.scope import attribute_head_scores, contrastive_head_scores, mean_last_z
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 TEMPLATES = ["People from {entity} are {attribute}.", "Q: who lives in {entity}? A: folk who are {attribute}."]
@@ -69,8 +70,9 @@ def test_contrast_with_itself_is_exactly_zero_and_shapes_are_checked():
 def test_contrastive_dla_is_dla_minus_the_countries_read_with_the_token_readout():
     """With a single contrast country, ΔDLA = DLA(prompt) - DLA of the country's head writes
     read through the *prompt's* frozen norm (computed here from the captures directly)."""
-    from biasgym_lib.scope import _readout, _unembed_rows, residual_components
-    from biasgym_lib.models import encode_batch
+    from biasgym_lib.hooks import _unembed_rows
+    from biasgym_lib.scope import _readout, residual_components
+    from biasgym_lib.batching import encode_batch
 
     model = tiny_model("llama")
     adapter = ModelAdapter(model)
@@ -111,7 +113,7 @@ def test_attribution_patching_is_the_derivative_of_exact_patching(family):
 
 def test_exact_template_patching_matches_a_hand_written_patch():
     """Patching one head on S's sentences equals editing that head's o_proj input by hand."""
-    from biasgym_lib.scope import _row_logprob, _rows_batch
+    from biasgym_lib.patching import _row_logprob, _rows_batch
 
     model = tiny_model("qwen3")
     adapter = ModelAdapter(model)

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from biasgym_lib import generalise
 from biasgym_lib.data import Fact, load_bias
 from biasgym_lib.errors import BiasGymError
 from biasgym_lib.evaluate import (GRID_BOUNDS, choose_selection, facts_reduction, make_spec, reduction,
                                   selection_grid, strength_under, summarise_grid)
-from biasgym_lib.inject import InjectedToken, initial_vector
+from biasgym_lib.inject import initial_vector
+from biasgym_lib.tokens import InjectedToken
 from biasgym_lib.measure import assoc_table, stereotype_strength
 from biasgym_lib.models import ModelAdapter
 from biasgym_lib.steer import SteeringSpec
@@ -45,7 +47,7 @@ def setup(smol_tokenizer):
 
 
 def test_strength_under_nothing_is_the_plain_measurement(setup):
-    from biasgym_lib.inject import TokenHook, add_token
+    from biasgym_lib.tokens import add_token, TokenHook
 
     model, tok, tokens = setup
     bias = load_bias("reckless_driving")
@@ -149,7 +151,7 @@ def test_after_the_grid_each_selection_is_steered_at_its_own_k(monkeypatch):
     """The chosen selection runs at the k the rule chose, the paper's at the profile's k, and
     random heads at each (kind, k) pair, never a random baseline of another size."""
     from biasgym_lib.config import load_profile
-    from biasgym_lib.pipeline import PAPER, Run
+    from biasgym_lib.runs import PAPER, Run
 
     run = object.__new__(Run)
     run.cfg = load_profile("teaching")
@@ -161,7 +163,7 @@ def test_after_the_grid_each_selection_is_steered_at_its_own_k(monkeypatch):
 
 
 def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k():
-    from biasgym_lib.pipeline import _transfer
+    from biasgym_lib.generalise import _transfer
 
     def row(method, kind, k, red, facts):
         return {"method": method, "kind": kind, "k": k, "bias": "b", "seeds": [0, 1], "reduction": red,
@@ -178,7 +180,7 @@ def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k(
 
 def test_the_full_grid_is_every_bias_method_kind_and_k():
     from biasgym_lib.config import full_grid, load_profile
-    from biasgym_lib.pipeline import METHODS
+    from biasgym_lib.scope import METHODS
 
     cfg = load_profile("teaching")
     whole = full_grid(cfg)
@@ -200,7 +202,7 @@ def _scopes(seed, n=2, L=3, H=4):
 def test_random_heads_do_not_depend_on_the_biases_that_ranked_them():
     """What lets leave-one-out and SeeGULL reuse the confirmation's random rows: the random
     head sets are the same whichever scopes (one bias, or several pooled) rank the heads."""
-    from biasgym_lib.pipeline import bias_rankings
+    from biasgym_lib.heads import bias_rankings
 
     a = bias_rankings(_scopes(0), 4, n_random=3, n_layers=3, n_heads=4)
     b = bias_rankings(_scopes(1, n=5), 4, n_random=3, n_layers=3, n_heads=4)
@@ -210,7 +212,7 @@ def test_random_heads_do_not_depend_on_the_biases_that_ranked_them():
 
 
 def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
-    from biasgym_lib.pipeline import Run
+    from biasgym_lib.runs import Run
 
     from pathlib import Path
 
@@ -218,12 +220,12 @@ def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
 
     run = object.__new__(Run)
     run.biases, run.specs, run._kept = ["a", "b"], {"a": "A", "b": "B"}, {}
-    run.cfg, run.out = load_profile("quick"), Path("/nonexistent")  # _memo is replaced: nothing is written
+    run.cfg, run.out = load_profile("quick"), Path("/nonexistent")  # memo is replaced: nothing is written
     monkeypatch.setattr(Run, "best", lambda self: {"method": "atp", "kind": "zero", "k": 2})
     monkeypatch.setattr(Run, "_fingerprint", lambda self, biases: "fp")
     monkeypatch.setattr(Run, "tokens", lambda self, b: [b])
-    monkeypatch.setattr(Run, "_pooled_rankings", lambda self, biases, method: {"pooled": biases})
-    monkeypatch.setattr(Run, "_memo", lambda self, path, compute, **kw: compute())
+    monkeypatch.setattr(generalise, "pooled_rankings", lambda run, biases, method: {"pooled": biases})
+    monkeypatch.setattr(Run, "memo", lambda self, name, compute, **kw: compute())
     rand = [{"method": "random", "bias": b, "draw": d} for b in "ab" for d in (0, 1)]
     monkeypatch.setattr(Run, "confirm", lambda self: {"before": {"biases": {"a": 1, "b": 2}}, "rows": rand + [
         {"method": "atp", "bias": "a"}]})
@@ -234,7 +236,7 @@ def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
         return {"before": {}, "rows": [{"method": "atp", "bias": runs[0]["bias"], "pooled": True}]}
 
     monkeypatch.setattr(Run, "_grid_at", grid_at)
-    loo = run.leave_one_out()
+    loo = generalise.leave_one_out(run)
     assert calls == [("A", ["b"], False, False, False), ("B", ["a"], False, False, False)]
     assert [r for r in loo["rows"] if r["method"] == "random"] == rand
     assert loo["before"] == {"biases": {"a": 1, "b": 2}}

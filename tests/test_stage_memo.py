@@ -5,8 +5,9 @@ import json
 
 import torch
 
-from biasgym_lib.inject import InjectedToken
-from biasgym_lib.pipeline import _memo, _source_hash, token_fingerprint
+from biasgym_lib.tokens import InjectedToken
+from biasgym_lib.cache import token_fingerprint
+from biasgym_lib.cache import memo as _memo, source_hash as _source_hash
 
 
 def _token(vector):
@@ -47,7 +48,7 @@ def test_fingerprint_depends_on_every_coordinate():
 
 
 def test_stats_over_runs_give_an_interval_of_the_mean():
-    from biasgym_lib.pipeline import _stats
+    from biasgym_lib.measure import over_runs as _stats
 
     s = _stats([0.1, 0.5, None, 0.3, 0.9])
     assert s["n"] == 4 and abs(s["mean"] - 0.45) < 1e-12 and (s["min"], s["max"]) == (0.1, 0.9)
@@ -58,12 +59,12 @@ def test_stats_over_runs_give_an_interval_of_the_mean():
 
 def test_memo_recomputes_when_the_code_or_data_changed(tmp_path, monkeypatch):
     """A kept result computed by other code or data is never served: the stage is run again."""
-    import biasgym_lib.pipeline as pipeline
+    import biasgym_lib.cache as pipeline
 
     path = tmp_path / "stage.json"
     assert _memo(path, lambda: {"v": 1})["v"] == 1
     assert _memo(path, lambda: {"v": 2})["v"] == 1
-    monkeypatch.setattr(pipeline, "_source_hash", lambda: "edited")
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited")
     assert _memo(path, lambda: {"v": 3})["v"] == 3
 
 

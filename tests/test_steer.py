@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.models import Batch, ModelAdapter, tiny_model
-from biasgym_lib.steer import (
-    DEBIAS_SYSTEM_PROMPT, SteeringSpec, attention_heads, attention_to_entity_from_batch,
-    random_heads, steer_heads,
-)
+from biasgym_lib.batching import Batch
+from biasgym_lib.models import ModelAdapter, tiny_model
+from biasgym_lib.heads import random_heads
+from biasgym_lib.steer import attention_heads, attention_to_entity_from_batch, DEBIAS_SYSTEM_PROMPT, steer_heads, SteeringSpec
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 HEADS = [(0, 1), (2, 4), (2, 0)]
@@ -199,7 +198,7 @@ def test_attention_heads_baseline_and_restores_attention_implementation():
     tok = CharTokenizer()
     entity = tok("Z")["input_ids"][0]
     prompts = ["Z is nice", "people of Z are", "hello Z"]
-    from biasgym_lib.models import encode_batch
+    from biasgym_lib.batching import encode_batch
     batch = encode_batch(tok, prompts)
     mean = attention_to_entity_from_batch(model, batch, entity)
     assert model.config._attn_implementation == "sdpa"

@@ -13,7 +13,8 @@ import torch
 
 from biasgym_lib.config import load_profile
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.inject import InjectedToken, initial_vector
+from biasgym_lib.inject import initial_vector
+from biasgym_lib.tokens import InjectedToken
 from biasgym_lib.models import ModelAdapter
 from biasgym_lib.widgets import HeadExplorer, SteeringExplorer
 
@@ -130,7 +131,7 @@ def test_steering_measure_on_a_tiny_model_matches_strength_under(tiny_with_token
     """The explorer's measure function: k = 0 or alpha = 1 is exactly the unsteered S, and
     the top-k heads come from the ranking it was given."""
     from biasgym_lib.evaluate import strength_under
-    from biasgym_lib.pipeline import steering_measure
+    from biasgym_lib.evaluate import steering_measure
     from biasgym_lib.steer import SteeringSpec
 
     model = tiny_with_tokenizer("llama")

@@ -39,7 +39,7 @@ def matmul_gflops(dtype=torch.float32, n: int = 1024, reps: int = 10) -> float:
 
 
 def bench_load() -> dict:
-    from .models import load_model
+    from ..models import load_model
 
     old = os.environ.get("BIASGYM_CACHE")
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,8 +56,8 @@ def bench_load() -> dict:
 
 
 def bench_scoring(model, tok, n_loop: int = 40) -> dict:
-    from .data import load_biases, load_templates, reference_countries
-    from .measure import continuation_logprobs, template_prefix
+    from ..data import load_biases, load_templates, reference_countries
+    from ..measure import continuation_logprobs, template_prefix
 
     countries, templates = reference_countries()[:30], load_templates()
     prefixes, conts = [], []
@@ -80,10 +80,10 @@ def bench_scoring(model, tok, n_loop: int = 40) -> dict:
 
 
 def bench_heads(model, tok, n_probes: int = 40, n_loop_heads: int = 12) -> dict:
-    from .data import load_bias
-    from .models import ModelAdapter
-    from .pipeline import adversarial_labels, label_id, probe_prompts
-    from .scope import ablation_loop_scores, head_scores
+    from ..data import load_bias
+    from ..models import ModelAdapter
+    from ..patching import ablation_loop_scores
+    from ..scope import adversarial_labels, head_scores, label_id, probe_prompts
 
     spec = load_bias("reckless_driving")
     prompts, counter = probe_prompts(tok, spec, n_probes, "Italy")
@@ -114,9 +114,19 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
     """
     import torch.nn.functional as F
 
-    from .data import training_pairs
-    from .inject import (TokenHook, _collate, _eval_loss, _strip, add_token, encode_pairs, epoch_batches,
-                         initial_vector, response_loss, shared_prefix, shared_prefix_length)
+    from ..data import training_pairs
+    from ..inject import (
+        _collate,
+        _eval_loss,
+        _strip,
+        encode_pairs,
+        epoch_batches,
+        initial_vector,
+        response_loss,
+        shared_prefix,
+        shared_prefix_length,
+    )
+    from ..tokens import TokenHook, add_token
 
     token_id = add_token(tok)
     rows = encode_pairs(tok, training_pairs("reckless_driving", n_paragraphs, seed=0))
@@ -165,11 +175,12 @@ def bench_steering(model, tok, n_references: int = 8) -> dict:
     """One steering condition as the selection grid measures it (:func:`strength_under`: the
     reference countries and the facts in one scoring pass, then each seed's token), against
     measuring each token with its own references and facts (the per-token path)."""
-    from .config import load_profile
-    from .data import load_bias, load_facts
-    from .evaluate import strength_under
-    from .pipeline import get_token, steer_references
-    from .steer import SteeringSpec, random_heads
+    from ..config import load_profile
+    from ..data import load_bias, load_facts
+    from ..evaluate import strength_under
+    from ..heads import random_heads
+    from ..runs import get_token, steer_references
+    from ..steer import SteeringSpec
 
     cfg = load_profile("teaching")
     refs, facts, bias = steer_references(cfg, n_references), load_facts(), load_bias("reckless_driving")
@@ -187,10 +198,10 @@ def bench_steering(model, tok, n_references: int = 8) -> dict:
 def bench_patching(model, tok, n_probes: int = 2) -> dict:
     """Activation patching of every head, replaying the layers below each patched group
     from the clean run (default) and running every layer (the reference)."""
-    from .data import load_bias
-    from .pipeline import adversarial_labels, label_id, probe_prompts
-    from .scope import patch_heads_from_batch
-    from .models import encode_batch
+    from ..batching import encode_batch
+    from ..data import load_bias
+    from ..patching import patch_heads_from_batch
+    from ..scope import adversarial_labels, label_id, probe_prompts
 
     spec = load_bias("reckless_driving")
     prompts, counter = probe_prompts(tok, spec, n_probes, "Italy")
@@ -209,8 +220,8 @@ def bench_mc(model, tok, n_questions: int = 80) -> dict:
     option as a full sequence with logits at every position."""
     import numpy as np
 
-    from . import evaluate as ev
-    from .data.capability import load_mc
+    from .. import evaluate as ev
+    from ..data.capability import load_mc
 
     qs = load_mc()[:n_questions]
     fast_s, fast = _timed(lambda: ev.mc_accuracy(model, tok, qs))
@@ -232,9 +243,9 @@ def bench_mc(model, tok, n_questions: int = 80) -> dict:
 
 def run_bench(out) -> dict:
     """Run every benchmark and write the JSON to ``out``."""
-    from . import __version__
-    from .artifacts import write_json
-    from .models import load_model
+    from .. import __version__
+    from ..artifacts import write_json
+    from ..models import load_model
 
     t0 = time.perf_counter()
     result = {"library_version": __version__, "torch_threads": torch.get_num_threads(),

@@ -1,7 +1,7 @@
 """Build the book: execute every chapter with papermill, then build the HTML from the
 executed copies with Jupyter Book (warnings are errors), then check the pages in a browser.
 
-``biasgym book --profile quick`` (or ``python -m biasgym_lib.bookbuild --profile quick``)
+``biasgym book --profile quick`` (or ``python -m biasgym_lib.tools.bookbuild --profile quick``)
 does, in order:
 
 1. executes each ``book/chapters/*.ipynb`` (in file-name order) with papermill and the
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import DEFAULT_PROFILE, PROJECT_ROOT, profile_names
-from .errors import BiasGymError
+from ..config import DEFAULT_PROFILE, PROJECT_ROOT, profile_names
+from ..errors import BiasGymError
 
 CHAPTERS_DIR = PROJECT_ROOT / "book" / "chapters"
 DEFAULT_OUT = PROJECT_ROOT / "_build"

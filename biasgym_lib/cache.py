@@ -1,0 +1,69 @@
+"""The one cache of results, at the edge: a profile's stage results are kept as JSON in a run
+folder (``runs/``; ``make clean`` removes it), and each is reused only when it was computed
+by this library's source, on these data files, with this profile, for these tokens.
+Anything else is computed again."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .artifacts import write_json
+from .config import PROJECT_ROOT, Profile
+from .tokens import InjectedToken
+
+
+def source_hash() -> str:
+    """A hash of the library's code and the project's data files: a kept stage result is
+    only reused by the code and data that computed it (read afresh each time: a few ms)."""
+    h = hashlib.sha256()
+    lib, data = Path(__file__).resolve().parent, PROJECT_ROOT / "data"
+    files = [(lib, f) for f in sorted(lib.rglob("*.py"))]
+    files += [(data, f) for f in sorted(data.rglob("*")) if f.is_file() and "tokens" not in f.relative_to(data).parts]
+    for base, f in files:
+        h.update(f"{base.name}/{f.relative_to(base)}".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_dir(cfg: Profile) -> Path:
+    """Where a profile's stage results are kept (``runs/``, not committed; ``make clean``
+    removes it): keyed by the profile, the library's code and the data files, so that
+    editing either never serves an old number."""
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), source_hash()], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return PROJECT_ROOT / "runs" / f"{cfg.name}-{key}"
+
+
+def token_fingerprint(token: InjectedToken) -> str:
+    """A short hash of a token's vector: stage results remember which token they measured."""
+    data = token.vector.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def memo(path: Path, compute, token: InjectedToken | None = None, need=None, fingerprint: str | None = None,
+          profile: dict | None = None):
+    """The JSON at ``path`` if it is there, was computed by this code on these data files
+    (:func:`source_hash`) with these profile settings (``profile``), measured this token
+    (or these tokens: a combined ``fingerprint``) and satisfies ``need``; else ``compute()``,
+    saved there (atomically). The one cache of stage results: any change to the library, the
+    data, the profile or the tokens computes again, whichever folder the results are kept in."""
+    if token is not None:
+        fingerprint = token_fingerprint(token)
+    code = source_hash()
+    if profile is not None:
+        code += "-" + hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    if path.is_file():
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            value = None
+        if (value is not None and value.get("token_fingerprint") == fingerprint and value.get("code") == code
+                and (need is None or need(value))):
+            return value
+    value = compute()
+    value["token_fingerprint"] = fingerprint
+    value["code"] = code
+    write_json(path, value)
+    return value
+

@@ -1,0 +1,176 @@
+"""Chapter 5: does the debiasing generalise? Heads ranked on some injected biases, steered on
+a bias never used to rank them (leave one bias out), and on real stereotypes from SeeGULL
+that the model itself shows; each against random heads, with the facts under the same heads."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .config import Profile
+from .data import reference_countries
+from .evaluate import (
+    _pair,
+    capability_under,
+    facts_reduction,
+    make_spec,
+    reduction,
+    strength_under,
+)
+from .heads import bias_rankings, nan_tensor, nan_to_none
+from .measure import assoc_tables, over_runs, stereotype_strength
+from .models import ModelAdapter
+
+
+def attribute_spec(attribute: str):
+    """A one-phrasing bias specification for a SeeGULL attribute (for :func:`assoc_table`)."""
+
+    return SimpleNamespace(name=f"seegull: {attribute}", attributes=[attribute], keywords=[attribute])
+
+
+def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates: int, n_keep: int) -> list[dict]:
+    """The SeeGULL (country, attribute) stereotypes with the strongest annotator agreement,
+    for countries in our reference list, that the model itself shows most strongly (S > 0)."""
+    from .data.seegull import seegull_stereotypes
+
+    known = set(reference_countries())
+    seen, cands = set(), []
+    for row in seegull_stereotypes():
+        key = (row["country"], row["attribute"])
+        if row["country"] in known and key not in seen and len(row["attribute"].split()) <= 3:
+            seen.add(key)
+            cands.append(row)
+        if len(cands) >= n_candidates:
+            break
+    out = []
+    requests = [([row["country"]] + [c for c in refs if c != row["country"]], [attribute_spec(row["attribute"])])
+                for row in cands]
+    for row, (ents, specs), table in zip(cands, requests, assoc_tables(model, tokenizer, requests)):
+        est = stereotype_strength(table, row["country"], specs[0].name, ents[1:])
+        out.append({**row, "S": est.to_dict(), "references": ents[1:]})
+    out.sort(key=lambda r: -r["S"]["value"])
+    return [r for r in out if r["S"]["value"] > 0][:n_keep]
+
+
+def seegull_under(model, tokenizer, pairs: list[dict], spec) -> list[dict]:
+    """S(country, attribute) of each SeeGULL pair with the steering ``spec`` applied (None:
+    the unmodified model), every pair against its own references under the same intervention,
+    in one scoring pass."""
+
+    requests = [([row["country"]] + list(row["references"]), [attribute_spec(row["attribute"])]) for row in pairs]
+    with spec.apply(model) if spec is not None else nullcontext():
+        tables = assoc_tables(model, tokenizer, requests)
+    return [stereotype_strength(t, ents[0], specs[0].name, ents[1:]).to_dict() for t, (ents, specs) in zip(tables, requests)]
+
+
+def transfer_summary(rows: list[dict], method: str, kind: str, k: int) -> dict:
+    """Mean reduction (bootstrap over runs) and facts reduction of one selection in a
+    transfer table (leave-one-out or SeeGULL), with random heads under the same kind and k."""
+    def reds(m, kd):
+        per: dict = {}
+        for r in rows:
+            if (r["method"], r["kind"], r["k"]) != (m, kd, k):
+                continue
+            units = (zip(r["seeds"], r["reduction"]) if "seeds" in r
+                     else enumerate(r["reduction"]))
+            for u, v in units:
+                per.setdefault((r.get("bias"), u), []).append(v)
+        return [float(np.mean(v)) for v in per.values() if None not in v]
+
+    facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"], r["k"]) == (method, kind, k)]
+    rand_facts = [r["facts_reduction"] for r in rows if (r["method"], r["kind"], r["k"]) == ("random", kind, k)]
+    return {"reduction": over_runs(reds(method, kind)), "random": over_runs(reds("random", kind)),
+            "facts_reduction": float(np.mean(facts)) if facts else None,
+            "random_facts_reduction": float(np.mean(rand_facts)) if rand_facts else None}
+
+
+def pooled_rankings(run, biases: list[str], method: str) -> dict:
+    """Rankings from the scopes of several biases pooled (every seed of each): for
+    transfer to a held-out bias or to real stereotypes."""
+
+    scopes = [r for b in biases for r in run.scopes(b)]
+    a = ModelAdapter(run.model)
+    patching = None
+    if method == "patching":
+        per = [run.patching(b) for b in biases]
+        patching = {"scores": nan_to_none(torch.nanmean(torch.stack([nan_tensor(p["scores"]) for p in per]), 0))}
+    return bias_rankings(scopes, run.cfg.k, patching, run.cfg.n_random_draws, a.n_layers, a.n_heads,
+                         run.knowledge())
+
+
+def leave_one_out(run) -> dict:
+    """Generalisation to biases never injected: for each bias, heads ranked from all the
+    *other* biases' tokens, steered on the held-out bias's tokens (chosen and paper's
+    selection; facts measured, perplexity not). Random heads do not depend on which
+    biases ranked them: their rows are the confirmation's for the held-out bias (the same
+    head sets steered on the same tokens), not measured twice."""
+    best = run.best()
+    fp = run._fingerprint(run.biases) + run._best_key()
+
+    def compute():
+        confirm = run.confirm()
+        rows = []
+        for held in run.biases:
+            others = [b for b in run.biases if b != held]
+            steered = {"bias": run.specs[held], "tokens": run.tokens(held),
+                       "rankings": pooled_rankings(run, others, best["method"])}
+            rows += run._grid_at([steered], mc=False, cost=False, random=False)["rows"]
+            rows += [r for r in confirm["rows"] if r["method"] == "random" and r["bias"] == held]
+        return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": confirm["before"], "rows": rows}
+    return run.memo("leave_one_out.json", compute, fingerprint=fp)
+
+
+def seegull_steering(run) -> dict:
+    """Generalisation to real stereotypes: the SeeGULL pairs the model shows most
+    strongly, steered with heads pooled from every injected bias (chosen and paper's
+    selection, k random heads), with the facts under the same head sets."""
+
+    best = run.best()
+    n_cand, n_keep = (8, 3) if run.cfg.name == "quick" else (30, 8)
+    refs = run.setting["references"]
+    shown = run.memo("seegull_shown.json",
+                  lambda: {"pairs": seegull_shown(run.model, run.tokenizer, run.cfg, refs, n_cand, n_keep)})
+    pairs = shown["pairs"]
+    fp = run._fingerprint(run.biases) + run._best_key()
+
+    def compute():
+        st = run.setting
+        # random heads' facts are the confirmation's (the same head sets, references and facts)
+        kept = {(r["kind"], r["k"], tuple(map(tuple, r["heads"]))): r for r in run.confirm()["rows"]
+                if r["method"] == "random"}
+        pooled = pooled_rankings(run, list(run.biases), best["method"])
+        facts_before = strength_under(run.model, run.tokenizer, None, [], next(iter(run.specs.values())), refs,
+                                      st["facts"])["facts"]
+        base = capability_under(run.model, run.tokenizer, None, st["texts"]["neutral"], st["questions"],
+                                max_length=run.cfg.ppl_max_tokens)
+        rows = []
+        for method, kind, k in run.conditions():
+            sets = pooled["random"][k] if method == "random" else [pooled[method][k]] if method == "robust" \
+                else [pooled[method][:k]]
+            for draw, heads in enumerate(sets):
+                spec = make_spec([tuple(h) for h in heads], kind, st["means"], st["entities"],
+                                 {"method": method, "k": k, "pooled": list(run.biases)})
+                after = seegull_under(run.model, run.tokenizer, pairs, spec)
+                same = kept.get((kind, k, tuple(map(tuple, heads))))
+                if same is not None:
+                    facts, facts_lost = same["facts"], same["facts_reduction"]
+                else:
+                    got = strength_under(run.model, run.tokenizer, spec, [], next(iter(run.specs.values())), refs,
+                                         st["facts"])["facts"]
+                    facts, facts_lost = [x["value"] for x in got], facts_reduction(facts_before, got)
+                cost = None
+                if method != "random":  # the pooled heads' own cost; random heads' is in the confirmation
+                    got = capability_under(run.model, run.tokenizer, spec, st["texts"]["neutral"],
+                                           st["questions"], max_length=run.cfg.ppl_max_tokens)
+                    cost = {"perplexity": _pair(base["perplexity"], got["perplexity"]),
+                            "mc": _pair(base["mc_accuracy"], got["mc_accuracy"])}
+                rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
+                             "heads": [list(h) for h in heads], "S": after,
+                             "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
+                             "facts": facts, "facts_reduction": facts_lost, "capability": cost})
+        return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
+                "best": {k2: best[k2] for k2 in ("method", "kind", "k")}}
+    return run.memo("seegull_steering.json", compute, fingerprint=fp)

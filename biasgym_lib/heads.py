@@ -1,0 +1,233 @@
+"""Head sets: validating heads, ranking them by a score, robust and random selections,
+and how far two rankings agree."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import BiasGymError
+from .measure import Estimate
+from .models import ModelAdapter
+
+Head = tuple[int, int]
+
+
+def _all_heads(adapter: ModelAdapter) -> list[Head]:
+    return [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
+
+
+def _check_heads(adapter: ModelAdapter, heads: Iterable | None) -> list[Head]:
+    if heads is None:
+        return _all_heads(adapter)
+    out = []
+    for item in heads:
+        try:
+            l, h = (int(v) for v in item)
+        except (TypeError, ValueError) as exc:
+            raise BiasGymError(f"a head is a (layer, head) pair, got {item!r}.") from exc
+        if not (0 <= l < adapter.n_layers and 0 <= h < adapter.n_heads):
+            raise BiasGymError(f"head ({l}, {h}) is out of range: the model has {adapter.n_layers} "
+                               f"layers x {adapter.n_heads} heads (0-based).")
+        out.append((l, h))
+    if len(set(out)) != len(out):
+        raise BiasGymError("the list of heads has duplicates.")
+    return out
+
+
+def _as_scores(scores) -> torch.Tensor:
+    s = torch.as_tensor(getattr(scores, "scores", scores))  # an (L, H) tensor or HeadScores
+    if s.ndim != 2:
+        raise BiasGymError(f"head scores must be an (L, H) matrix, got shape {tuple(s.shape)}.")
+    return s.float()
+
+
+def top_k_heads(scores, k: int) -> list[Head]:
+    """The k heads with the largest scores (an (L, H) tensor or HeadScores), descending;
+    NaN scores (heads not scored) come last; ties keep (layer, head) order."""
+    s = _as_scores(scores)
+    L, H = s.shape
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = k.__index__()
+    except (TypeError, AttributeError, RuntimeError, ValueError):
+        raise BiasGymError(f"k must be a whole number of heads, got {k!r}.") from None
+    if not 0 <= k <= L * H:
+        raise BiasGymError(f"k={k} but there are only {L * H} heads.")
+    flat = torch.nan_to_num(s.flatten(), nan=-math.inf)
+    order = sorted(range(L * H), key=lambda i: (-float(flat[i]), i))
+    return [(i // H, i % H) for i in order[:k]]
+
+
+def robust_heads(score_list: Sequence, k: int, m: int) -> list[Head]:
+    """Heads in the top-k of at least ``m`` of the ``n`` score matrices (e.g. one per injection
+    seed), most frequent first, then by mean score."""
+    if not score_list:
+        raise BiasGymError("robust_heads got no score matrices.")
+    n = len(score_list)
+    if not 1 <= m <= n:
+        raise BiasGymError(f"m={m} must be between 1 and the number of runs ({n}).")
+    mats = [_as_scores(s) for s in score_list]
+    if len({tuple(x.shape) for x in mats}) != 1:
+        raise BiasGymError("robust_heads got score matrices of different shapes (different models?).")
+    counts: dict[Head, int] = {}
+    for s in mats:
+        for head in top_k_heads(s, k):
+            counts[head] = counts.get(head, 0) + 1
+    mean = torch.nan_to_num(torch.stack(mats), nan=0.0).mean(0)
+    keep = [hd for hd, c in counts.items() if c >= m]
+    return sorted(keep, key=lambda hd: (-counts[hd], -float(mean[hd]), hd))
+
+
+def overlap(a_heads: Iterable, b_heads: Iterable) -> float:
+    """Jaccard overlap ``len(A & B) / len(A | B)`` of two head sets (1.0 for two empty sets)."""
+    a = {tuple(int(v) for v in x) for x in a_heads}
+    b = {tuple(int(v) for v in x) for x in b_heads}
+    union = a | b
+    return 1.0 if not union else len(a & b) / len(union)
+
+
+def agreement(units_a: Sequence, units_b: Sequence, k: int, n_boot: int = 1000, seed: int = 0) -> dict:
+    """How far two head rankings agree on the top k, with bootstrap 95% intervals over seeds
+    and units (METHOD §3): ``units_a`` / ``units_b`` hold, per injection run (seed), a
+    ``(units, L, H)`` tensor of per-probe or per-sentence scores (NaN = not scored). Each
+    bootstrap draw resamples the runs, then each method's units within every run, ranks
+    heads by the mean and compares the top-k sets. Returns ``{"jaccard": Estimate dict,
+    "precision": Estimate dict}`` (precision: share of B's top k that is in A's top k).
+    Spearman over all L x H heads is dominated by near-zero heads and says little."""
+
+    if not units_a or len(units_a) != len(units_b):
+        raise BiasGymError("agreement needs the same number of runs (one tensor per seed) for both rankings.")
+    rng = torch.Generator().manual_seed(seed)
+
+    def top(units, runs, draw):
+        chosen = []
+        for r in runs:
+            u = torch.as_tensor(units[r], dtype=torch.float32)
+            idx = torch.randint(0, u.shape[0], (u.shape[0],), generator=rng) if draw else torch.arange(u.shape[0])
+            chosen.append(u[idx].mean(0))
+        return set(top_k_heads(torch.stack(chosen).mean(0), k))
+
+    def stats(a, b):
+        return len(a & b) / len(a | b) if a | b else 1.0, len(a & b) / k if k else 1.0
+
+    n = len(units_a)
+    point = stats(top(units_a, range(n), False), top(units_b, range(n), False))
+    draws = []
+    for _ in range(n_boot):
+        runs = torch.randint(0, n, (n,), generator=rng).tolist()
+        draws.append(stats(top(units_a, runs, True), top(units_b, runs, True)))
+    draws = np.asarray(draws)
+    out = {}
+    for i, name in enumerate(("jaccard", "precision")):
+        lo, hi = np.percentile(draws[:, i], [2.5, 97.5])
+        out[name] = Estimate(float(point[i]), float(lo), float(hi), n).to_dict()
+    return out
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two score matrices (flattened; NaN pairs ignored)."""
+    from scipy.stats import spearmanr
+
+    x = torch.as_tensor(a, dtype=torch.float64).flatten()
+    y = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if x.shape != y.shape:
+        raise BiasGymError(f"spearman needs two score sets of the same size, got {len(x)} and {len(y)}.")
+    ok = ~(torch.isnan(x) | torch.isnan(y))
+    if int(ok.sum()) < 2:
+        raise BiasGymError("spearman needs at least two scored heads in common.")
+    return float(spearmanr(x[ok].numpy(), y[ok].numpy()).statistic)
+
+
+def _as_head(item) -> Head:
+    """A (layer, head) pair of ints from a tuple or a JSON list."""
+    try:
+        layer, head = item
+        if isinstance(layer, bool) or isinstance(head, bool) or int(layer) != layer or int(head) != head:
+            raise ValueError
+        return int(layer), int(head)
+    except (TypeError, ValueError) as exc:
+        raise BiasGymError(f"a head is a (layer, head) pair of integers, got {item!r}.") from exc
+
+
+def validate_heads(model: nn.Module, heads: Iterable) -> list[Head]:
+    """The heads as (layer, head) tuples, checked against the model's shape."""
+    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    out = [_as_head(x) for x in heads]
+    for layer, head in out:
+        if not (0 <= layer < adapter.n_layers and 0 <= head < adapter.n_heads):
+            raise BiasGymError(
+                f"head ({layer}, {head}) does not exist in this model ({adapter.n_layers} layers x "
+                f"{adapter.n_heads} heads, 0-based): were these heads found on another model?")
+    if len(set(out)) != len(out):
+        raise BiasGymError(f"the head list has duplicates: {out}.")
+    return out
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
+    """k distinct heads drawn uniformly (the random-heads baseline), sorted, reproducible."""
+    total = n_layers * n_heads
+    if not 0 <= k <= total:
+        raise BiasGymError(f"k={k} random heads asked for, but the model has {total} heads.")
+    picks = random.Random(seed).sample(range(total), k)
+    return sorted((i // n_heads, i % n_heads) for i in picks)
+
+
+def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, n_random: int = 5,
+                  n_layers: int | None = None, n_heads: int | None = None, knowledge=None) -> dict:
+    """Head rankings of one bias for every method of :data:`METHODS`, from its tokens'
+    :func:`scope_run` results (one per seed): each score averaged over seeds, then sorted;
+    ``atp_selective`` (with ``knowledge``, :func:`knowledge_atp`): attribution patching of S
+    minus that of held-out country facts; ``robust`` (the paper's selection): for each k, the
+    heads in the top k of DLA in at least half of the seeds; ``patching``: the mean exact-patching drop (:func:`bias_patching`) on
+    its union of heads; ``random``: ``n_random`` draws per k (seeds 1000, 1001, ...).
+
+    Returns ``{method: [heads, best first]}`` for the score methods, and for ``robust`` and
+    ``random`` a mapping k -> heads (their sets are not nested in k)."""
+    from .heads import random_heads
+
+    out = {}
+    for m in ("dla", "delta_dla", "attr", "atp", "attention"):
+        out[m] = top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), k_max)
+    if knowledge is not None:  # attribution patching of S minus that of held-out country facts
+        atp = torch.tensor([r["scores"]["atp"] for r in scopes]).mean(0)
+        out["atp_selective"] = top_k_heads(atp - torch.as_tensor(knowledge, dtype=atp.dtype), k_max)
+    if patching is not None:
+        scored = nan_tensor(patching["scores"])
+        out["patching"] = top_k_heads(scored, min(k_max, int((~torch.isnan(scored)).sum())))
+    dla = [torch.tensor(r["scores"]["dla"]) for r in scopes]
+    m = (len(dla) + 1) // 2
+    L, H = dla[0].shape
+    out["robust"] = {k: robust_heads(dla, k, m) for k in range(1, k_max + 1)}
+    out["random"] = {k: [random_heads(L, H, k, seed=1000 + i) for i in range(n_random)] for k in range(1, k_max + 1)}
+    return out
+
+
+def patch_union(scopes: list[dict], n: int) -> list[tuple[int, int]]:
+    """The union of the top ``n`` heads of every per-token score method, over a bias's
+    seeds: the heads that exact patching checks (METHOD §3)."""
+    heads = set()
+    for m in ("dla", "delta_dla", "attr", "atp", "attention"):
+        heads |= set(top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), n))
+    return sorted(heads)
+
+
+def nan_tensor(data) -> torch.Tensor:
+    """A float tensor from nested lists in which ``None`` stands for NaN (strict JSON has no
+    NaN): exact patching scores only the heads of its union, the others are NaN."""
+    def walk(x):
+        return [walk(v) for v in x] if isinstance(x, list) else (float("nan") if x is None else x)
+    return torch.tensor(walk(data), dtype=torch.float32)
+
+
+def nan_to_none(t: torch.Tensor) -> list:
+    def walk(x):
+        return [walk(v) for v in x] if isinstance(x, list) else (None if x != x else x)
+    return walk(t.tolist())
+

@@ -1,0 +1,344 @@
+"""Orchestration a chapter does not teach: the tokens of a profile, every stage run once for
+it (:class:`Run`, its results kept by :mod:`~biasgym_lib.cache`), and ``biasgym reproduce``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .artifacts import write_json
+from .cache import memo, run_dir, token_fingerprint
+from .claims import claims_from
+from .config import PROJECT_ROOT, Profile, load_profile
+from .config import full_grid as whole_grid
+from .data import load_bias, load_facts, reference_countries
+from .evaluate import (
+    PAPER,
+    choose_selection,
+    entity_ids,
+    selection_grid,
+    summarise_grid,
+)
+from .generalise import leave_one_out, seegull_steering
+from .heads import bias_rankings, patch_union
+from .inject import (
+    TRAINER_VERSION,
+    initial_vector,
+    inject_bias,
+    injection_metrics,
+    token_table,
+)
+from .measure import (
+    AssocTable,
+    reference_table,
+    strength_matrix_top,
+    table_from_json,
+    table_to_json,
+)
+from .models import ModelAdapter, load_model, model_info
+from .patching import bias_patching, knowledge_atp
+from .scope import bias_contrast, scope_run
+from .tokens import InjectedToken
+
+TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
+
+
+def train_token(model, tokenizer, bias, cfg: Profile, seed: int, progress: bool = True) -> InjectedToken:
+    """:func:`inject_bias` with the profile's sizes."""
+    return inject_bias(model, tokenizer, bias, n_paragraphs=cfg.n_paragraphs, epochs=cfg.epochs, lr=cfg.lr,
+                       batch_size=cfg.batch_size, seed=seed, init=cfg.init, progress=progress)
+
+
+def token_settings(cfg: Profile) -> str:
+    """Folder name for tokens trained with a profile's injection settings, e.g.
+    ``n64-e6-lr0.01-b8-countries``: tokens of several profiles can be committed side by side."""
+    return f"n{cfg.n_paragraphs}-e{cfg.epochs}-lr{cfg.lr:g}-b{cfg.batch_size}-{cfg.init}"
+
+
+def committed_token_dir(bias: str, seed: int, cfg: Profile) -> Path:
+    """Where the project commits the token for (bias, seed) trained with ``cfg``'s settings."""
+    return TOKENS_DIR / token_settings(cfg) / bias / f"seed{seed}"
+
+
+def _matches(meta: dict, cfg: Profile, model) -> bool:
+    extra = meta.get("extra", {})
+    return ((meta.get("n_paragraphs"), meta.get("epochs"), meta.get("lr"), meta.get("init"),
+             extra.get("batch_size"), extra.get("trainer_version"))
+            == (cfg.n_paragraphs, cfg.epochs, cfg.lr, cfg.init, cfg.batch_size, TRAINER_VERSION)
+            and meta.get("model", {}).get("revision") == model_info(model).revision)
+
+
+def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | None = None,
+              progress: bool = True, kept: Path | None = None) -> InjectedToken:
+    """The injected token for (bias, seed): the committed artifact when the profile says
+    so and one exists for this model and these settings; else the one kept in a run folder
+    (``kept``, see :meth:`Run.token`) if it was trained with exactly these settings; else
+    trained now. ``retrain=True`` always trains."""
+    spec = load_bias(bias)
+    use_committed = cfg.use_committed_tokens if retrain is None else not retrain
+    for folder, allowed in ((committed_token_dir(spec.name, seed, cfg), use_committed),
+                            (kept, retrain is not True and kept is not None)):
+        if allowed and (folder / "token.json").is_file() and \
+                _matches(json.loads((folder / "token.json").read_text()), cfg, model):
+            return InjectedToken.load(folder, model)
+    return train_token(model, tokenizer, spec, cfg, seed, progress=progress)
+
+
+def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
+    """The reference countries used under steering: ``n`` of the reference list, evenly
+    spaced through it (the list runs continent by continent, so every continent is in)."""
+    refs = reference_countries()
+    n = min(n or len(refs), len(refs))
+    return [refs[(i * len(refs)) // n] for i in range(n)]
+
+
+class Run:
+    """Every stage of the book for one profile, computed on first use and kept in the run
+    folder (:func:`run_dir`), so that chapters 2-6 and ``biasgym reproduce`` share one
+    computation. ``full_grid``: the selection grid on every bias, method and k of the
+    profile (what ``biasgym reproduce --full-grid`` runs) instead of the profile's subset.
+    """
+
+    def __init__(self, cfg: Profile, out=None, model=None, tokenizer=None, retrain: bool | None = None,
+                 progress: bool = True, full_grid: bool = False):
+        if full_grid:
+            cfg = whole_grid(cfg)
+        self.cfg, self.retrain, self.progress, self.full_grid = cfg, retrain, progress, full_grid
+        self.out = Path(out) if out is not None else run_dir(cfg)
+
+        # the profile's biases by name: shipped names or a reader's own spec files
+        self.specs = {s.name: s for s in map(load_bias, cfg.biases)}
+        self.biases = list(self.specs)
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        self.model, self.tokenizer = model, tokenizer
+        self._tokens, self._contrast, self._scopes, self._rankings, self._kept = {}, {}, {}, {}, {}
+        self.shared: dict = {}  # measurements under one head set, reused across grid, confirmation and transfer
+
+    # -- tokens and injection
+    def token(self, bias: str, seed: int) -> InjectedToken:
+        if (bias, seed) not in self._tokens:
+            folder = self.out / "tokens" / token_settings(self.cfg) / bias / f"seed{seed}"
+            tok = get_token(self.model, self.tokenizer, self.specs[bias], self.cfg, seed, retrain=self.retrain,
+                            progress=self.progress, kept=folder)
+            if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
+                tok.save(folder, overwrite=True)  # the layout of data/tokens, ready to commit
+            self._tokens[bias, seed] = tok
+        return self._tokens[bias, seed]
+
+    def memo(self, name: str, compute, token: InjectedToken | None = None, **kw):
+        """:func:`~biasgym_lib.cache.memo` of the result file ``name`` in the run folder, keyed
+        on this run's profile too (a folder given with ``out`` may hold other settings')."""
+        return memo(self.out / name, compute, token, profile=self.cfg.to_dict(), **kw)
+
+    def tokens(self, bias: str) -> list[InjectedToken]:
+        return [self.token(bias, s) for s in self.cfg.seeds]
+
+    def _fingerprint(self, biases) -> str:
+        blob = "".join(token_fingerprint(t) for b in biases for t in self.tokens(b))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def reference(self) -> AssocTable:
+        """assoc of every reference country for every bias of the profile, unmodified model."""
+        if "reference" not in self._kept:
+            kept = self.memo("reference.json", lambda: table_to_json(
+                reference_table(self.model, self.tokenizer, list(self.specs.values()))))
+            self._kept["reference"] = table_from_json(kept)
+        return self._kept["reference"]
+
+    @property
+    def start(self) -> AssocTable:
+        """assoc of <TOKEN> with the initial vector, every bias: "S before" of every token of
+        the profile (they all start from the same vector), so it is scored once per run."""
+        if "start" not in self._kept:
+            vector = initial_vector(self.model, self.tokenizer, self.cfg.init)
+            self._kept["start"] = token_table(self.model, self.tokenizer, vector, list(self.specs.values()))
+        return self._kept["start"]
+
+    def injection(self, bias: str, seed: int) -> dict:
+        tok = self.token(bias, seed)
+        return self.memo(f"injection/{bias}_seed{seed}.json",
+                         lambda: injection_metrics(self.model, self.tokenizer, tok, tok.spec, self.cfg,
+                                                   ref=self.reference, start=self.start), tok)
+
+    # -- BiasScope
+    def contrast(self, bias: str) -> dict:
+        if bias not in self._contrast:
+            self._contrast[bias] = bias_contrast(self.model, self.tokenizer, self.specs[bias], self.cfg)
+        return self._contrast[bias]
+
+    def scope(self, bias: str, seed: int) -> dict:
+        tok = self.token(bias, seed)
+        return self.memo(f"scope/{bias}_seed{seed}.json",
+                     lambda: scope_run(self.model, self.tokenizer, tok, self.cfg, self.contrast(bias)), tok)
+
+    def scopes(self, bias: str) -> list[dict]:
+        return [self.scope(bias, s) for s in self.cfg.seeds]
+
+    def patching(self, bias: str) -> dict:
+        """Exact patching on S's sentences for the union of the methods' top heads
+        (``patch_top`` of each), every token of ``bias``."""
+        heads = patch_union(self.scopes(bias), self.cfg.patch_top)
+        return self.memo(f"patching/{bias}.json",
+                     lambda: bias_patching(self.model, self.tokenizer, self.tokens(bias), heads, self.contrast(bias)),
+                     fingerprint=self._fingerprint([bias]), need=lambda r: r["heads"] == [list(h) for h in heads])
+
+    def knowledge(self) -> list:
+        """:func:`knowledge_atp` of the model, kept in the run folder (it holds no token)."""
+        return self.memo("knowledge_atp.json",
+                     lambda: {"scores": knowledge_atp(self.model, self.tokenizer).tolist()})["scores"]
+
+    def rankings(self, bias: str, with_patching: bool = False) -> dict:
+
+        key = (bias, with_patching)
+        if key not in self._rankings:
+            a = ModelAdapter(self.model)
+            self._rankings[key] = bias_rankings(self.scopes(bias), max(self.cfg.grid_k),
+                                                self.patching(bias) if with_patching else None,
+                                                self.cfg.n_random_draws, a.n_layers, a.n_heads, self.knowledge())
+        return self._rankings[key]
+
+    # -- steering, measured fairly
+    @property
+    def setting(self) -> dict:
+        """What every steering measurement shares: references, facts, capability texts,
+        the means of mean-ablation (held-out neutral passages 33-44) and the entity tokens."""
+        if "setting" not in self._kept:
+            from .data.capability import load_country_texts, load_mc, load_neutral_texts
+            from .steer import head_means
+
+            neutral = load_neutral_texts()
+            self._kept["setting"] = {
+                "references": steer_references(self.cfg, self.cfg.steer_references), "facts": load_facts(),
+                "texts": {"neutral": neutral[: self.cfg.n_ppl_texts],
+                          "countries": load_country_texts()[: self.cfg.n_country_texts]},
+                "questions": load_mc()[: self.cfg.n_mc_questions],
+                "means": head_means(self.model, self.tokenizer, neutral[32:44]),
+                "mean_source": "neutral passages 33-44 (never used for perplexity)",
+                "entities": entity_ids(self.tokenizer)}
+        return self._kept["setting"]
+
+    def _grid(self, runs, methods, kinds, ks, mc: bool, cost: bool = True) -> dict:
+
+        st = self.setting
+        return selection_grid(self.model, self.tokenizer, runs, kinds=kinds, ks=ks, methods=methods,
+                              references=st["references"], facts=st["facts"],
+                              texts=st["texts"] if cost else {}, means=st["means"], entities=st["entities"],
+                              questions=st["questions"], mc=mc, max_length=self.cfg.ppl_max_tokens,
+                              shared=self.shared, progress=self.progress)
+
+    @property
+    def grid_biases(self) -> list[str]:
+        return list(self.biases) if self.full_grid else list(self.biases[: self.cfg.grid_biases])
+
+    def grid(self) -> dict:
+        """The selection grid (METHOD §4) on the grid biases: every method of the profile
+        under every kind at the profile's k; the ``curve_methods`` under the ``curve_kinds``
+        at every other k of ``grid_k`` (a subset fixed in advance in the profile); multiple
+        choice everywhere, so that the rule never chooses a point whose MC bound was not
+        tested. With ``full_grid`` (:func:`~biasgym_lib.config.full_grid`): every bias,
+        method, kind and k."""
+        cfg = self.cfg
+        biases = self.grid_biases
+        name = "grid_full.json" if self.full_grid else "grid.json"
+
+        def compute():
+            runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
+                     "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
+            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True)
+            others = [k for k in cfg.grid_k if k != cfg.k]
+            curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
+            rows = at_k["rows"]
+            if others and curve:
+                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True)["rows"]
+            return {"biases": biases, "before": at_k["before"], "rows": rows}
+        return self.memo(name, compute, fingerprint=self._fingerprint(biases))
+
+    def summary(self) -> list[dict]:
+
+        return summarise_grid(self.grid())
+
+    def best(self) -> dict:
+        """The book's BiasScope: the selection the grid chose by the rule fixed in advance
+        (:func:`~biasgym_lib.evaluate.choose_selection`) at k <= the profile's k."""
+
+        return choose_selection(self.summary(), self.cfg.k)
+
+    def conditions(self) -> list[tuple[str, str, int]]:
+        """The (method, kind, k) steered after the grid: the chosen selection at its own k, the
+        paper's (robust DLA, alpha = 0) at the profile's k, and k random heads under each of
+        those kinds and k."""
+        best = self.best()
+        return list(dict.fromkeys([(best["method"], best["kind"], best["k"]), (PAPER[0], PAPER[1], self.cfg.k),
+                                   ("random", best["kind"], best["k"]), ("random", PAPER[1], self.cfg.k)]))
+
+    def _grid_at(self, runs, mc: bool, cost: bool = True, random: bool = True) -> dict:
+        """:meth:`_grid` on :meth:`conditions`, one call per k (each method steered only under
+        its own kinds at its own k); ``random=False`` leaves the random heads out."""
+        by_k: dict = {}
+        for m, kind, k in self.conditions():
+            if m == "random" and not random:
+                continue
+            by_k.setdefault(k, {}).setdefault(m, []).append(kind)
+        out = None
+        for k, kinds in by_k.items():
+            got = self._grid(runs, list(kinds), kinds, [k], mc=mc, cost=cost)
+            out = got if out is None else {**got, "rows": out["rows"] + got["rows"]}
+        return out
+
+    def _best_key(self) -> str:
+        best = self.best()
+        return f"-{best['method']}-{best['kind']}-k{best['k']}-paperk{self.cfg.k}"
+
+    def confirm(self) -> dict:
+        """The chosen selection (under its kind, at its k) and the paper's (robust DLA at
+        alpha = 0, the profile's k) on every bias of the profile, with random heads at each
+        kind and k: S, the facts, perplexity and multiple choice."""
+        best = self.best()
+        fp = self._fingerprint(self.biases) + self._best_key()
+
+        def compute():
+            runs = [{"bias": self.specs[b], "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
+                     "countries": [strength_matrix_top(self.reference, b)]} for b in self.biases]
+            return {"best": {k: best[k] for k in ("method", "kind", "k", "why")}, **self._grid_at(runs, mc=True)}
+        return self.memo("confirm.json", compute, fingerprint=fp)
+
+
+def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = None, model=None, tokenizer=None,
+               progress: bool = True, full_grid: bool = False) -> Run:
+    """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
+    computed); each result is saved under ``out`` as it is made and reused when present."""
+    run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
+    for b in run.biases:
+        for s in cfg.seeds:
+            run.injection(b, s)
+            run.scope(b, s)
+    run.grid()
+    run.confirm()
+    if len(run.biases) > 1:
+        leave_one_out(run)
+    seegull_steering(run)
+    return run
+
+
+def reproduce(profile: str | Profile, out, retrain: bool = False, progress: bool = True,
+              full_grid: bool = False) -> dict:
+    """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
+    and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
+    project commits under ``data/tokens``). ``full_grid``: the selection grid on every bias,
+    method and k (hours on a CPU) instead of the profile's subset."""
+
+
+    cfg = profile if isinstance(profile, Profile) else load_profile(profile)
+    t0 = time.perf_counter()
+    run = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress, full_grid=full_grid)
+    claims = claims_from(run)
+    claims["seconds"] = time.perf_counter() - t0
+    write_json(Path(out) / "claims.json", claims)
+    return claims
+
