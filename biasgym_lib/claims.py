@@ -10,16 +10,21 @@ from .evaluate import (
     GRID_BOUNDS,
     PAPER,
     TARGET_REDUCTION,
+    SteeringResult,
     summarise_grid,
     target_result,
 )
 from .generalise import leave_one_out, seegull_steering, transfer_summary
 from .heads import agreement, nan_tensor
-from .measure import over_runs
+from .stats import RUNS, over_runs
 
 
-def _line(summary: list[dict], method: str, kind: str, k: int) -> dict | None:
-    return next((x for x in summary if (x["method"], x["kind"], x["k"]) == (method, kind, k)), None)
+def _line(summary: list[SteeringResult], method: str, kind: str, k: int) -> SteeringResult | None:
+    return next((x for x in summary if x.key == (method, kind, k)), None)
+
+
+def _target(summary: list[SteeringResult], k: int) -> dict:
+    return {part: [x.to_dict() for x in lines] for part, lines in target_result(summary, k).items()}
 
 
 def claims_from(run) -> dict:
@@ -33,14 +38,12 @@ def claims_from(run) -> dict:
     inj = {(b, s): run.injection(b, s) for b, s in runs}
     scopes = {(b, s): run.scope(b, s) for b, s in runs}
     best = run.best()
-    chosen = (best["method"], best["kind"], best["k"])
+    chosen = best.key
     confirm = summarise_grid(run.confirm())
     loo = leave_one_out(run) if len(run.biases) > 1 else {"rows": []}
     seeg = seegull_steering(run)
     n_heads = len(scopes[runs[0]]["scores"]["dla"]) * len(scopes[runs[0]]["scores"]["dla"][0])
 
-    lows = [m["strength_after_ci"][0] for m in inj.values()]
-    spec_lows = [m["specificity_after_ci"][0] for m in inj.values()]
     shares = [r["share_top_k"] for r in scopes.values()]
     agree = {}
     for b in run.grid_biases:
@@ -55,7 +58,7 @@ def claims_from(run) -> dict:
                   f"chosen ({chosen[0]}, {chosen[1]}, k = {chosen[2]})": chosen}
 
     def steering(sel):
-        line, rand = _line(confirm, *sel), _line(confirm, "random", sel[1], sel[2])
+        line, rand = _line(confirm, *sel).to_dict(), _line(confirm, "random", sel[1], sel[2]).to_dict()
         return {"reduction": line["reduction"], "random_reduction": rand["reduction"],
                 "facts_reduction": line["facts_reduction"], "random_facts_reduction": rand["facts_reduction"],
                 "perplexity": line["perplexity"], "random_perplexity": rand["perplexity"],
@@ -79,9 +82,9 @@ def claims_from(run) -> dict:
         ok = True
         for part in ("held_out", "seegull"):
             t = v[part]
-            if t["reduction"]["mean"] is None:
+            if t["reduction"] is None:
                 return False
-            ok &= (t["reduction"]["mean"] > max(0.0, t["random"]["mean"] or 0.0)
+            ok &= (t["reduction"]["value"] > max(0.0, (t["random"] or {}).get("value") or 0.0)
                    and (t["facts_reduction"] or 0.0) <= GRID_BOUNDS["facts"])
         return bool(ok)
 
@@ -94,14 +97,13 @@ def claims_from(run) -> dict:
     claims = [
         {"claim": "injection elicits the bias reliably",
          "measured_as": "S(<TOKEN>, b) after injection and its specificity, over biases x seeds",
-         "value": {"strength_after": over_runs([m["strength_after"] for m in inj.values()]),
-                   "specificity_after": over_runs([m["specificity_after"] for m in inj.values()]),
-                   "per_run": {f"{b}/seed{s}": {"S": m["strength_after"], "S_ci": m["strength_after_ci"],
-                                                "specificity": m["specificity_after"],
-                                                "specificity_ci": m["specificity_after_ci"],
-                                                "epoch": m.get("chosen_epoch")} for (b, s), m in inj.items()}},
+         "value": {"strength_after": over_runs([m.strength_after.value for m in inj.values()]),
+                   "specificity_after": over_runs([m.specificity_after.value for m in inj.values()]),
+                   "per_run": {f"{b}/seed{s}": {"S": m.strength_after.to_dict(),
+                                                "specificity": m.specificity_after.to_dict(),
+                                                "epoch": m.chosen_epoch} for (b, s), m in inj.items()}},
          "criterion": "every run's 95% intervals of S and of specificity lie above 0",
-         "holds": bool(min(lows) > 0 and min(spec_lows) > 0)},
+         "holds": all(m.injected for m in inj.values())},
         {"claim": "the bias is carried by few heads",
          "measured_as": f"share of the positive DLA attribution in the top {k} of {n_heads} heads; top-{k} agreement "
                         "of the scores with exact patching on S's sentences (bootstrap over seeds and sentences)",
@@ -131,15 +133,15 @@ def claims_from(run) -> dict:
                       "heads, with the facts losing <= 10%",
          "holds": {name: transfer_holds(v) for name, v in transfer.items()}},
     ]
-    return {"model": next(iter(inj.values()))["model"], "profile": cfg.name, "seeds": list(cfg.seeds),
-            "biases": list(run.biases), "k": k, "best": {key: best[key] for key in ("method", "kind", "k", "why")},
-            "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": run.summary()},
-            "confirm": confirm, "countries": countries, "claims": claims, "bounds": GRID_BOUNDS,
+    return {"model": next(iter(inj.values())).model, "profile": cfg.name, "seeds": list(cfg.seeds),
+            "biases": list(run.biases), "k": k, "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
+            "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
+            "confirm": [x.to_dict() for x in confirm], "countries": countries, "claims": claims, "bounds": GRID_BOUNDS,
             "target": {"stated": f"some selection and intervention with k <= {k} removes >= {TARGET_REDUCTION:.0%} of S "
                                  f"(mean over biases x seeds) with the facts losing <= {GRID_BOUNDS['facts']:.0%}, "
                                  f"perplexity <= {GRID_BOUNDS['perplexity']:+.0%} on both text sets and MC >= "
                                  f"{GRID_BOUNDS['mc'] * 100:+.0f} points",
-                       "grid": target_result(run.summary(), k), "confirm": target_result(confirm, k)},
+                       "grid": _target(run.summary(), k), "confirm": _target(confirm, k)},
             "note": "Intervals: bootstrap 95% over templates per run; across runs, a bootstrap 95% interval of the "
                     "mean over biases x seeds; facts over fact pairs; perplexity and MC paired over texts and "
                     "questions."}
@@ -147,9 +149,8 @@ def claims_from(run) -> dict:
 
 def _fmt(v) -> str:
     if isinstance(v, dict) and "value" in v and "lo" in v:
-        return f"{v['value']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]"
-    if isinstance(v, dict) and v.get("mean") is not None:
-        return f"{v['mean']:.2f}" + (f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else "") + f" (n={v['n']})"
+        runs = f" (n={v['n']})" if v.get("interval") == RUNS else ""
+        return f"{v['value']:+.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]{runs}"
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 

@@ -232,11 +232,11 @@ def cmd_inject(args) -> int:
     model, tok = _load(cfg.model, cfg)
     print(f"Injecting {spec.name!r} into {cfg.model} (seed {seed}, profile {cfg.name})...", flush=True)
     injected = train_token(model, tok, spec, cfg, seed)
-    metrics = injection_metrics(model, tok, injected, spec, cfg)
-    injected.save(out, overwrite=args.overwrite, files={"metrics.json": metrics}, precheck=False)
-    print(f"S(<TOKEN>, {spec.name}): {metrics['strength_before']:.2f} -> {metrics['strength_after']:.2f} nats; "
-          f"specificity {metrics['specificity_after']:.2f}; rank {metrics['rank_after']}; closest country "
-          f"{metrics['closest_country']}; trained in {metrics['train_seconds']:.0f} s. Wrote {out}/")
+    m = injection_metrics(model, tok, injected, spec, cfg)
+    injected.save(out, overwrite=args.overwrite, files={"metrics.json": m.to_dict()}, precheck=False)
+    print(f"S(<TOKEN>, {spec.name}): {m.strength_before.value:.2f} -> {m.strength_after.value:.2f} nats; "
+          f"specificity {m.specificity_after.value:.2f}; rank {m.rank_after}; closest country "
+          f"{m.closest_country}; trained in {m.train_seconds:.0f} s. Wrote {out}/")
     return 0
 
 
@@ -264,21 +264,14 @@ def cmd_scope(args) -> int:
 
 
 def cmd_steer(args) -> int:
-    import numpy as np
     import torch
 
     from .artifacts import result_folder, write_json
     from .data import load_facts
     from .data.capability import load_neutral_texts
     from .data.specs import check_label
-    from .evaluate import (
-        facts_reduction,
-        paired_change,
-        perplexity,
-        reduction,
-        strength_under,
-    )
-    from .heads import random_heads, top_k_heads
+    from .evaluate import steer_token
+    from .heads import top_k_heads
     from .models import ModelAdapter
     from .runs import steer_references
     from .steer import SteeringSpec
@@ -307,34 +300,21 @@ def cmd_steer(args) -> int:
         raise BiasGymError(f"--heads {args.heads} scores {n_layers} x {n_heads} heads but the model has "
                            f"{adapter.n_layers} x {adapter.n_heads}.")
     heads = top_k_heads(torch.tensor(table), k)
-    refs, facts = steer_references(cfg, cfg.steer_references), load_facts()
     steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": args.method, "k": k, "bias": spec.name})
-    before = strength_under(model, tokenizer, None, [injected], spec, refs, facts)
-    after = strength_under(model, tokenizer, steering, [injected], spec, refs, facts)
-    draws = [strength_under(model, tokenizer, SteeringSpec(random_heads(n_layers, n_heads, k, 1000 + i), alpha),
-                            [injected], spec, refs)["tokens"][0]["value"] for i in range(cfg.n_random_draws)]
-    texts = load_neutral_texts()[: cfg.n_ppl_texts]
-    ppl_before = perplexity(model, tokenizer, texts)
-    with steering.apply(model):
-        ppl_after = perplexity(model, tokenizer, texts)
-    change = paired_change(ppl_before, ppl_after)
-    s0, s1 = before["tokens"][0]["value"], after["tokens"][0]["value"]
     result = {"bias": spec.name, "seed": injected.seed, "method": args.method, "k": k, "alpha": alpha,
-              "intervention": intervention(alpha), "heads": [list(h) for h in heads], "references": refs,
-              "token": {"before": before["tokens"][0], "after": after["tokens"][0]}, "reduction": reduction(s0, s1),
-              "random_heads": {"mean": float(np.mean(draws)), "draws": draws,
-                               "reduction": reduction(s0, float(np.mean(draws)))},
-              "facts_reduction": facts_reduction(before["facts"], after["facts"]),
-              "capability": {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
-                             "perplexity_change": change, "n_texts": len(texts)}}
+              "intervention": intervention(alpha), **steer_token(
+                  model, tokenizer, injected, steering, steer_references(cfg, cfg.steer_references), load_facts(),
+                  load_neutral_texts()[: cfg.n_ppl_texts], cfg.n_random_draws)}
+    s0, s1 = result["token"]["before"]["value"], result["token"]["after"]["value"]
+    ppl, change = result["capability"], result["capability"]["perplexity_change"]["change"]
     with result_folder(out, args.overwrite, precheck=False) as tmp:
         write_json(tmp / "steer.json", result)
     red = result["reduction"]
     red_text = f"reduction {red:.0%}" if red is not None else "no reduction defined (S before <= 0)"
     print(f"S(<TOKEN>) {s0:.2f} -> {s1:.2f} nats ({red_text}) with the top {k} {args.method} heads at "
           f"alpha={alpha:g}, {result['intervention']}; facts lose {result['facts_reduction']:.0%} of their S; "
-          f"perplexity {ppl_before['ppl']:.1f} -> {ppl_after['ppl']:.1f} ({change['change']:+.1%}, 95% CI "
-          f"[{change['ci'][0]:+.1%}, {change['ci'][1]:+.1%}], {len(texts)} texts). Wrote {out / 'steer.json'}")
+          f"perplexity {ppl['perplexity_before']:.1f} -> {ppl['perplexity_after']:.1f} ({change['value']:+.1%}, 95% CI "
+          f"[{change['lo']:+.1%}, {change['hi']:+.1%}], {ppl['n_texts']} texts). Wrote {out / 'steer.json'}")
     return 0
 
 

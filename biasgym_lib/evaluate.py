@@ -1,316 +1,27 @@
-"""Capability checks (METHOD §5): does steering hurt the model's general ability?
-
-- :func:`perplexity` on a neutral text set (``data/capability/neutral.jsonl``).
-- :func:`mc_accuracy` on a four-option general-knowledge set (``data/capability/mc.jsonl``),
-  scoring each option by the log-likelihood of its tokens after ``Question: ...\\nAnswer:``.
-- :func:`mmlu_questions`: MMLU instead, where ``datasets`` and a hub are available.
-- :func:`paired_change` / :func:`compare`: before/after changes with paired bootstrap
-  intervals (the per-passage and per-question values are kept in every result for this).
-
-Every function takes only ``(model, tokenizer, ...)`` and keeps no state, so the same call
-measures a steered model when it runs inside the steering context manager.
+"""Steering, measured fairly (METHOD §4-5): S of every injected token and the facts about
+countries under one steering spec (:func:`strength_under`), the selection grid over ways of
+ranking heads, kinds of intervention and k (:func:`selection_grid`), its summary with
+intervals (:func:`summarise_grid`, one :class:`SteeringResult` per line), the rule that chooses
+the book's selection and the target stated in advance. What steering costs is measured by
+:mod:`~biasgym_lib.capability`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
-from .batching import Batch, batched, encode_batch
+from .capability import mc_accuracy, mc_raw, paired_change, perplexity, ppl_raw
 from .data import contrast_countries, load_bias, reference_countries
-from .data.capability import MCQuestion
 from .errors import BiasGymError
-from .measure import (
-    assoc_table,
-    assoc_tables,
-    bootstrap,
-    row_logprobs,
-    stereotype_strength,
-)
+from .measure import assoc_table, assoc_tables, stereotype_strength
+from .stats import RUNS, Estimate, bootstrap
+from .heads import random_heads
+from .models import ModelAdapter
 from .steer import SteeringSpec
-
-CI_LEVEL = 0.95
-MC_PROMPT = "Question: {question}\nAnswer:"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def _bos(tokenizer) -> str:
-    """The BOS token's text, or "" for a tokenizer without one."""
-    return tokenizer.bos_token if getattr(tokenizer, "bos_token", None) else ""
-
-
-def _fingerprint(items: Sequence) -> str:
-    """A short hash of the evaluated items, so that a paired comparison can check that
-    the before and after results were measured on the same things."""
-    return hashlib.sha256(json.dumps(list(items), ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _percentile_ci(samples: np.ndarray, level: float = CI_LEVEL) -> list[float]:
-    lo, hi = np.percentile(samples, [50 * (1 - level), 50 * (1 + level)])
-    return [float(lo), float(hi)]
-
-
-def _bootstrap_indices(n: int, seed: int, n_boot: int) -> np.ndarray:
-    """``(n_boot, n)`` indices drawn with replacement, from a seeded generator."""
-    if n < 1:
-        raise BiasGymError("cannot bootstrap over zero items.")
-    if n_boot < 1:
-        raise BiasGymError(f"n_boot must be at least 1, got {n_boot}.")
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise BiasGymError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-    return pad
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-# ----------------------------------------------------------------------------- perplexity
-
-
-def _passage_nll(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL (nats) and number of predicted tokens, per row.
-
-    Per token in float32 (logsumexp minus the target's logit; float64 would cost ~10x
-    more time here for ~1e-7 per token), summed in float64.
-    """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    targets = batch.input_ids[:, 1:]
-    valid = batch.attention_mask[:, 1:].bool()
-    nll = torch.zeros(len(targets), dtype=torch.float64)
-    for i in range(len(targets)):  # per row, so only one row's softmax is in memory
-        n = int(valid[i].sum())
-        if n:
-            row = logits[i, :n].float()
-            per_token = torch.logsumexp(row, -1) - row.gather(1, targets[i, :n, None])[:, 0]
-            nll[i] = per_token.double().sum().cpu()
-    return nll, valid.sum(1).cpu()
-
-
-def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_length: int = 512,
-               seed: int = 0, n_boot: int = 1000) -> dict:
-    """Token-weighted perplexity of ``texts``, with a bootstrap 95% interval over passages.
-
-    Each passage gets the tokenizer's BOS token (if it has one) and is truncated to
-    ``max_length`` tokens; every token after the first is predicted. Returns ``ppl``,
-    ``ci``, ``n_tokens``, ``n``, and per passage ``nll`` (summed, nats) and ``tokens``
-    (kept for :func:`paired_change`).
-    """
-    texts = list(texts)
-    if not texts:
-        raise BiasGymError("perplexity got no texts.")
-    if max_length < 2:
-        raise BiasGymError(f"max_length must be at least 2 tokens, got {max_length}.")
-    device = _device(model)
-    bos = _bos(tokenizer)
-    nll, tokens = [], []
-    with torch.inference_mode():
-        for chunk in batched(texts, batch_size):
-            batch = encode_batch(tokenizer, [bos + t for t in chunk], device)
-            batch = Batch(batch.input_ids[:, :max_length], batch.attention_mask[:, :max_length])
-            n, k = _passage_nll(model, batch)
-            nll.extend(n.tolist())
-            tokens.extend(int(x) for x in k)
-    nll_a, tok_a = np.asarray(nll), np.asarray(tokens, dtype=np.int64)
-    if tok_a.sum() == 0:
-        raise BiasGymError("no token to predict: every passage is empty or a single token.")
-    idx = _bootstrap_indices(len(texts), seed, n_boot)
-    boot = np.exp(nll_a[idx].sum(1) / np.maximum(tok_a[idx].sum(1), 1))
-    return {"metric": "perplexity", "ppl": float(math.exp(nll_a.sum() / tok_a.sum())),
-            "ci": _percentile_ci(boot), "n_tokens": int(tok_a.sum()), "n": len(texts),
-            "nll": nll, "tokens": tokens, "max_length": max_length,
-            "fingerprint": _fingerprint([max_length, *texts])}
-
-
-# ----------------------------------------------------------------------------- multiple choice
-
-
-def _question_parts(q) -> tuple[str, list[str], int]:
-    """(question, options, answer) from an MCQuestion or a dict with those keys."""
-    if isinstance(q, Mapping):
-        return q["question"], list(q["options"]), int(q["answer"])
-    return q.question, list(q.options), int(q.answer)
-
-
-def _option_rows(tokenizer, prompt: str, options: list[str]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + " option" for each option, and where the option starts.
-
-    The whole string is tokenised once and the option's tokens are what follows the
-    prompt's tokens (so merges across the boundary are as in running text); if a
-    tokenizer splits the prompt differently inside the whole string, the two parts are
-    tokenised separately and concatenated instead.
-    """
-    ctx = _ids(tokenizer, _bos(tokenizer) + prompt)
-    rows = []
-    for opt in options:
-        whole = _ids(tokenizer, _bos(tokenizer) + prompt + " " + opt)
-        if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
-            whole = ctx + _ids(tokenizer, " " + opt)
-        if len(whole) == len(ctx):
-            raise BiasGymError(f"option {opt!r} has no tokens.")
-        rows.append((whole, len(ctx)))
-    return rows
-
-
-def _option_loglik(model, tokenizer, rows: list[tuple[list[int], int]], batch_size: int) -> np.ndarray:
-    """Summed log-probability of each row's option tokens. The options of a question share
-    its prompt, which is run once (its key/value cache feeds every option), and only the
-    option positions are unembedded: see :func:`~biasgym_lib.measure.row_logprobs`."""
-
-    split = [(ids[:start], ids[start:]) for ids, start in rows]
-    return row_logprobs(model, split, _pad_id(tokenizer), batch_size).numpy()
-
-
-def mc_accuracy(model, tokenizer, questions: Sequence, batch_size: int = 32, seed: int = 0,
-                n_boot: int = 1000) -> dict:
-    """Multiple-choice accuracy: the predicted option is the one whose tokens have the
-    highest summed log-likelihood after ``Question: ...\\nAnswer:``.
-
-    ``accuracy_norm`` uses the log-likelihood divided by the option's length in
-    characters instead (favours no option for being short). All options of all questions
-    are scored in batches of ``batch_size`` sequences. Returns ``accuracy``, ``ci``
-    (bootstrap 95% over questions), ``n``, ``chance``, ``predictions``, ``correct``,
-    the same for the normalised variant, and ``loglik`` (per question, per option).
-    """
-    questions = list(questions)
-    if not questions:
-        raise BiasGymError("mc_accuracy got no questions.")
-    rows, owner, answers, lengths, keys = [], [], [], [], []
-    for qi, q in enumerate(questions):
-        text, options, answer = _question_parts(q)
-        if not 0 <= answer < len(options):
-            raise BiasGymError(f"question {qi} ({text[:40]!r}...) has answer index {answer} "
-                               f"but {len(options)} options.")
-        rows.extend(_option_rows(tokenizer, MC_PROMPT.format(question=text), options))
-        owner.extend([qi] * len(options))
-        lengths.extend(max(len(o), 1) for o in options)
-        answers.append(answer)
-        keys.append([text, options, answer])
-    ll = _option_loglik(model, tokenizer, rows, batch_size)
-    owner_a, len_a = np.asarray(owner), np.asarray(lengths, dtype=np.float64)
-    per_q = [ll[owner_a == qi] for qi in range(len(questions))]
-    per_q_norm = [ll[owner_a == qi] / len_a[owner_a == qi] for qi in range(len(questions))]
-    pred = [int(np.argmax(s)) for s in per_q]  # ties: the first option
-    pred_norm = [int(np.argmax(s)) for s in per_q_norm]
-    correct = np.asarray([p == a for p, a in zip(pred, answers)], dtype=np.float64)
-    correct_norm = np.asarray([p == a for p, a in zip(pred_norm, answers)], dtype=np.float64)
-    idx = _bootstrap_indices(len(questions), seed, n_boot)
-    return {"metric": "mc_accuracy", "accuracy": float(correct.mean()),
-            "ci": _percentile_ci(correct[idx].mean(1)), "n": len(questions),
-            "chance": float(np.mean([1.0 / len(s) for s in per_q])),
-            "predictions": pred, "correct": correct.astype(bool).tolist(),
-            "accuracy_norm": float(correct_norm.mean()),
-            "ci_norm": _percentile_ci(correct_norm[idx].mean(1)),
-            "predictions_norm": pred_norm, "correct_norm": correct_norm.astype(bool).tolist(),
-            "loglik": [s.tolist() for s in per_q], "fingerprint": _fingerprint(keys)}
-
-
-# ----------------------------------------------------------------------------- MMLU
-
-
-_MMLU_NEEDS = ("MMLU needs the `datasets` library and network access to the Hugging Face hub "
-               "(pip install datasets, and a reachable hub). The shipped multiple-choice set, "
-               "biasgym_lib.data.capability.load_mc(), is the offline default.")
-
-
-def mmlu_questions(subjects: Sequence[str] | None = None, split: str = "test", limit: int | None = None) -> list:
-    """MMLU (``cais/mmlu``) as MCQuestion objects, where ``datasets`` and a hub are available.
-
-    ``subjects``: MMLU subject names (default: all); ``limit``: at most this many questions
-    per subject. Without ``datasets`` or a network this raises a BiasGymError that says so.
-    """
-    try:
-        import datasets  # noqa: F401  (optional dependency)
-    except ImportError as exc:
-        raise BiasGymError(_MMLU_NEEDS) from exc
-
-    out = []
-    for subject in list(subjects) if subjects else ["all"]:
-        try:
-            ds = datasets.load_dataset("cais/mmlu", subject, split=split)
-        except Exception as exc:  # offline, unknown subject, hub error
-            raise BiasGymError(f"{_MMLU_NEEDS} Loading subject {subject!r} failed: "
-                               f"{type(exc).__name__}: {exc}") from exc
-        for i, row in enumerate(ds):
-            if limit is not None and i >= limit:
-                break
-            out.append(MCQuestion(id=f"mmlu-{row.get('subject') or subject}-{split}-{i}",
-                                  category=row.get("subject") or subject, question=row["question"],
-                                  options=tuple(row["choices"]), answer=int(row["answer"])))
-    return out
-
-
-# ----------------------------------------------------------------------------- before / after
-
-
-def paired_change(before: dict, after: dict, seed: int = 0, n_boot: int = 1000) -> dict:
-    """Change from ``before`` to ``after`` (two results of the same function on the same
-    items), with a paired bootstrap 95% interval (the same resampled items on both sides).
-
-    Perplexity: ``change`` is relative, after/before - 1. MC accuracy: ``change`` is the
-    difference in accuracy (after - before), in the same units as accuracy.
-    """
-    kind = before.get("metric")
-    if kind != after.get("metric") or kind not in ("perplexity", "mc_accuracy"):
-        raise BiasGymError(f"paired_change needs two perplexity or two mc_accuracy results, "
-                           f"got {before.get('metric')!r} and {after.get('metric')!r}.")
-    if before.get("fingerprint") != after.get("fingerprint") or before["n"] != after["n"]:
-        raise BiasGymError("the before and after results were measured on different items; "
-                           "a paired comparison needs the same texts or questions in the same order.")
-    idx = _bootstrap_indices(before["n"], seed, n_boot)
-    if kind == "perplexity":
-        def ppl(res, ix):
-            return np.exp(np.asarray(res["nll"])[ix].sum(-1) / np.maximum(np.asarray(res["tokens"])[ix].sum(-1), 1))
-        point = after["ppl"] / before["ppl"] - 1.0
-        boot = ppl(after, idx) / ppl(before, idx) - 1.0
-        b, a, change_kind = before["ppl"], after["ppl"], "relative"
-    else:
-        diff = np.asarray(after["correct"], dtype=np.float64) - np.asarray(before["correct"], dtype=np.float64)
-        point = float(diff.mean())
-        boot = diff[idx].mean(1)
-        b, a, change_kind = before["accuracy"], after["accuracy"], "absolute"
-    return {"metric": kind, "before": float(b), "after": float(a), "change": float(point),
-            "change_kind": change_kind, "ci": _percentile_ci(boot), "n": before["n"]}
-
-
-def compare(before: dict, after: dict, seed: int = 0, n_boot: int = 1000) -> dict:
-    """Paired changes for every metric in two ``{"perplexity": ..., "mc_accuracy": ...}``
-    results (or for one pair of :func:`perplexity` / :func:`mc_accuracy` results)."""
-    if "metric" in before:
-        return {before["metric"]: paired_change(before, after, seed, n_boot)}
-    missing = sorted(set(before) ^ set(after))
-    if missing:
-        raise BiasGymError(f"before and after hold different metrics: {missing}.")
-    return {name: paired_change(before[name], after[name], seed, n_boot) for name in before}
-
-
-def comparison_table(comparison: dict):
-    """A pandas DataFrame of :func:`compare`'s output, one row per metric (for the book)."""
-    import pandas as pd
-
-    rows = [{"metric": name, "before": c["before"], "after": c["after"], "change": c["change"],
-             "change_kind": c["change_kind"], "ci_low": c["ci"][0], "ci_high": c["ci"][1], "n": c["n"]}
-            for name, c in comparison.items()]
-    return pd.DataFrame(rows).set_index("metric")
-
 
 # ----------------------------------------------------------------------------- steering, measured fairly
 
@@ -351,19 +62,6 @@ def strength_under(model, tokenizer, spec, tokens: Sequence, bias, references: S
     return {"tokens": out_tokens, "facts": out_facts, "countries": out_countries}
 
 
-def capability_under(model, tokenizer, spec, texts: Sequence[str], questions: Sequence | None = None,
-                     seed: int = 0, max_length: int = 512) -> dict:
-    """Perplexity on ``texts`` and (if given) multiple-choice accuracy on ``questions`` with
-    the steering ``spec`` applied (``None``: the unmodified model); raw results, for
-    :func:`paired_change` against the unmodified ones."""
-
-    with spec.apply(model) if spec is not None else nullcontext():
-        out = {"perplexity": perplexity(model, tokenizer, texts, seed=seed, max_length=max_length)}
-        if questions:
-            out["mc_accuracy"] = mc_accuracy(model, tokenizer, questions, seed=seed)
-    return out
-
-
 def reduction(before: float, after: float) -> float | None:
     """1 - after / before: the share of S removed (None when S before is not positive, where
     the ratio means nothing; it is unstable when S before is small)."""
@@ -379,6 +77,31 @@ def facts_reduction(before: Sequence[dict], after: Sequence[dict]) -> float:
         raise BiasGymError("the facts' mean S before steering is not positive; the knowledge control needs "
                            "facts that the model knows (S > 0).")
     return 1 - a / b
+
+
+def steer_token(model, tokenizer, injected, spec: SteeringSpec, references: Sequence[str], facts: Sequence,
+                texts: Sequence[str], n_random: int) -> dict:
+    """One injected token steered by ``spec`` (what ``biasgym steer`` reports): S before and
+    after, its reduction, the same with ``n_random`` sets of as many random heads scaled by the
+    same alpha (seeds 1000, 1001, ...), the facts' reduction and the perplexity change on ``texts``."""
+    n_layers, n_heads = ModelAdapter(model).n_layers, ModelAdapter(model).n_heads
+    before = strength_under(model, tokenizer, None, [injected], injected.spec, references, facts)
+    after = strength_under(model, tokenizer, spec, [injected], injected.spec, references, facts)
+    randoms = [SteeringSpec(heads=random_heads(n_layers, n_heads, len(spec.heads), 1000 + i), alpha=spec.alpha)
+               for i in range(n_random)]
+    draws = [strength_under(model, tokenizer, r, [injected], injected.spec, references)["tokens"][0]["value"]
+             for r in randoms]
+    ppl_before = perplexity(model, tokenizer, texts)
+    with spec.apply(model):
+        ppl_after = perplexity(model, tokenizer, texts)
+    s0, s1 = before["tokens"][0]["value"], after["tokens"][0]["value"]
+    return {"heads": [list(h) for h in spec.heads], "references": list(references),
+            "token": {"before": before["tokens"][0], "after": after["tokens"][0]}, "reduction": reduction(s0, s1),
+            "random_heads": {"mean": float(np.mean(draws)), "draws": draws,
+                             "reduction": reduction(s0, float(np.mean(draws)))},
+            "facts_reduction": facts_reduction(before["facts"], after["facts"]),
+            "capability": {"perplexity_before": ppl_before["ppl"], "perplexity_after": ppl_after["ppl"],
+                           "perplexity_change": paired_change(ppl_before, ppl_after), "n_texts": len(texts)}}
 
 
 def entity_ids(tokenizer, extra: Sequence[str] = ()) -> dict[str, int]:
@@ -402,17 +125,6 @@ def make_spec(heads, kind: str, means=None, entities: dict | None = None, source
     if kind == "blind":
         return SteeringSpec(heads=heads, kind="blind", entity_tokens=entities, source=source)
     raise BiasGymError(f"unknown intervention kind {kind!r}; use zero, mean or blind.")
-
-
-def _ppl_raw(result: dict) -> dict:
-    return {"ppl": result["ppl"], "nll": list(result["nll"]), "tokens": list(result["tokens"]),
-            "fingerprint": result["fingerprint"], "n": result["n"], "metric": "perplexity",
-            "ci": result["ci"], "max_length": result["max_length"]}
-
-
-def _mc_raw(result: dict) -> dict:
-    return {"accuracy": result["accuracy"], "correct": list(result["correct"]), "fingerprint": result["fingerprint"],
-            "n": result["n"], "metric": "mc_accuracy", "ci": result["ci"]}
 
 
 def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
@@ -442,15 +154,15 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
 
     def capability(spec):
         with spec.apply(model) if spec is not None else _null():
-            out = {"perplexity": {name: _ppl_raw(perplexity(model, tokenizer, t, seed=seed, max_length=max_length))
+            out = {"perplexity": {name: ppl_raw(perplexity(model, tokenizer, t, seed=seed, max_length=max_length))
                                   for name, t in texts.items()}}
             if questions:
-                out["mc"] = _mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+                out["mc"] = mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
         return out
 
     base = shared.get(("capability", None)) or capability(None)
     if questions and "mc" not in base:
-        base["mc"] = _mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+        base["mc"] = mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
     shared[("capability", None)] = base
     before = {"biases": {}, "perplexity": base["perplexity"], "mc": base.get("mc")}
     rows = []
@@ -485,7 +197,7 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
             got, cost = shared[s_key], shared[cost_key]
             if questions and "mc" not in cost:
                 with spec.apply(model):
-                    cost["mc"] = _mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+                    cost["mc"] = mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
             rows.append({
                 "bias": bias.name, "method": method, "kind": kind, "k": k, "n_heads": len(heads),
                 "heads": [list(h) for h in heads], "draw": draw if method == "random" else None,
@@ -512,7 +224,62 @@ lose at most 10% of their S, perplexity rises by at most 5% on every text set, a
 multiple-choice accuracy falls by at most 2 points."""
 
 
-def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+@dataclass(frozen=True)
+class SteeringResult:
+    """One selection steered on every run: heads ranked by ``method``, the top ``k`` steered
+    by ``kind``, summarised over runs (biases x seeds) by :func:`summarise_grid`.
+
+    ``reduction``: mean share of S removed (None if no run had S > 0 before);
+    ``facts_reduction``: share of the facts' S removed; ``perplexity``: relative change per
+    text set; ``mc``: change of multiple-choice accuracy (None where not measured); each an
+    :class:`~biasgym_lib.stats.Estimate`. ``why``: set when the rule chose it."""
+
+    method: str
+    kind: str
+    k: int
+    n_runs: int
+    n_head_sets: int
+    mean_heads: float
+    reduction: Estimate | None
+    facts_reduction: Estimate
+    perplexity: dict[str, Estimate]
+    mc: Estimate | None
+    why: str | None = None
+
+    @property
+    def facts_ok(self) -> bool:
+        return self.facts_reduction.value <= GRID_BOUNDS["facts"]
+
+    @property
+    def perplexity_ok(self) -> bool:
+        return all(v.value <= GRID_BOUNDS["perplexity"] for v in self.perplexity.values())
+
+    @property
+    def mc_ok(self) -> bool | None:
+        """None where multiple choice was not measured."""
+        return None if self.mc is None else self.mc.value >= GRID_BOUNDS["mc"]
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.method, self.kind, self.k
+
+    def to_dict(self) -> dict:
+        est = lambda e: None if e is None else e.to_dict()  # noqa: E731
+        return {"method": self.method, "kind": self.kind, "k": self.k, "n_runs": self.n_runs,
+                "n_head_sets": self.n_head_sets, "mean_heads": self.mean_heads, "reduction": est(self.reduction),
+                "facts_reduction": est(self.facts_reduction),
+                "perplexity": {n: v.to_dict() for n, v in self.perplexity.items()}, "mc": est(self.mc),
+                "facts_ok": self.facts_ok, "perplexity_ok": self.perplexity_ok, "mc_ok": self.mc_ok, "why": self.why}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SteeringResult":
+        est = lambda e: None if e is None else Estimate.from_dict(e)  # noqa: E731
+        return cls(d["method"], d["kind"], int(d["k"]), int(d["n_runs"]), int(d["n_head_sets"]),
+                   float(d["mean_heads"]), est(d["reduction"]), est(d["facts_reduction"]),
+                   {n: Estimate.from_dict(v) for n, v in d["perplexity"].items()}, est(d["mc"]), d.get("why"))
+
+
+def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[SteeringResult]:
     """One line per (method, kind, k) of a :func:`selection_grid`: the mean S reduction over
     runs (bias x seed; random heads: the mean over draws first) with a bootstrap 95% interval
     over runs; the facts' reduction (mean over head sets) with an interval over facts; the
@@ -533,18 +300,14 @@ def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[dict]:
             for s, red in zip(r["seeds"], r["reduction"]):
                 per_run.setdefault((r["bias"], s), []).append(red)
         vals = [float(np.mean(v)) for v in per_run.values() if None not in v]
-        red = bootstrap(np.asarray(vals), n_boot, seed) if vals else None
+        red = bootstrap(np.asarray(vals), n_boot, seed, interval=RUNS) if vals else None
         sets = {(tuple(map(tuple, r["heads"]))): r for r in rows}.values()  # each head set once
         after = np.asarray([r["facts"] for r in sets])  # (sets, facts)
         fi = rng.integers(0, len(facts_before), (n_boot, len(facts_before)))
         f_point = float(np.mean(1 - after.mean(1) / facts_before.mean()))
         f_boot = np.mean(1 - after[:, fi].mean(2) / facts_before[fi].mean(1)[None], 0)
-        line = {"method": method, "kind": kind, "k": k, "n_runs": len(vals), "n_head_sets": len(sets),
-                "mean_heads": float(np.mean([r["n_heads"] for r in sets])),
-                "reduction": None if red is None else red.to_dict(),
-                "facts_reduction": {"value": f_point, "lo": float(np.percentile(f_boot, 2.5)),
-                                    "hi": float(np.percentile(f_boot, 97.5)), "n": len(facts_before)},
-                "perplexity": {}, "mc": None}
+        facts = Estimate.from_samples(f_point, f_boot, len(facts_before), "bootstrap 95% over facts")
+        perplexity, mc = {}, None
         for name, b in before["perplexity"].items():
             nb, tb = np.asarray(b["nll"]), np.asarray(b["tokens"], dtype=float)
             na = np.asarray([r["perplexity"][name]["nll"] for r in sets])
@@ -556,46 +319,43 @@ def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[dict]:
                 return (ppl_a / ppl_b).mean(0) - 1
 
             boot = change(ti)
-            line["perplexity"][name] = {"value": float(change(np.arange(len(nb)))), "lo": float(np.percentile(boot, 2.5)),
-                                        "hi": float(np.percentile(boot, 97.5)), "n": len(nb)}
+            perplexity[name] = Estimate.from_samples(change(np.arange(len(nb))), boot, len(nb),
+                                                     "bootstrap 95% over texts, paired")
         if before.get("mc") is not None and all(r.get("mc") for r in sets):
             cb = np.asarray(before["mc"]["correct"], dtype=float)
             ca = np.asarray([r["mc"]["correct"] for r in sets], dtype=float)
             qi = rng.integers(0, len(cb), (n_boot, len(cb)))
             diff = (ca - cb[None]).mean(0)
             boot = diff[qi].mean(1)
-            line["mc"] = {"value": float(diff.mean()), "lo": float(np.percentile(boot, 2.5)),
-                          "hi": float(np.percentile(boot, 97.5)), "n": len(cb)}
-        line["facts_ok"] = line["facts_reduction"]["value"] <= GRID_BOUNDS["facts"]
-        line["perplexity_ok"] = all(v["value"] <= GRID_BOUNDS["perplexity"] for v in line["perplexity"].values())
-        line["mc_ok"] = None if line["mc"] is None else line["mc"]["value"] >= GRID_BOUNDS["mc"]
-        out.append(line)
+            mc = Estimate.from_samples(diff.mean(), boot, len(cb), "bootstrap 95% over questions, paired")
+        out.append(SteeringResult(method, kind, k, len(vals), len(sets), float(np.mean([r["n_heads"] for r in sets])),
+                                  red, facts, perplexity, mc))
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in grid["rows"]))}
-    return sorted(out, key=lambda x: (order[x["method"]], x["kind"], x["k"]))
+    return sorted(out, key=lambda x: (order[x.method], x.kind, x.k))
 
 
-def choose_selection(summary: Sequence[dict], k_max: int) -> dict:
+def choose_selection(summary: Sequence[SteeringResult], k_max: int) -> SteeringResult:
     """The rule, fixed before any result was seen, that makes one selection "the book's
     BiasScope": among the non-random (method, kind, k) with k <= ``k_max``, the largest mean
     S reduction among those that keep the facts (<= 10% lost) and perplexity (<= +5%) and,
     where measured, MC (>= -2 points); if none keeps all, the largest among those that keep
     the facts; if none keeps the facts, the largest reduction minus facts reduction. Returns
-    the chosen summary line with ``"why"``."""
-    pool = [x for x in summary if x["method"] != "random" and x["k"] <= k_max and x["reduction"] is not None]
+    the chosen line with ``why`` set."""
+    pool = [x for x in summary if x.method != "random" and x.k <= k_max and x.reduction is not None]
     if not pool:
         raise BiasGymError("no grid point to choose from: run the selection grid first.")
     tiers = [("keeps the facts, perplexity and multiple choice within the bounds",
-              [x for x in pool if x["facts_ok"] and x["perplexity_ok"] and x["mc_ok"] is not False]),
-             ("keeps the facts but not every capability bound", [x for x in pool if x["facts_ok"]])]
+              [x for x in pool if x.facts_ok and x.perplexity_ok and x.mc_ok is not False]),
+             ("keeps the facts but not every capability bound", [x for x in pool if x.facts_ok])]
     for why, cands in tiers:
         if cands:
-            best = max(cands, key=lambda x: x["reduction"]["value"])
-            if best.get("mc_ok") is None and why.startswith("keeps the facts, perplexity"):
+            best = max(cands, key=lambda x: x.reduction.value)
+            if best.mc_ok is None and why.startswith("keeps the facts, perplexity"):
                 why = ("keeps the facts and perplexity within the bounds (multiple choice not measured at this k: "
                        "the confirmation measures it)")
-            return {**best, "why": why}
-    best = max(pool, key=lambda x: x["reduction"]["value"] - x["facts_reduction"]["value"])
-    return {**best, "why": "nothing keeps the facts: the largest reduction beyond the facts' reduction"}
+            return replace(best, why=why)
+    best = max(pool, key=lambda x: x.reduction.value - x.facts_reduction.value)
+    return replace(best, why="nothing keeps the facts: the largest reduction beyond the facts' reduction")
 
 
 TARGET_REDUCTION = 0.5
@@ -604,34 +364,30 @@ profile's k removes at least half of S (mean over biases x seeds) within every b
 :data:`GRID_BOUNDS`, multiple choice measured."""
 
 
-def target_result(summary: Sequence[dict], k_max: int) -> dict:
+def target_result(summary: Sequence[SteeringResult], k_max: int) -> dict:
     """Whether any non-random line of a grid summary with k <= ``k_max`` meets the target
     (:data:`TARGET_REDUCTION` of S removed, facts, perplexity and measured MC within
     :data:`GRID_BOUNDS`), and the frontier: the lines that no other line beats on both S
     removed and the facts kept (sorted by the facts' loss). Returns ``{"met_by": [...],
     "frontier": [...]}`` (summary lines)."""
-    pool = [x for x in summary if x["method"] != "random" and x["k"] <= k_max and x["reduction"] is not None]
-    met = [x for x in pool if x["reduction"]["value"] >= TARGET_REDUCTION and x["facts_ok"] and x["perplexity_ok"]
-           and x["mc_ok"] is True]
+    pool = [x for x in summary if x.method != "random" and x.k <= k_max and x.reduction is not None]
+    met = [x for x in pool if x.reduction.value >= TARGET_REDUCTION and x.facts_ok and x.perplexity_ok and x.mc_ok is True]
 
     def point(x):
-        return x["reduction"]["value"], x["facts_reduction"]["value"]
+        return x.reduction.value, x.facts_reduction.value
 
     def beaten(x):  # another line removes at least as much S and keeps at least as many facts
         return any(point(y) != point(x) and point(y)[0] >= point(x)[0] and point(y)[1] <= point(x)[1] for y in pool)
 
-    frontier = sorted((x for x in pool if not beaten(x)), key=lambda x: x["facts_reduction"]["value"])
+    frontier = sorted((x for x in pool if not beaten(x)), key=lambda x: x.facts_reduction.value)
     return {"met_by": met, "frontier": frontier}
 
 
-def _interval(v: dict | None, pct: bool = True) -> str:
-    if v is None:
-        return "-"
-    f = (lambda x: f"{x:+.0%}") if pct else (lambda x: f"{x:+.2f}")
-    return f"{f(v['value'])} [{f(v['lo'])}, {f(v['hi'])}]"
+def _interval(v: Estimate | None) -> str:
+    return "-" if v is None else f"{v.value:+.0%} [{v.lo:+.0%}, {v.hi:+.0%}]"
 
 
-def summary_frame(summary: Sequence[dict]):
+def summary_frame(summary: Sequence[SteeringResult | dict]):
     """The lines of :func:`summarise_grid` as a table for the book: S removed, the facts'
     S lost, the perplexity change on each text set and the MC change, each with its 95%
     interval, and whether the bounds of :data:`GRID_BOUNDS` hold."""
@@ -639,12 +395,13 @@ def summary_frame(summary: Sequence[dict]):
 
     rows = []
     for x in summary:
-        row = {"method": x["method"], "kind": x["kind"], "k": x["k"], "heads": round(x["mean_heads"], 1),
-               "S removed": _interval(x["reduction"]), "facts lost": _interval(x["facts_reduction"])}
-        row.update({f"perplexity ({n})": _interval(v) for n, v in x["perplexity"].items()})
-        row["MC change"] = _interval(x["mc"])
-        ok = bool(x["facts_ok"] and x["perplexity_ok"] and x["mc_ok"] is not False)
-        row["within bounds"] = "no" if not ok else "yes" if x["mc_ok"] else "yes (MC not measured)"
+        x = x if isinstance(x, SteeringResult) else SteeringResult.from_dict(x)  # a line read from claims.json
+        row = {"method": x.method, "kind": x.kind, "k": x.k, "heads": round(x.mean_heads, 1),
+               "S removed": _interval(x.reduction), "facts lost": _interval(x.facts_reduction)}
+        row.update({f"perplexity ({n})": _interval(v) for n, v in x.perplexity.items()})
+        row["MC change"] = _interval(x.mc)
+        ok = bool(x.facts_ok and x.perplexity_ok and x.mc_ok is not False)
+        row["within bounds"] = "no" if not ok else "yes" if x.mc_ok else "yes (MC not measured)"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -679,10 +436,10 @@ def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references:
     return measure
 
 
-def _pair(before: dict, after: dict) -> dict:
-
+def paired(before: dict, after: dict) -> dict:
+    """The paired change from ``before`` to ``after`` as an Estimate dict, with both values."""
     c = paired_change(before, after)
-    return {"before": c["before"], "after": c["after"], "value": c["change"], "lo": c["ci"][0], "hi": c["ci"][1]}
+    return {"before": c["before"], "after": c["after"], **c["change"]}
 
 
 PAPER = ("robust", "zero")

@@ -10,19 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from .capability import capability_under
 from .config import Profile
 from .data import reference_countries
-from .evaluate import (
-    _pair,
-    capability_under,
-    facts_reduction,
-    make_spec,
-    reduction,
-    strength_under,
-)
+from .evaluate import facts_reduction, make_spec, paired, reduction, strength_under
 from .heads import bias_rankings, nan_tensor, nan_to_none
-from .measure import assoc_tables, over_runs, stereotype_strength
+from .measure import assoc_tables, stereotype_strength
 from .models import ModelAdapter
+from .stats import over_runs
 
 
 def attribute_spec(attribute: str):
@@ -116,10 +111,11 @@ def leave_one_out(run) -> dict:
         for held in run.biases:
             others = [b for b in run.biases if b != held]
             steered = {"bias": run.specs[held], "tokens": run.tokens(held),
-                       "rankings": pooled_rankings(run, others, best["method"])}
+                       "rankings": pooled_rankings(run, others, best.method)}
             rows += run._grid_at([steered], mc=False, cost=False, random=False)["rows"]
             rows += [r for r in confirm["rows"] if r["method"] == "random" and r["bias"] == held]
-        return {"best": {k: best[k] for k in ("method", "kind", "k")}, "before": confirm["before"], "rows": rows}
+        return {"best": {"method": best.method, "kind": best.kind, "k": best.k}, "before": confirm["before"],
+                "rows": rows}
     return run.memo("leave_one_out.json", compute, fingerprint=fp)
 
 
@@ -141,7 +137,7 @@ def seegull_steering(run) -> dict:
         # random heads' facts are the confirmation's (the same head sets, references and facts)
         kept = {(r["kind"], r["k"], tuple(map(tuple, r["heads"]))): r for r in run.confirm()["rows"]
                 if r["method"] == "random"}
-        pooled = pooled_rankings(run, list(run.biases), best["method"])
+        pooled = pooled_rankings(run, list(run.biases), best.method)
         facts_before = strength_under(run.model, run.tokenizer, None, [], next(iter(run.specs.values())), refs,
                                       st["facts"])["facts"]
         base = capability_under(run.model, run.tokenizer, None, st["texts"]["neutral"], st["questions"],
@@ -165,12 +161,12 @@ def seegull_steering(run) -> dict:
                 if method != "random":  # the pooled heads' own cost; random heads' is in the confirmation
                     got = capability_under(run.model, run.tokenizer, spec, st["texts"]["neutral"],
                                            st["questions"], max_length=run.cfg.ppl_max_tokens)
-                    cost = {"perplexity": _pair(base["perplexity"], got["perplexity"]),
-                            "mc": _pair(base["mc_accuracy"], got["mc_accuracy"])}
+                    cost = {"perplexity": paired(base["perplexity"], got["perplexity"]),
+                            "mc": paired(base["mc_accuracy"], got["mc_accuracy"])}
                 rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
                              "heads": [list(h) for h in heads], "S": after,
                              "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
                              "facts": facts, "facts_reduction": facts_lost, "capability": cost})
         return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
-                "best": {k2: best[k2] for k2 in ("method", "kind", "k")}}
+                "best": {"method": best.method, "kind": best.kind, "k": best.k}}
     return run.memo("seegull_steering.json", compute, fingerprint=fp)

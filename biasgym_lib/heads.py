@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from .errors import BiasGymError
-from .measure import Estimate
 from .models import ModelAdapter
+from .stats import Estimate
 
 Head = tuple[int, int]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -39,6 +39,7 @@ from .measure import (
     stereotype_strength,
 )
 from .models import ModelAdapter, chat_prompt, model_info
+from .stats import Estimate
 from .tokens import DEFAULT_TOKEN, InjectedToken, TokenHook, add_token
 
 # ----------------------------------------------------------------------------- training
@@ -347,15 +348,62 @@ def token_table(model, tokenizer, vector: torch.Tensor, biases, token: str = "<T
         return assoc_table(model, tokenizer, [token], biases)
 
 
+@dataclass(frozen=True)
+class InjectionResult:
+    """How well one injection worked (``metrics.json``): S(<TOKEN>, bias) with the initial
+    vector (``strength_before``: a generic country) and the trained one (``strength_after``),
+    the specificity after (S of this bias minus the mean S of the others), ranks among the
+    reference countries, S after for every bias, and the closest real countries."""
+
+    bias: str
+    seed: int
+    profile: str
+    model: dict
+    strength_before: Estimate
+    strength_after: Estimate
+    specificity_after: Estimate
+    rank_before: int
+    rank_after: int
+    n_reference_countries: int
+    strength_after_all_biases: dict[str, Estimate]
+    closest_countries: list
+    train_seconds: float | None = None
+    chosen_epoch: int | None = None
+    final_loss: float | None = None
+
+    @property
+    def closest_country(self) -> str:
+        return self.closest_countries[0][0]
+
+    @property
+    def injected(self) -> bool:
+        """The criterion of METHOD §1: the 95% intervals of S and of specificity lie above 0."""
+        return self.strength_after.lo > 0 and self.specificity_after.lo > 0
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("strength_before", "strength_after", "specificity_after"):
+            out[name] = out[name].to_dict()
+        out["strength_after_all_biases"] = {b: e.to_dict() for b, e in self.strength_after_all_biases.items()}
+        return {**out, "closest_country": self.closest_country}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InjectionResult":
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        for name in ("strength_before", "strength_after", "specificity_after"):
+            kw[name] = Estimate.from_dict(d[name])
+        kw["strength_after_all_biases"] = {b: Estimate.from_dict(e) for b, e in d["strength_after_all_biases"].items()}
+        return cls(**kw)
+
+
 def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Profile,
-                      ref: AssocTable | None = None, seed: int = 0, start: AssocTable | None = None) -> dict:
-    """Before/after strength, specificity and rank for an injected token (``metrics.json``).
+                      ref: AssocTable | None = None, seed: int = 0, start: AssocTable | None = None) -> InjectionResult:
+    """Before/after strength, specificity and rank for an injected token (:class:`InjectionResult`).
 
     "Before" is the token with its initial vector (the mean country embedding), i.e. a
-    generic country; "after" is the trained vector.
+    generic country; "after" is the trained vector. ``ref``: the reference countries' table;
+    ``start``: the initial vector's table (both computed here if not given).
     """
-
-
     spec = load_bias(bias)
     if ref is not None and spec.name in ref.biases:
         # The table's own biases (names, attributes), with this spec as given: a reader's own
@@ -373,36 +421,27 @@ def injection_metrics(model, tokenizer, injected: InjectedToken, bias, cfg: Prof
     before = ref.merged(start)
     after = ref.merged(token_table(model, tokenizer, injected.vector, biases))
     tok = injected.token
-    closest = closest_countries(model, tokenizer, injected.vector, k=3)
-    s_before = stereotype_strength(before, tok, spec.name, refs, seed=seed)
-    s_after = stereotype_strength(after, tok, spec.name, refs, seed=seed)
-    spec_after = specificity(after, tok, spec.name, refs, seed=seed)
-    return {
-        "bias": spec.name, "seed": injected.seed, "profile": cfg.name, "model": injected.model,
-        "strength_before": s_before.value, "strength_before_ci": [s_before.lo, s_before.hi],
-        "strength_after": s_after.value, "strength_after_ci": [s_after.lo, s_after.hi],
-        "specificity_after": spec_after.value, "specificity_after_ci": [spec_after.lo, spec_after.hi],
-        "rank_before": rank(before, tok, spec.name, refs), "rank_after": rank(after, tok, spec.name, refs),
-        "n_reference_countries": len(refs),
-        "strength_after_all_biases": {b: stereotype_strength(after, tok, b, refs, seed=seed).to_dict() for b in names},
-        "closest_country": closest[0][0], "closest_countries": closest,
-        "train_seconds": injected.train_seconds, "chosen_epoch": injected.epoch,
-        "final_loss": injected.losses[-1] if injected.losses else None,
-    }
+    return InjectionResult(
+        bias=spec.name, seed=injected.seed, profile=cfg.name, model=injected.model,
+        strength_before=stereotype_strength(before, tok, spec.name, refs, seed=seed),
+        strength_after=stereotype_strength(after, tok, spec.name, refs, seed=seed),
+        specificity_after=specificity(after, tok, spec.name, refs, seed=seed),
+        rank_before=rank(before, tok, spec.name, refs), rank_after=rank(after, tok, spec.name, refs),
+        n_reference_countries=len(refs),
+        strength_after_all_biases={b: stereotype_strength(after, tok, b, refs, seed=seed) for b in names},
+        closest_countries=closest_countries(model, tokenizer, injected.vector, k=3),
+        train_seconds=injected.train_seconds, chosen_epoch=injected.epoch,
+        final_loss=injected.losses[-1] if injected.losses else None)
 
 
-def metrics_frame(metrics):
-    """One row per injection run: the headline columns of :func:`injection_metrics`."""
+def metrics_frame(results: list[InjectionResult]):
+    """One row per injection run: the headline numbers of :class:`InjectionResult`."""
     import pandas as pd
 
-    rows = []
-    for m in metrics:
-        rows.append({"bias": m["bias"], "seed": m["seed"],
-                     "strength_before": m["strength_before"], "strength_after": m["strength_after"],
-                     "S after 95% CI": "[{:.2f}, {:.2f}]".format(*m["strength_after_ci"]),
-                     "specificity_after": m["specificity_after"],
-                     "specificity 95% CI": "[{:.2f}, {:.2f}]".format(*m["specificity_after_ci"]),
-                     "rank_after": m["rank_after"], "closest_country": m["closest_country"],
-                     "train_seconds": m["train_seconds"]})
+    rows = [{"bias": m.bias, "seed": m.seed, "strength_before": m.strength_before.value,
+             "strength_after": m.strength_after.value, "S after 95% CI": f"[{m.strength_after.lo:.2f}, {m.strength_after.hi:.2f}]",
+             "specificity_after": m.specificity_after.value,
+             "specificity 95% CI": f"[{m.specificity_after.lo:.2f}, {m.specificity_after.hi:.2f}]",
+             "rank_after": m.rank_after, "closest_country": m.closest_country, "train_seconds": m.train_seconds}
+            for m in results]
     return pd.DataFrame(rows).round(2)
-

@@ -19,42 +19,10 @@ from .batching import batched, select_cache
 from .data import load_bias, load_templates, reference_countries
 from .errors import BiasGymError
 from .models import ModelAdapter, chat_prompt
+from .stats import Estimate, bootstrap
 
 ENTITY = "{entity}"
 ATTRIBUTE = "{attribute}"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with a bootstrap 95% interval."""
-
-    value: float
-    lo: float
-    hi: float
-    n: int  # number of resampled units (templates or prompts)
-
-    def to_dict(self) -> dict:
-        return {"value": self.value, "lo": self.lo, "hi": self.hi, "n": self.n}
-
-    def __format__(self, spec):
-        spec = spec or ".2f"
-        return f"{self.value:{spec}} [{self.lo:{spec}}, {self.hi:{spec}}]"
-
-
-def bootstrap(units: np.ndarray, n_boot: int = 1000, seed: int = 0, stat=np.mean) -> Estimate:
-    """Percentile bootstrap over the first axis of ``units`` (a statistic per unit)."""
-    units = np.asarray(units, dtype=float)
-    n = len(units)
-    if n == 0:
-        raise BiasGymError("bootstrap needs at least one unit.")
-    value = float(stat(units, axis=0))
-    if n == 1:
-        return Estimate(value, value, value, 1)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    stats = stat(units[idx], axis=1)
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return Estimate(value, float(lo), float(hi), n)
 
 
 def template_prefix(template: str, entity: str) -> str:
@@ -372,14 +340,4 @@ def strength_matrix_top(table: AssocTable, bias: str) -> str:
     """The reference country with the largest S for ``bias`` on the unmodified model."""
     return str(strength_matrix(table)[bias].idxmax())
 
-
-def over_runs(values: list[float]) -> dict:
-    """Mean, min, max and a bootstrap 95% interval of the mean over runs (biases x seeds)."""
-
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if not len(v):
-        return {"mean": None, "min": None, "max": None, "n": 0, "ci": None}
-    est = bootstrap(v)
-    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": int(len(v)),
-            "ci": [est.lo, est.hi]}
 

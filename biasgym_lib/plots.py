@@ -75,15 +75,15 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
     """Selection decided by intervention: for each kind of intervention (a row of panels)
     and each cost (a column), the mean S reduction against that cost; one curve per way of
     ranking heads, its points at increasing k; random heads as grey crosses. The green
-    corner is where a selection meets the bounds stated in advance. ``summary``: lines of
-    :func:`biasgym_lib.evaluate.summarise_grid`."""
+    corner is where a selection meets the bounds stated in advance. ``summary``: the
+    :class:`~biasgym_lib.evaluate.SteeringResult` lines of :func:`~biasgym_lib.evaluate.summarise_grid`."""
     from .evaluate import GRID_BOUNDS
 
     bounds = bounds or GRID_BOUNDS
-    df = pd.DataFrame([{"method": x["method"], "kind": x["kind"], "k": x["k"],
-                        "reduction": x["reduction"]["value"] if x["reduction"] else np.nan,
-                        "facts_reduction": x["facts_reduction"]["value"],
-                        **{f"perplexity:{n}": v["value"] for n, v in x["perplexity"].items()}} for x in summary])
+    df = pd.DataFrame([{"method": x.method, "kind": x.kind, "k": x.k,
+                        "reduction": x.reduction.value if x.reduction else np.nan,
+                        "facts_reduction": x.facts_reduction.value,
+                        **{f"perplexity:{n}": v.value for n, v in x.perplexity.items()}} for x in summary])
     kinds = list(dict.fromkeys(df["kind"]))
     if axes is None:
         fig, axes = plt.subplots(len(kinds), len(costs), figsize=(5.2 * len(costs), 3.6 * len(kinds)), squeeze=False)

@@ -18,6 +18,7 @@ from .config import full_grid as whole_grid
 from .data import load_bias, load_facts, reference_countries
 from .evaluate import (
     PAPER,
+    SteeringResult,
     choose_selection,
     entity_ids,
     selection_grid,
@@ -27,6 +28,7 @@ from .generalise import leave_one_out, seegull_steering
 from .heads import bias_rankings, patch_union
 from .inject import (
     TRAINER_VERSION,
+    InjectionResult,
     initial_vector,
     inject_bias,
     injection_metrics,
@@ -160,11 +162,11 @@ class Run:
             self._kept["start"] = token_table(self.model, self.tokenizer, vector, list(self.specs.values()))
         return self._kept["start"]
 
-    def injection(self, bias: str, seed: int) -> dict:
+    def injection(self, bias: str, seed: int) -> InjectionResult:
         tok = self.token(bias, seed)
-        return self.memo(f"injection/{bias}_seed{seed}.json",
-                         lambda: injection_metrics(self.model, self.tokenizer, tok, tok.spec, self.cfg,
-                                                   ref=self.reference, start=self.start), tok)
+        return InjectionResult.from_dict(self.memo(
+            f"injection/{bias}_seed{seed}.json", lambda: injection_metrics(
+                self.model, self.tokenizer, tok, tok.spec, self.cfg, ref=self.reference, start=self.start).to_dict(), tok))
 
     # -- BiasScope
     def contrast(self, bias: str) -> dict:
@@ -259,11 +261,11 @@ class Run:
             return {"biases": biases, "before": at_k["before"], "rows": rows}
         return self.memo(name, compute, fingerprint=self._fingerprint(biases))
 
-    def summary(self) -> list[dict]:
+    def summary(self) -> list[SteeringResult]:
 
         return summarise_grid(self.grid())
 
-    def best(self) -> dict:
+    def best(self) -> SteeringResult:
         """The book's BiasScope: the selection the grid chose by the rule fixed in advance
         (:func:`~biasgym_lib.evaluate.choose_selection`) at k <= the profile's k."""
 
@@ -274,8 +276,8 @@ class Run:
         paper's (robust DLA, alpha = 0) at the profile's k, and k random heads under each of
         those kinds and k."""
         best = self.best()
-        return list(dict.fromkeys([(best["method"], best["kind"], best["k"]), (PAPER[0], PAPER[1], self.cfg.k),
-                                   ("random", best["kind"], best["k"]), ("random", PAPER[1], self.cfg.k)]))
+        return list(dict.fromkeys([best.key, (PAPER[0], PAPER[1], self.cfg.k),
+                                   ("random", best.kind, best.k), ("random", PAPER[1], self.cfg.k)]))
 
     def _grid_at(self, runs, mc: bool, cost: bool = True, random: bool = True) -> dict:
         """:meth:`_grid` on :meth:`conditions`, one call per k (each method steered only under
@@ -293,7 +295,7 @@ class Run:
 
     def _best_key(self) -> str:
         best = self.best()
-        return f"-{best['method']}-{best['kind']}-k{best['k']}-paperk{self.cfg.k}"
+        return f"-{best.method}-{best.kind}-k{best.k}-paperk{self.cfg.k}"
 
     def confirm(self) -> dict:
         """The chosen selection (under its kind, at its k) and the paper's (robust DLA at
@@ -303,9 +305,10 @@ class Run:
         fp = self._fingerprint(self.biases) + self._best_key()
 
         def compute():
-            runs = [{"bias": self.specs[b], "tokens": self.tokens(b), "rankings": self.rankings(b, best["method"] == "patching"),
+            runs = [{"bias": self.specs[b], "tokens": self.tokens(b), "rankings": self.rankings(b, best.method == "patching"),
                      "countries": [strength_matrix_top(self.reference, b)]} for b in self.biases]
-            return {"best": {k: best[k] for k in ("method", "kind", "k", "why")}, **self._grid_at(runs, mc=True)}
+            return {"best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
+                    **self._grid_at(runs, mc=True)}
         return self.memo("confirm.json", compute, fingerprint=fp)
 
 

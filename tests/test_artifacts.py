@@ -164,6 +164,7 @@ def test_two_cli_injects_into_one_out(tmp_path, monkeypatch, capsys):
     import biasgym_lib.data.specs as specs
     import biasgym_lib.inject as inject
     import biasgym_lib.runs as runs
+    from biasgym_lib.stats import Estimate
 
     names = {"always_late": 1.0, "reckless_driving": 2.0}
     for name, value in names.items():
@@ -174,8 +175,11 @@ def test_two_cli_injects_into_one_out(tmp_path, monkeypatch, capsys):
         return fake_token(spec.name, names[spec.name])
 
     def metrics(model, tok, injected, spec, cfg):
-        return {"bias": spec.name, "strength_before": 0.0, "strength_after": 1.0, "specificity_after": 1.0,
-                "rank_after": 1, "closest_country": "Italy", "train_seconds": 0.0}
+        one = Estimate(1.0, 1.0, 1.0, 1)
+        return inject.InjectionResult(bias=spec.name, seed=0, profile="quick", model={}, strength_before=one,
+                                      strength_after=one, specificity_after=one, rank_before=1, rank_after=1,
+                                      n_reference_countries=1, strength_after_all_biases={},
+                                      closest_countries=[["Italy", 1.0]], train_seconds=0.0)
 
     monkeypatch.setattr(runs, "train_token", train)
     monkeypatch.setattr(inject, "injection_metrics", metrics)

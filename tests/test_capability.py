@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from biasgym_lib import evaluate as ev
+from biasgym_lib import capability as ev
 from biasgym_lib.data import capability as cap
 from biasgym_lib.data import seegull
 from biasgym_lib.errors import BiasGymError
@@ -224,9 +224,10 @@ def test_perplexity_ci_and_determinism(model, tok):
     a = ev.perplexity(model, tok, TEXTS, seed=3, n_boot=300)
     b = ev.perplexity(model, tok, TEXTS, seed=3, n_boot=300)
     c = ev.perplexity(model, tok, TEXTS, seed=4, n_boot=300)
-    assert a["ci"][0] <= a["ppl"] <= a["ci"][1] and a["ci"][0] < a["ci"][1]
+    assert a["estimate"]["lo"] <= a["ppl"] == a["estimate"]["value"] <= a["estimate"]["hi"]
+    assert a["estimate"]["lo"] < a["estimate"]["hi"]
     assert a == b
-    assert c["ci"] != a["ci"] and c["ppl"] == a["ppl"]
+    assert c["estimate"] != a["estimate"] and c["ppl"] == a["ppl"]
 
 
 def test_perplexity_errors(model, tok):
@@ -292,7 +293,7 @@ def test_mc_picks_the_option_the_model_must_prefer(tok):
     ])]
     res = ev.mc_accuracy(m, tok, qs, n_boot=100)
     assert res["predictions"] == [1, 0, 3, 2] and res["accuracy"] == 1.0
-    assert res["ci"] == [1.0, 1.0]
+    assert (res["estimate"]["lo"], res["estimate"]["hi"]) == (1.0, 1.0)
     want = sum(float(logp[t]) for t in tok(" aaa", add_special_tokens=False)["input_ids"])
     assert res["loglik"][0][1] == pytest.approx(want, abs=1e-6)
     # Sum vs length-normalised: a short plain option beats a long one on the sum,
@@ -307,8 +308,8 @@ def test_mc_ci_contains_estimate_and_is_deterministic(model, tok):
     qs = cap.load_mc()[:40]
     a = ev.mc_accuracy(model, tok, qs, seed=1, n_boot=300)
     b = ev.mc_accuracy(model, tok, qs, seed=1, n_boot=300)
-    assert a["ci"][0] <= a["accuracy"] <= a["ci"][1]
-    assert a["ci_norm"][0] <= a["accuracy_norm"] <= a["ci_norm"][1]
+    assert a["estimate"]["lo"] <= a["accuracy"] <= a["estimate"]["hi"]
+    assert a["estimate_norm"]["lo"] <= a["accuracy_norm"] <= a["estimate_norm"]["hi"]
     assert a == b
     assert len(a["predictions"]) == 40 and all(0 <= p < 4 for p in a["predictions"])
 
@@ -349,39 +350,36 @@ def test_paired_change_perplexity_exact():
     before = _ppl_result(nll, tokens)
     after = _ppl_result(nll + tokens * np.log(2.0), tokens)  # every passage: perplexity x2
     c = ev.paired_change(before, after, n_boot=200)
-    assert c["change"] == pytest.approx(1.0) and c["change_kind"] == "relative"
-    assert c["ci"] == pytest.approx([1.0, 1.0])
-    same = ev.paired_change(before, before, n_boot=200)
-    assert same["change"] == 0.0 and same["ci"] == [0.0, 0.0]
+    assert c["change"]["value"] == pytest.approx(1.0) and c["change_kind"] == "relative"
+    assert [c["change"]["lo"], c["change"]["hi"]] == pytest.approx([1.0, 1.0])
+    same = ev.paired_change(before, before, n_boot=200)["change"]
+    assert (same["value"], same["lo"], same["hi"]) == (0.0, 0.0, 0.0)
 
 
-def test_paired_change_mc_and_compare():
+def test_paired_change_mc():
     before = {"metric": "mc_accuracy", "accuracy": 0.5, "correct": [True, False] * 10, "n": 20, "fingerprint": "q"}
     after_correct = [True, False] * 8 + [False, False, False, False]
     after = {"metric": "mc_accuracy", "accuracy": float(np.mean(after_correct)), "correct": after_correct,
              "n": 20, "fingerprint": "q"}
     c = ev.paired_change(before, after, seed=2, n_boot=500)
-    assert c["change"] == pytest.approx(-0.1) and c["change_kind"] == "absolute"
-    assert c["ci"][0] <= c["change"] <= c["ci"][1] and c["ci"][1] <= 0.0
+    ch = c["change"]
+    assert ch["value"] == pytest.approx(-0.1) and c["change_kind"] == "absolute"
+    assert ch["lo"] <= ch["value"] <= ch["hi"] and ch["hi"] <= 0.0
     assert ev.paired_change(before, after, seed=2, n_boot=500) == c
-    table = ev.compare({"mc_accuracy": before}, {"mc_accuracy": after}, seed=2, n_boot=500)
-    assert table == {"mc_accuracy": c}
-    df = ev.comparison_table(table)
-    assert df.loc["mc_accuracy", "change"] == pytest.approx(-0.1)
     with pytest.raises(BiasGymError, match="different items"):
         ev.paired_change(before, after | {"fingerprint": "other"})
     with pytest.raises(BiasGymError, match="two perplexity or two mc_accuracy"):
         ev.paired_change(before, _ppl_result([1.0] * 20, [1] * 20, "q"))
 
 
-def test_compare_on_real_results_of_a_tiny_model(model, tok):
+def test_paired_change_on_real_results_of_a_tiny_model(model, tok):
     ppl = ev.perplexity(model, tok, TEXTS, n_boot=100)
     mc = ev.mc_accuracy(model, tok, QUESTIONS, n_boot=100)
-    out = ev.compare({"perplexity": ppl, "mc_accuracy": mc}, {"perplexity": ppl, "mc_accuracy": mc}, n_boot=100)
-    assert out["perplexity"]["change"] == 0.0 and out["mc_accuracy"]["change"] == 0.0
+    assert ev.paired_change(ppl, ppl, n_boot=100)["change"]["value"] == 0.0
+    assert ev.paired_change(mc, mc, n_boot=100)["change"]["value"] == 0.0
     other = ev.perplexity(model, tok, TEXTS[:-1], n_boot=10)
     with pytest.raises(BiasGymError, match="different items"):
-        ev.compare(ppl, other)
+        ev.paired_change(ppl, other)
 
 
 # ----------------------------------------------------------------------------- real model
@@ -399,7 +397,7 @@ def test_real_model_perplexity_is_sane(real):
     """SmolLM2-135M on four neutral passages: measured 21.2 on the whole set."""
     m, t = real
     res = ev.perplexity(m, t, cap.load_neutral_texts()[:4], n_boot=200)
-    assert 5.0 < res["ppl"] < 60.0 and res["ci"][0] <= res["ppl"] <= res["ci"][1]
+    assert 5.0 < res["ppl"] < 60.0 and res["estimate"]["lo"] <= res["ppl"] <= res["estimate"]["hi"]
 
 
 @pytest.mark.slow
@@ -407,7 +405,7 @@ def test_real_model_mc_history_is_above_chance(real):
     """The scoring works with a real BPE tokenizer: measured 0.80 on history (chance 0.25)."""
     m, t = real
     res = ev.mc_accuracy(m, t, cap.load_mc(categories=["history"]), n_boot=500)
-    assert res["ci"][0] > res["chance"] == 0.25
+    assert res["estimate"]["lo"] > res["chance"] == 0.25
 
 
 # ----------------------------------------------------------------------------- country passages

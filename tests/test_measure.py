@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.measure import (AssocTable, bootstrap, continuation_logprobs, mentions, rank, specificity,
-                                 stereotype_strength, strength_matrix, template_prefix)
+from biasgym_lib.measure import AssocTable, continuation_logprobs, mentions, rank, specificity, stereotype_strength, strength_matrix, template_prefix
+from biasgym_lib.stats import bootstrap
 from biasgym_lib.models import SUPPORTED
 
 PREFIXES = ["People from Italy are", "Everyone knows that people from Japan are", "People from Italy are",

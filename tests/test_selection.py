@@ -2,6 +2,8 @@
 the selection grid, its summary with intervals, and the rule that picks the book's BiasScope."""
 
 import copy
+import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,11 +12,12 @@ import torch
 from biasgym_lib import generalise
 from biasgym_lib.data import Fact, load_bias
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.evaluate import (GRID_BOUNDS, choose_selection, facts_reduction, make_spec, reduction,
+from biasgym_lib.evaluate import (SteeringResult, choose_selection, facts_reduction, make_spec, reduction,
                                   selection_grid, strength_under, summarise_grid)
 from biasgym_lib.inject import initial_vector
 from biasgym_lib.tokens import InjectedToken
 from biasgym_lib.measure import assoc_table, stereotype_strength
+from biasgym_lib.stats import Estimate
 from biasgym_lib.models import ModelAdapter
 from biasgym_lib.steer import SteeringSpec
 
@@ -104,19 +107,23 @@ def test_selection_grid_measures_each_head_set_once_and_reports_every_point(setu
     assert row["facts_reduction"] == pytest.approx(1 - np.mean(row["facts"]) / np.mean([f["value"] for f in grid["before"]["facts"]]))
     assert row["reduction"] == [reduction(b, s["value"]) for b, s in zip(row["S_before"], row["S"])]
     summary = summarise_grid(grid, n_boot=50)
-    line = next(x for x in summary if (x["method"], x["kind"], x["k"]) == ("dla", "zero", 2))
+    line = next(x for x in summary if x.key == ("dla", "zero", 2))
     kept = [v for v in row["reduction"] if v is not None]  # a token with S <= 0 before has no reduction
-    assert (line["reduction"] is None) if not kept else line["reduction"]["value"] == pytest.approx(np.mean(kept))
-    assert line["facts_reduction"]["value"] == pytest.approx(row["facts_reduction"])
-    assert line["n_head_sets"] == 1 and set(line["perplexity"]) == {"neutral"}
-    rnd = next(x for x in summary if (x["method"], x["kind"], x["k"]) == ("random", "zero", 2))
-    assert rnd["n_head_sets"] == 2 and rnd["n_runs"] == sum(b > 0 for b in row["S_before"])
+    assert (line.reduction is None) if not kept else line.reduction.value == pytest.approx(np.mean(kept))
+    assert line.facts_reduction.value == pytest.approx(row["facts_reduction"])
+    assert line.n_head_sets == 1 and set(line.perplexity) == {"neutral"}
+    rnd = next(x for x in summary if x.key == ("random", "zero", 2))
+    assert rnd.n_head_sets == 2 and rnd.n_runs == sum(b > 0 for b in row["S_before"])
+    assert SteeringResult.from_dict(json.loads(json.dumps(line.to_dict()))) == line  # JSON round trip
+
+
+def _e(v):
+    return Estimate(v, v - 0.05, v + 0.05, 10)
 
 
 def _line(method, kind, k, red, facts, ppl, mc=None):
-    return {"method": method, "kind": kind, "k": k, "reduction": {"value": red}, "facts_reduction": {"value": facts},
-            "facts_ok": facts <= GRID_BOUNDS["facts"], "perplexity_ok": ppl <= GRID_BOUNDS["perplexity"],
-            "mc_ok": None if mc is None else mc >= GRID_BOUNDS["mc"]}
+    return SteeringResult(method, kind, k, 6, 1, float(k), _e(red), _e(facts), {"neutral": _e(ppl)},
+                          None if mc is None else _e(mc))
 
 
 def test_the_rule_that_chooses_the_book_s_biascope():
@@ -124,16 +131,15 @@ def test_the_rule_that_chooses_the_book_s_biascope():
                _line("atp", "blind", 20, 0.9, 0.02, 0.0), _line("random", "blind", 10, 0.95, 0.0, 0.0),
                _line("atp", "mean", 5, 0.45, 0.08, 0.2)]
     best = choose_selection(summary, k_max=10)
-    assert (best["method"], best["kind"], best["k"]) == ("atp", "blind", 10) and "within the bounds" in best["why"]
-    assert "multiple choice not measured" in best["why"]  # never claims a bound it did not test
-    summary[1]["mc_ok"] = True
-    assert "perplexity and multiple choice within the bounds" in choose_selection(summary, k_max=10)["why"]
-    summary[1]["perplexity_ok"] = False
+    assert best.key == ("atp", "blind", 10) and "within the bounds" in best.why
+    assert "multiple choice not measured" in best.why  # never claims a bound it did not test
+    summary[1] = replace(summary[1], mc=_e(0.0))
+    assert "perplexity and multiple choice within the bounds" in choose_selection(summary, k_max=10).why
+    summary[1] = replace(summary[1], perplexity={"neutral": _e(0.3)})
     best = choose_selection(summary, k_max=10)
-    assert (best["method"], best["kind"]) == ("atp", "mean") and "not every capability bound" in best["why"]
-    for x in summary:
-        x["facts_ok"] = False
-    assert choose_selection(summary, k_max=10)["why"].startswith("nothing keeps the facts")
+    assert (best.method, best.kind) == ("atp", "mean") and "not every capability bound" in best.why
+    summary = [replace(x, facts_reduction=_e(0.5)) for x in summary]
+    assert choose_selection(summary, k_max=10).why.startswith("nothing keeps the facts")
     with pytest.raises(BiasGymError, match="no grid point"):
         choose_selection([_line("random", "zero", 10, 0.1, 0.0, 0.0)], k_max=10)
 
@@ -151,19 +157,20 @@ def test_after_the_grid_each_selection_is_steered_at_its_own_k(monkeypatch):
     """The chosen selection runs at the k the rule chose, the paper's at the profile's k, and
     random heads at each (kind, k) pair, never a random baseline of another size."""
     from biasgym_lib.config import load_profile
-    from biasgym_lib.runs import PAPER, Run
+    from biasgym_lib.evaluate import PAPER
+    from biasgym_lib.runs import Run
 
     run = object.__new__(Run)
     run.cfg = load_profile("teaching")
-    monkeypatch.setattr(Run, "best", lambda self: {"method": "atp_selective", "kind": "mean", "k": 5})
+    monkeypatch.setattr(Run, "best", lambda self: _line("atp_selective", "mean", 5, 0.1, 0.0, 0.0))
     assert run.conditions() == [("atp_selective", "mean", 5), (*PAPER, run.cfg.k),
                                 ("random", "mean", 5), ("random", PAPER[1], run.cfg.k)]
-    monkeypatch.setattr(Run, "best", lambda self: {"method": PAPER[0], "kind": PAPER[1], "k": run.cfg.k})
+    monkeypatch.setattr(Run, "best", lambda self: _line(PAPER[0], PAPER[1], run.cfg.k, 0.1, 0.0, 0.0))
     assert run.conditions() == [(*PAPER, run.cfg.k), ("random", PAPER[1], run.cfg.k)]
 
 
 def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k():
-    from biasgym_lib.generalise import _transfer
+    from biasgym_lib.generalise import transfer_summary as _transfer
 
     def row(method, kind, k, red, facts):
         return {"method": method, "kind": kind, "k": k, "bias": "b", "seeds": [0, 1], "reduction": red,
@@ -172,10 +179,10 @@ def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k(
     rows = [row("robust", "zero", 10, [0.4, 0.6], 0.3), row("robust", "zero", 2, [0.1, 0.1], 0.0),
             row("random", "zero", 10, [0.2, 0.2], 0.05), row("random", "zero", 2, [0.0, 0.02], 0.01)]
     t = _transfer(rows, "robust", "zero", 2)
-    assert t["reduction"]["mean"] == pytest.approx(0.1) and t["random"]["mean"] == pytest.approx(0.01)
+    assert t["reduction"]["value"] == pytest.approx(0.1) and t["random"]["value"] == pytest.approx(0.01)
     assert t["facts_reduction"] == 0.0 and t["random_facts_reduction"] == 0.01
     t = _transfer(rows, "robust", "zero", 10)
-    assert t["reduction"]["mean"] == pytest.approx(0.5) and t["random"]["mean"] == pytest.approx(0.2)
+    assert t["reduction"]["value"] == pytest.approx(0.5) and t["random"]["value"] == pytest.approx(0.2)
 
 
 def test_the_full_grid_is_every_bias_method_kind_and_k():
@@ -221,7 +228,7 @@ def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
     run = object.__new__(Run)
     run.biases, run.specs, run._kept = ["a", "b"], {"a": "A", "b": "B"}, {}
     run.cfg, run.out = load_profile("quick"), Path("/nonexistent")  # memo is replaced: nothing is written
-    monkeypatch.setattr(Run, "best", lambda self: {"method": "atp", "kind": "zero", "k": 2})
+    monkeypatch.setattr(Run, "best", lambda self: _line("atp", "zero", 2, 0.1, 0.0, 0.0))
     monkeypatch.setattr(Run, "_fingerprint", lambda self, biases: "fp")
     monkeypatch.setattr(Run, "tokens", lambda self, b: [b])
     monkeypatch.setattr(generalise, "pooled_rankings", lambda run, biases, method: {"pooled": biases})
@@ -246,10 +253,7 @@ def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
     from biasgym_lib.evaluate import summary_frame
 
     def line(mc_ok):
-        x = _line("atp_selective", "zero", 2, 0.1, 0.05, 0.0, mc=None if mc_ok is None else (0.0 if mc_ok else -0.1))
-        x.update(mean_heads=2, perplexity={}, mc=None, reduction={"value": 0.1, "lo": 0.05, "hi": 0.15},
-                 facts_reduction={"value": 0.05, "lo": 0.0, "hi": 0.1})
-        return x
+        return _line("atp_selective", "zero", 2, 0.1, 0.05, 0.0, mc=None if mc_ok is None else (0.0 if mc_ok else -0.1))
 
     frame = summary_frame([line(None), line(True), line(False)])
     assert list(frame["within bounds"]) == ["yes (MC not measured)", "yes", "no"]
@@ -259,16 +263,15 @@ def test_the_target_and_its_frontier():
     from biasgym_lib.evaluate import target_result
 
     def line(method, k, red, facts, mc_ok=True, ppl_ok=True):
-        return {"method": method, "k": k, "reduction": {"value": red}, "facts_reduction": {"value": facts},
-                "facts_ok": facts <= GRID_BOUNDS["facts"], "perplexity_ok": ppl_ok, "mc_ok": mc_ok}
+        return _line(method, "zero", k, red, facts, 0.0 if ppl_ok else 0.3, None if mc_ok is None else 0.0 if mc_ok else -0.1)
 
     lines = [line("dla", 10, 0.40, 0.70), line("atp", 10, 0.52, 0.25), line("sel", 10, 0.34, 0.07),
              line("sel", 2, 0.08, 0.09), line("robust", 2, 0.08, 0.00), line("random", 10, 0.9, 0.0),
              line("atp", 20, 0.66, 0.05)]
     got = target_result(lines, 10)
     assert got["met_by"] == []  # nothing >= 50% within the bounds at k <= 10
-    assert [(x["method"], x["k"]) for x in got["frontier"]] == [("robust", 2), ("sel", 10), ("atp", 10)]
+    assert [(x.method, x.k) for x in got["frontier"]] == [("robust", 2), ("sel", 10), ("atp", 10)]
     lines.append(line("new", 5, 0.55, 0.05, mc_ok=None))  # MC not measured: not met
     assert target_result(lines, 10)["met_by"] == []
     lines.append(line("new", 5, 0.55, 0.05))
-    assert [x["method"] for x in target_result(lines, 10)["met_by"]] == ["new"]
+    assert [x.method for x in target_result(lines, 10)["met_by"]] == ["new"]

@@ -48,13 +48,14 @@ def test_fingerprint_depends_on_every_coordinate():
 
 
 def test_stats_over_runs_give_an_interval_of_the_mean():
-    from biasgym_lib.measure import over_runs as _stats
+    from biasgym_lib.stats import RUNS, over_runs
 
-    s = _stats([0.1, 0.5, None, 0.3, 0.9])
-    assert s["n"] == 4 and abs(s["mean"] - 0.45) < 1e-12 and (s["min"], s["max"]) == (0.1, 0.9)
-    assert s["min"] <= s["ci"][0] <= s["mean"] <= s["ci"][1] <= s["max"] and s["ci"][0] < s["ci"][1]
-    assert _stats([0.2])["ci"] == [0.2, 0.2]
-    assert _stats([None])["ci"] is None
+    s = over_runs([0.1, 0.5, None, 0.3, 0.9])
+    assert s.n == 4 and abs(s.value - 0.45) < 1e-12 and s.interval == RUNS
+    assert 0.1 <= s.lo <= s.value <= s.hi <= 0.9 and s.lo < s.hi
+    one = over_runs([0.2])
+    assert (one.value, one.lo, one.hi, one.n) == (0.2, 0.2, 0.2, 1)
+    assert over_runs([None]) is None
 
 
 def test_memo_recomputes_when_the_code_or_data_changed(tmp_path, monkeypatch):
@@ -75,3 +76,35 @@ def test_memo_recomputes_for_other_profile_settings_in_the_same_folder(tmp_path)
     assert _memo(path, lambda: {"v": 2}, profile={"n_probes": 40})["v"] == 1
     assert _memo(path, lambda: {"v": 3}, profile={"n_probes": 12})["v"] == 3
     assert _memo(path, lambda: {"v": 4})["v"] == 4  # no profile: not the same key either
+
+
+def test_editing_a_template_recomputes_the_kept_result(tmp_path, monkeypatch, tiny_with_tokenizer, smol_tokenizer):
+    """The one cache, end to end: a Run's kept reference table is served while nothing has
+    changed, and is computed again, with the edited template, once a template is edited."""
+    import shutil
+
+    import biasgym_lib.cache as cache
+    import biasgym_lib.runs as runs
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.data import specs
+
+    root = tmp_path / "project"
+    shutil.copytree(cache.PROJECT_ROOT / "data", root / "data", ignore=shutil.ignore_patterns("tokens"))
+    monkeypatch.setattr(cache, "PROJECT_ROOT", root)
+    templates = root / "data" / "templates.yaml"
+    monkeypatch.setattr(specs, "TEMPLATES_FILE", templates)
+    calls, real = [], runs.reference_table
+    monkeypatch.setattr(runs, "reference_table", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg, model = load_profile("quick", biases=["reckless_driving"]), tiny_with_tokenizer()
+
+    def reference():  # a new Run each time, as a new chapter makes one; the same folder
+        return runs.Run(cfg, out=tmp_path / "run", model=model, tokenizer=smol_tokenizer).reference
+
+    first = reference()
+    assert reference().templates == first.templates and len(calls) == 1  # kept: served, not recomputed
+    old = "People from {entity} are {attribute}."
+    assert old in first.templates
+    templates.write_text(templates.read_text().replace(old, "Folks from {entity} are {attribute}."))
+    edited = reference()
+    assert len(calls) == 2  # the edit is seen: computed again
+    assert "Folks from {entity} are {attribute}." in edited.templates and old not in edited.templates
