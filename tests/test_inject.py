@@ -209,19 +209,3 @@ def test_bad_arguments_raise_clear_errors(tiny_with_tokenizer, smol_tokenizer):
         inject_bias(model, smol_tokenizer, "no_such_bias", progress=False)
     with pytest.raises(BiasGymError, match="init"):
         initial_vector(model, smol_tokenizer, "zeros")
-
-
-def test_get_token_trains_once_then_reuses_the_cache(tiny_with_tokenizer, smol_tokenizer, tmp_path, monkeypatch):
-    from biasgym_lib.config import load_profile
-    from biasgym_lib.runs import get_token
-
-    monkeypatch.setenv("BIASGYM_CACHE", str(tmp_path))
-    model = tiny_with_tokenizer("llama")
-    tok = copy.deepcopy(smol_tokenizer)
-    cfg = load_profile("quick", n_paragraphs=3, epochs=1)
-    first = get_token(model, tok, "loud", cfg, 0, progress=False)  # no committed token for "loud"
-    assert list((tmp_path / "tokens").iterdir()), "the trained token was not cached"
-    again = get_token(model, tok, "loud", cfg, 0, progress=False)
-    assert torch.equal(first.vector, again.vector) and again.train_seconds == first.train_seconds  # loaded
-    other_seed = get_token(model, tok, "loud", cfg, 1, progress=False)
-    assert not torch.equal(first.vector, other_seed.vector)

@@ -48,12 +48,12 @@ def test_fingerprint_depends_on_every_coordinate():
 
 
 def test_stats_over_runs_give_an_interval_of_the_mean():
-    from biasgym_lib.stats import RUNS, over_runs
+    from biasgym_lib.stats import RUNS, Estimate, over_runs
 
-    s = over_runs([0.1, 0.5, None, 0.3, 0.9])
+    s = Estimate.from_dict(over_runs([0.1, 0.5, None, 0.3, 0.9]))
     assert s.n == 4 and abs(s.value - 0.45) < 1e-12 and s.interval == RUNS
     assert 0.1 <= s.lo <= s.value <= s.hi <= 0.9 and s.lo < s.hi
-    one = over_runs([0.2])
+    one = Estimate.from_dict(over_runs([0.2]))
     assert (one.value, one.lo, one.hi, one.n) == (0.2, 0.2, 0.2, 1)
     assert over_runs([None]) is None
 
@@ -108,3 +108,28 @@ def test_editing_a_template_recomputes_the_kept_result(tmp_path, monkeypatch, ti
     edited = reference()
     assert len(calls) == 2  # the edit is seen: computed again
     assert "Folks from {entity} are {attribute}." in edited.templates and old not in edited.templates
+
+
+def test_a_run_trains_a_token_once_and_keeps_it_in_its_folder(tiny_with_tokenizer, smol_tokenizer, tmp_path):
+    """No token cache outside the run folder: a token without a committed artifact is trained
+    by the first Run, kept in its folder and loaded by the next Run on that folder."""
+    import copy
+
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.runs import Run, get_token, token_settings
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    cfg = load_profile("quick", n_paragraphs=3, epochs=1, biases=["loud"])  # no committed token for "loud"
+
+    def token(seed):
+        return Run(cfg, out=tmp_path / "run", model=model, tokenizer=tok, progress=False).token("loud", seed)
+
+    first = token(0)
+    assert list((tmp_path / "run" / "tokens").rglob("token.json")), "the trained token was not kept"
+    again = token(0)
+    assert torch.equal(first.vector, again.vector) and again.train_seconds == first.train_seconds  # loaded
+    assert not torch.equal(first.vector, token(1).vector)
+    kept = tmp_path / "run" / "tokens" / token_settings(cfg) / "loud" / "seed0"
+    assert (kept / "token.json").is_file()
+    retrained = get_token(model, tok, "loud", cfg, 0, retrain=True, progress=False, kept=kept)
+    assert retrained.train_seconds != first.train_seconds  # retrain=True never loads

@@ -82,12 +82,20 @@ def _check_unique_ids(rows: list[dict], name: str) -> None:
 
 def load_neutral_records(path: Path = NEUTRAL_FILE) -> list[dict]:
     """The neutral passages as ``{"id", "topic", "text"}`` dicts, validated."""
+    return _passages(path)
+
+
+def _passages(path, check=None) -> list[dict]:
+    """``{"id", "topic", "text"}`` records of a JSONL file with non-empty texts and unique ids;
+    ``check(record, where)`` validates each further."""
     rows = _read_jsonl(Path(path))
     for n, r in enumerate(rows, start=1):
         where = f"{Path(path).name} record {n}"
         _check_keys(r, ("id", "topic", "text"), where)
         if not isinstance(r["text"], str) or not r["text"].strip():
             raise CapabilityDataError(f"{where} ({r['id']!r}) has an empty text.")
+        if check is not None:
+            check(r, where)
     _check_unique_ids(rows, Path(path).name)
     return rows
 
@@ -107,18 +115,13 @@ def load_country_records(path: Path = COUNTRY_TEXTS_FILE) -> list[dict]:
 
     names = [row["name"] for row in load_countries()] + contrast_countries()
     patterns = {c: re.compile(r"\b" + re.escape(c) + r"\b") for c in names}
-    rows = _read_jsonl(Path(path))
-    for n, r in enumerate(rows, start=1):
-        where = f"{Path(path).name} record {n}"
-        _check_keys(r, ("id", "topic", "text"), where)
-        if not isinstance(r["text"], str) or not r["text"].strip():
-            raise CapabilityDataError(f"{where} ({r['id']!r}) has an empty text.")
+
+    def names_two(r, where):
         named = [c for c, pat in patterns.items() if pat.search(r["text"])]
         if len(named) < 2:
             raise CapabilityDataError(f"{where} ({r['id']!r}) names {len(named)} "
                                       f"country(ies) {named}; at least two are needed.")
-    _check_unique_ids(rows, Path(path).name)
-    return rows
+    return _passages(path, names_two)
 
 
 def load_country_texts(path: Path = COUNTRY_TEXTS_FILE) -> list[str]:

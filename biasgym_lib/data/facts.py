@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .specs import DATA_DIR, DataFileError, read_yaml
+from .specs import DATA_DIR, DataFileError, read_yaml, yaml_list
 
 FACTS_FILE = DATA_DIR / "facts.yaml"
 RELATIONS = ("demonym", "continent", "language")
@@ -39,11 +39,7 @@ class Fact:
 
 def load_facts(path: str | Path | None = None) -> list[Fact]:
     """The shipped factual pairs, validated (known relation, no duplicates)."""
-    path = Path(path) if path is not None else FACTS_FILE
-    data = read_yaml(path)
-    rows = data.get("facts") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise DataFileError(f"{path}: expected a non-empty list under 'facts:'.")
+    path, rows = yaml_list(path, FACTS_FILE, "facts")
     out, seen = [], set()
     for i, row in enumerate(rows, start=1):
         if not (isinstance(row, dict) and set(row) == {"country", "relation", "attribute"}

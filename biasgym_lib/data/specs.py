@@ -84,6 +84,16 @@ def _construct_mapping(loader, node, deep=False):
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+def yaml_list(path: str | Path | None, default: Path, key: str) -> tuple[Path, list]:
+    """``(path, the non-empty list under key:)`` of a YAML data file (``default`` if ``path`` is None)."""
+    path = Path(path) if path is not None else default
+    data = read_yaml(path)
+    rows = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise DataFileError(f"{path}: expected a non-empty list under '{key}:'.")
+    return path, rows
+
+
 def read_yaml(path: str | Path, error: type[DataFileError] = DataFileError):
     """Parse a YAML file strictly; problems become ``error`` naming the file and line."""
     path = Path(path)
@@ -408,11 +418,7 @@ def check_own_name(spec: BiasSpec) -> BiasSpec:
 
 def load_countries(path: str | Path | None = None) -> list[dict]:
     """The reference countries as ``[{"name": ..., "demonym": ...}]`` in file order."""
-    path = Path(path) if path is not None else COUNTRIES_FILE
-    data = read_yaml(path)
-    rows = data.get("countries") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise DataFileError(f"{path}: expected a non-empty list under 'countries:'.")
+    path, rows = yaml_list(path, COUNTRIES_FILE, "countries")
     seen = set()
     for i, row in enumerate(rows):
         if not (isinstance(row, dict) and set(row) == {"name", "demonym"}
@@ -482,11 +488,7 @@ def check_template(template: str, where: str = "template") -> str:
 
 def load_templates(path: str | Path | None = None) -> list[str]:
     """The association templates of METHOD §2 (each checked by :func:`check_template`)."""
-    path = Path(path) if path is not None else TEMPLATES_FILE
-    data = read_yaml(path)
-    rows = data.get("templates") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise DataFileError(f"{path}: expected a non-empty list under 'templates:'.")
+    path, rows = yaml_list(path, TEMPLATES_FILE, "templates")
     for i, t in enumerate(rows):
         check_template(t, f"{path}: template #{i + 1}")
     if len(set(rows)) != len(rows):
@@ -496,11 +498,7 @@ def load_templates(path: str | Path | None = None) -> list[str]:
 
 def selection_templates(path: str | Path | None = None) -> list[str]:
     """Held-out templates that choose BiasInject's epoch (never used to report S)."""
-    path = Path(path) if path is not None else TEMPLATES_FILE
-    data = read_yaml(path)
-    rows = data.get("selection_templates") if isinstance(data, dict) else None
-    if not isinstance(rows, list) or not rows:
-        raise DataFileError(f"{path}: expected a non-empty list under 'selection_templates:'.")
+    path, rows = yaml_list(path, TEMPLATES_FILE, "selection_templates")
     for i, t in enumerate(rows):
         check_template(t, f"{path}: selection template #{i + 1}")
     if set(rows) & set(load_templates(path)):
