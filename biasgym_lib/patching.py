@@ -29,7 +29,8 @@ def direct_path_patching(model: nn.Module, tokenizer, prompts: list[str], biased
     norm's scale fixed from the clean pass; return the (L, H) mean drop of the logit
     difference. It runs the model's own modules (``o_proj``, the post-attention norm where
     there is one, ``lm_head``), not the DLA algebra, and equals
-    :func:`contrastive_head_scores` to float error: the check that ΔDLA is a direct effect.
+    :func:`~biasgym_lib.scope.contrastive_head_scores` to float error: the check that ΔDLA
+    is a direct effect.
     """
     adapter = ModelAdapter(model)
     batch = as_batch(tokenizer, prompts, device=adapter.device)
