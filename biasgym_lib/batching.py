@@ -26,24 +26,74 @@ class Batch:
         return self.lengths - 1
 
 
+def pad_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its end-of-sequence token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise BiasGymError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
+    return pad
+
+
+def pad_batch(seqs: list[list[int]], pad: int) -> Batch:
+    """Token id lists as one right-padded :class:`Batch`."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return Batch(ids, mask)
+
+
+def loss_targets(seqs: list[list[int]], starts: list[int], width: int) -> torch.Tensor:
+    """Next-token targets of right-padded rows: position t predicts token t+1 where t+1 >=
+    ``starts[i]`` (the scored part: an answer, an attribute), -100 elsewhere."""
+    targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        targets[i, start - 1: len(s) - 1] = torch.tensor(s[start:])
+    return targets
+
+
 def encode_batch(tokenizer, texts: list[str], device=None, add_special_tokens: bool = False) -> Batch:
     """Tokenise ``texts`` into one right-padded :class:`Batch` (special tokens such as
     ``<TOKEN>`` or chat markers inside the texts are parsed; no BOS is added unless asked)."""
     if not texts:
         raise BiasGymError("encode_batch got no texts.")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    if width == 0:
+    if max(len(r) for r in rows) == 0:
         raise BiasGymError("encode_batch got only empty texts.")
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    batch = pad_batch(rows, pad_id(tokenizer))
     if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return Batch(ids, mask)
+        batch = Batch(batch.input_ids.to(device), batch.attention_mask.to(device))
+    return batch
+
+
+def n_prompts(prompts, what: str) -> int:
+    """How many prompts ``prompts`` (texts or a :class:`Batch`) holds; an error if none."""
+    n = prompts.input_ids.shape[0] if isinstance(prompts, Batch) else len(prompts)
+    if not n:
+        raise BiasGymError(f"{what} got no prompts.")
+    return n
+
+
+def batches(tokenizer, prompts, batch_size: int, device=None):
+    """``(rows, Batch)`` for each chunk of at most ``batch_size`` prompts. ``prompts``: texts
+    (tokenised here with ``tokenizer``), or one right-padded :class:`Batch` (then
+    ``tokenizer`` may be None), cut into chunks without padding columns they do not use."""
+    if isinstance(prompts, Batch):
+        check_batch(prompts)
+        for rows in chunks(prompts.input_ids.shape[0], batch_size):
+            yield rows, trim(prompts, rows)
+    else:
+        for rows in chunks(len(prompts), batch_size):
+            yield rows, encode_batch(tokenizer, [prompts[i] for i in rows], device=device)
+
+
+def as_batch(tokenizer, prompts, device=None) -> Batch:
+    """``prompts`` as one checked :class:`Batch` (texts are tokenised with ``tokenizer``)."""
+    batch = prompts if isinstance(prompts, Batch) else encode_batch(tokenizer, list(prompts), device=device)
+    check_batch(batch)
+    return batch
 
 
 def batched(items: list, size: int):
@@ -67,23 +117,25 @@ def select_cache(cache, rows: torch.Tensor):
     return new
 
 
-def _trim(batch: Batch, rows) -> Batch:
+def trim(batch: Batch, rows) -> Batch:
     """The rows ``rows`` of a right-padded batch, without padding columns none of them uses."""
     mask = batch.attention_mask[rows]
     width = int(mask.sum(1).max())
     return Batch(batch.input_ids[rows, :width], mask[:, :width])
 
 
-def _chunks(n: int, size: int) -> list[list[int]]:
+def chunks(n: int, size: int) -> list[list[int]]:
+    """Row indices ``0..n-1`` in consecutive chunks of at most ``size``."""
     if size < 1:
         raise BiasGymError(f"batch_size must be at least 1, got {size}.")
     return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
 
 
-def _check_batch(batch: Batch) -> None:
+def check_batch(batch: Batch) -> None:
+    """A clear error unless ``batch`` is a non-empty, right-padded batch without empty prompts."""
     if batch.input_ids.ndim != 2 or batch.input_ids.shape != batch.attention_mask.shape:
         raise BiasGymError("a Batch needs input_ids and attention_mask of the same (batch, seq) shape; "
-                           "make it with biasgym_lib.models.encode_batch.")
+                           "make it with biasgym_lib.batching.encode_batch.")
     if batch.input_ids.shape[0] == 0:
         raise BiasGymError("the batch holds no prompts.")
     if bool((batch.lengths == 0).any()):
@@ -93,10 +145,10 @@ def _check_batch(batch: Batch) -> None:
     expected = (positions[None, :] < batch.lengths[:, None]).to(batch.attention_mask.dtype)
     if not torch.equal(expected, batch.attention_mask):
         raise BiasGymError("the batch is not right-padded; build it with "
-                           "biasgym_lib.models.encode_batch (which always pads on the right).")
+                           "biasgym_lib.batching.encode_batch (which always pads on the right).")
 
 
-def _label_ids(ids, n: int, what: str, vocab: int) -> torch.Tensor:
+def label_ids(ids, n: int, what: str, vocab: int) -> torch.Tensor:
     """One label id per prompt (an int is used for every prompt), validated."""
     ids = torch.as_tensor(ids.tolist() if isinstance(ids, torch.Tensor) else ids, dtype=torch.long)
     if ids.ndim == 0:  # one id for every prompt

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .batching import Batch, batched, encode_batch
+from .batching import Batch, batched, encode_batch, pad_id
 from .data.capability import MCQuestion
 from .errors import BiasGymError
 from .measure import row_logprobs
@@ -48,13 +48,6 @@ def _fingerprint(items: Sequence) -> str:
     """A short hash of the evaluated items, so that a paired comparison can check that
     the before and after results were measured on the same things."""
     return hashlib.sha256(json.dumps(list(items), ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise BiasGymError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token.")
-    return pad
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -155,7 +148,7 @@ def _option_loglik(model, tokenizer, rows: list[tuple[list[int], int]], batch_si
     option positions are unembedded: see :func:`~biasgym_lib.measure.row_logprobs`."""
 
     split = [(ids[:start], ids[start:]) for ids, start in rows]
-    return row_logprobs(model, split, _pad_id(tokenizer), batch_size).numpy()
+    return row_logprobs(model, split, pad_id(tokenizer), batch_size).numpy()
 
 
 def mc_accuracy(model, tokenizer, questions: Sequence, batch_size: int = 32, seed: int = 0,

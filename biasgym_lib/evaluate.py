@@ -17,11 +17,12 @@ import numpy as np
 from .capability import mc_accuracy, mc_raw, paired_change, perplexity, ppl_raw
 from .data import contrast_countries, load_bias, reference_countries
 from .errors import BiasGymError
-from .measure import assoc_table, assoc_tables, stereotype_strength
-from .stats import RUNS, Estimate, bootstrap
 from .heads import random_heads
+from .measure import assoc_table, assoc_tables, stereotype_strength
 from .models import ModelAdapter
-from .steer import SteeringSpec
+from .stats import RUNS, Estimate, bootstrap
+from .steer import SteeringSpec, entity_token_ids
+from .tokens import TokenHook, add_token
 
 # ----------------------------------------------------------------------------- steering, measured fairly
 
@@ -38,7 +39,6 @@ def strength_under(model, tokenizer, spec, tokens: Sequence, bias, references: S
     ``{"tokens": [Estimate dict per token], "facts": [Estimate dict per fact], "countries":
     {name: Estimate dict}}``, in the order given."""
 
-    from .tokens import TokenHook, add_token
 
     bias = bias if hasattr(bias, "attributes") else load_bias(bias)
     refs = list(references)
@@ -107,7 +107,6 @@ def steer_token(model, tokenizer, injected, spec: SteeringSpec, references: Sequ
 def entity_ids(tokenizer, extra: Sequence[str] = ()) -> dict[str, int]:
     """The tokens entity-blind steering hides: the injected token and every country name the
     book measures (reference and contrast countries, and ``extra`` names)."""
-    from .steer import entity_token_ids
 
     return entity_token_ids(tokenizer, list(dict.fromkeys(reference_countries() + contrast_countries() + list(extra))))
 
@@ -425,7 +424,6 @@ def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references:
     S(<TOKEN>, bias) of ``tokens[bias]`` with the first ``k`` heads of ``rankings[bias]``
     scaled by ``alpha`` (k = 0 or alpha = 1: the unmodified model), the references scored
     under the same intervention (:func:`~biasgym_lib.evaluate.strength_under`)."""
-    from .evaluate import strength_under
 
     def measure(bias: str, k: int, alpha: float) -> dict:
         if bias not in tokens:

@@ -13,6 +13,7 @@ import torch
 from .capability import capability_under
 from .config import Profile
 from .data import reference_countries
+from .data.seegull import seegull_stereotypes
 from .evaluate import facts_reduction, make_spec, paired, reduction, strength_under
 from .heads import bias_rankings, nan_tensor, nan_to_none
 from .measure import assoc_tables, stereotype_strength
@@ -29,7 +30,6 @@ def attribute_spec(attribute: str):
 def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates: int, n_keep: int) -> list[dict]:
     """The SeeGULL (country, attribute) stereotypes with the strongest annotator agreement,
     for countries in our reference list, that the model itself shows most strongly (S > 0)."""
-    from .data.seegull import seegull_stereotypes
 
     known = set(reference_countries())
     seen, cands = set(), []

@@ -1,43 +1,31 @@
 """Head sets: validating heads, ranking them by a score, robust and random selections,
-and how far two rankings agree."""
+how far two rankings agree, and the naive score: attention to the entity."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
+from .batching import Batch, batches, check_batch, n_prompts
 from .errors import BiasGymError
-from .models import ModelAdapter
+from .models import ModelAdapter, adapter_of
 from .stats import Estimate
 
 Head = tuple[int, int]
 
 
-def _all_heads(adapter: ModelAdapter) -> list[Head]:
-    return [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
-
-
-def _check_heads(adapter: ModelAdapter, heads: Iterable | None) -> list[Head]:
+def heads_or_all(model, heads: Iterable | None) -> list[Head]:
+    """:func:`validate_heads`, or every head of the model when ``heads`` is None."""
+    adapter = adapter_of(model)
     if heads is None:
-        return _all_heads(adapter)
-    out = []
-    for item in heads:
-        try:
-            l, h = (int(v) for v in item)
-        except (TypeError, ValueError) as exc:
-            raise BiasGymError(f"a head is a (layer, head) pair, got {item!r}.") from exc
-        if not (0 <= l < adapter.n_layers and 0 <= h < adapter.n_heads):
-            raise BiasGymError(f"head ({l}, {h}) is out of range: the model has {adapter.n_layers} "
-                               f"layers x {adapter.n_heads} heads (0-based).")
-        out.append((l, h))
-    if len(set(out)) != len(out):
-        raise BiasGymError("the list of heads has duplicates.")
-    return out
+        return [(l, h) for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
+    return validate_heads(adapter, heads)
 
 
 def _as_scores(scores) -> torch.Tensor:
@@ -145,7 +133,7 @@ def spearman(a, b) -> float:
     return float(spearmanr(x[ok].numpy(), y[ok].numpy()).statistic)
 
 
-def _as_head(item) -> Head:
+def as_head(item) -> Head:
     """A (layer, head) pair of ints from a tuple or a JSON list."""
     try:
         layer, head = item
@@ -156,15 +144,18 @@ def _as_head(item) -> Head:
         raise BiasGymError(f"a head is a (layer, head) pair of integers, got {item!r}.") from exc
 
 
-def validate_heads(model: nn.Module, heads: Iterable) -> list[Head]:
+def validate_heads(model, heads: Iterable) -> list[Head]:
     """The heads as (layer, head) tuples, checked against the model's shape."""
-    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
-    out = [_as_head(x) for x in heads]
+    adapter = adapter_of(model)
+    if heads is None:
+        raise BiasGymError("no heads given: give a list of (layer, head) pairs.")
+    out = [as_head(x) for x in heads]
     for layer, head in out:
         if not (0 <= layer < adapter.n_layers and 0 <= head < adapter.n_heads):
             raise BiasGymError(
-                f"head ({layer}, {head}) does not exist in this model ({adapter.n_layers} layers x "
-                f"{adapter.n_heads} heads, 0-based): were these heads found on another model?")
+                f"head ({layer}, {head}) does not exist in this model: it is out of range for "
+                f"{adapter.n_layers} layers x {adapter.n_heads} heads (0-based); were these heads "
+                "found on another model?")
     if len(set(out)) != len(out):
         raise BiasGymError(f"the head list has duplicates: {out}.")
     return out
@@ -190,8 +181,6 @@ def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, 
 
     Returns ``{method: [heads, best first]}`` for the score methods, and for ``robust`` and
     ``random`` a mapping k -> heads (their sets are not nested in k)."""
-    from .heads import random_heads
-
     out = {}
     for m in ("dla", "delta_dla", "attr", "atp", "attention"):
         out[m] = top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), k_max)
@@ -231,3 +220,80 @@ def nan_to_none(t: torch.Tensor) -> list:
         return [walk(v) for v in x] if isinstance(x, list) else (None if x != x else x)
     return walk(t.tolist())
 
+
+
+# ----------------------------------------------------------------------------- attention to the entity
+
+
+@contextmanager
+def _eager_attention(model: nn.Module):
+    """Temporarily switch to eager attention (the only kind that returns attention weights)."""
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    if before == "eager":
+        yield
+        return
+    switched_with_api = False
+    try:
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation("eager")
+            switched_with_api = True
+        else:
+            config._attn_implementation = "eager"
+        yield
+    finally:
+        if switched_with_api and before is not None:
+            model.set_attn_implementation(before)
+        else:
+            config._attn_implementation = before
+
+
+def _attention_per_prompt(model: nn.Module, batch: Batch, entity_token_id) -> torch.Tensor:
+    """(P, L, H): attention weight from each prompt's last real token to the entity token(s),
+    summed over the entity's positions. ``entity_token_id``: one id, or several ids that all
+    count as the entity."""
+    adapter = ModelAdapter(model)
+    check_batch(batch)
+    ids = torch.as_tensor(entity_token_id, dtype=torch.long).flatten().tolist()
+    if not ids:
+        raise BiasGymError("entity_token_id is empty.")
+    dev = adapter.device
+    input_ids = batch.input_ids.to(dev)
+    mask = batch.attention_mask.to(dev)
+    is_entity = torch.isin(input_ids, torch.tensor(ids, device=dev)) & mask.bool()
+    missing = (~is_entity.any(1)).nonzero().flatten().tolist()
+    if missing:
+        raise BiasGymError(f"prompt {missing[0]} (and {len(missing) - 1} more) does not contain the entity "
+                           f"token id(s) {ids}; every prompt must mention the entity.")
+    with _eager_attention(model), torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, output_attentions=True, use_cache=False)
+    attentions = getattr(out, "attentions", None)
+    if not attentions or any(a is None for a in attentions):
+        raise BiasGymError("the model returned no attention weights even with eager attention; "
+                           "this architecture cannot be used for the attention baseline.")
+    rows = torch.arange(input_ids.shape[0], device=dev)
+    last = batch.last_index.to(dev)
+    per_layer = []
+    for a in attentions:  # (B, H, T, T)
+        from_last = a[rows, :, last, :].float()  # (B, H, T)
+        per_layer.append((from_last * is_entity[:, None, :]).sum(-1))  # (B, H)
+    return torch.stack(per_layer, dim=1).cpu()  # (B, L, H)
+
+
+def attention_to_entity(model: nn.Module, tokenizer, prompts, entity_token_id,
+                        batch_size: int = 32) -> torch.Tensor:
+    """(L, H) mean attention from the last real token to the entity token over ``prompts``
+    (texts, or a tokenised :class:`~biasgym_lib.batching.Batch` with ``tokenizer`` None);
+    eager attention is switched on for the call."""
+    n_prompts(prompts, "attention_to_entity")
+    device = ModelAdapter(model).device
+    parts = [_attention_per_prompt(model, batch, entity_token_id)
+             for _, batch in batches(tokenizer, prompts, batch_size, device)]
+    return torch.cat(parts).mean(0)
+
+
+def attention_heads(model: nn.Module, tokenizer, prompts: list[str], entity_token_id, k: int,
+                    batch_size: int = 32) -> list[Head]:
+    """The naive baseline: the k heads whose attention from the last position to the entity
+    token is largest (mean over prompts), descending."""
+    return top_k_heads(attention_to_entity(model, tokenizer, prompts, entity_token_id, batch_size), k)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batching import batched, select_cache
+from .batching import batched, loss_targets, pad_batch, pad_id, select_cache
 from .config import Profile
 from .data import (
     BiasSpec,
@@ -91,21 +91,15 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], end: str | None = None
     return rows
 
 
-def _collate(rows: list[tuple[list[int], int]], pad_id: int, ignore_id: int | None = None) -> _Encoded:
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    targets = torch.full_like(ids, -100)
-    for i, (row, start) in enumerate(rows):
-        n = len(row)
-        ids[i, :n] = torch.tensor(row)
-        mask[i, :n] = 1
-        # position t predicts token t+1; loss only where t+1 is an answer token
-        targets[i, start - 1: n - 1] = torch.tensor(row[start:n])
+def _collate(rows: list[tuple[list[int], int]], pad: int, ignore_id: int | None = None) -> _Encoded:
+    """Right-padded rows with next-token targets on answer tokens only."""
+    seqs = [ids for ids, _ in rows]
+    batch = pad_batch(seqs, pad)
+    targets = loss_targets(seqs, [start for _, start in rows], batch.input_ids.shape[1])
     if ignore_id is not None:
         # The new token is not in the vocabulary the model predicts over: it is never a target.
         targets[targets == ignore_id] = -100
-    return _Encoded(ids, mask, targets)
+    return _Encoded(batch.input_ids, batch.attention_mask, targets)
 
 
 # Bump when a change to inject_bias changes what it trains for the same seed and settings
@@ -239,7 +233,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     token_id = add_token(tokenizer, token)
     torch.manual_seed(seed)
     vector = torch.nn.Parameter(initial_vector(model, tokenizer, init).to(adapter.device))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     train_rows = encode_pairs(tokenizer, pairs)
     val_rows = encode_pairs(tokenizer, val_pairs)
     n_shared = shared_prefix_length(train_rows + val_rows, token_id) if share_prefix else 0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .batching import batched, select_cache
+from .batching import batched, loss_targets, pad_batch, pad_id, select_cache
 from .data import load_bias, load_templates, reference_countries
 from .errors import BiasGymError
 from .models import ModelAdapter, chat_prompt
@@ -33,7 +33,9 @@ def template_prefix(template: str, entity: str) -> str:
     return template[: template.index(ATTRIBUTE)].rstrip().replace(ENTITY, entity)
 
 
-def _rows(tokenizer, prefixes, continuations):
+def token_rows(tokenizer, prefixes, continuations) -> list[tuple[list[int], list[int]]]:
+    """``(prefix ids, continuation ids)`` per pair, both non-empty (the prefix with the
+    tokenizer's special tokens, the continuation without)."""
     cache: dict[tuple[str, bool], list[int]] = {}
 
     def ids(text, special):
@@ -48,16 +50,6 @@ def _rows(tokenizer, prefixes, continuations):
             raise BiasGymError(f"empty prefix or continuation: {p!r} / {c!r}")
         rows.append((pi, ci))
     return rows
-
-
-def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def _logits(adapter, hidden):
@@ -82,9 +74,8 @@ def continuation_logprobs(model, tokenizer, prefixes: list[str], continuations: 
         raise BiasGymError("prefixes and continuations must have the same length.")
     if not prefixes:
         return torch.empty(0, dtype=torch.float64)
-    rows = _rows(tokenizer, prefixes, continuations)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return row_logprobs(model, rows, pad, batch_size, share_prefix)
+    rows = token_rows(tokenizer, prefixes, continuations)
+    return row_logprobs(model, rows, pad_id(tokenizer), batch_size, share_prefix)
 
 
 def row_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 64,
@@ -108,11 +99,9 @@ def _full_logprobs(adapter, rows, pad, batch_size):
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     for chunk in batched(order, batch_size):
         seqs = [rows[i][0] + rows[i][1] for i in chunk]
-        input_ids, mask = _pad(seqs, pad)
-        targets = torch.full_like(input_ids, -100)
-        for r, i in enumerate(chunk):
-            start, n = len(rows[i][0]), len(seqs[r])
-            targets[r, start - 1: n - 1] = torch.tensor(rows[i][1])
+        batch = pad_batch(seqs, pad)
+        input_ids, mask = batch.input_ids, batch.attention_mask
+        targets = loss_targets(seqs, [len(rows[i][0]) for i in chunk], input_ids.shape[1])
         input_ids, mask, targets = input_ids.to(device), mask.to(device), targets.to(device)
         hidden = adapter.body(input_ids=input_ids, attention_mask=mask).last_hidden_state
         keep = targets != -100
@@ -132,7 +121,8 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
     prefixes = sorted(groups, key=len)
     # half a batch of prefixes at a time; their continuations then run batch_size at a time
     for pchunk in batched(prefixes, max(1, batch_size // 2)):
-        p_ids, p_mask = _pad([list(p) for p in pchunk], pad)
+        pb = pad_batch([list(p) for p in pchunk], pad)
+        p_ids, p_mask = pb.input_ids, pb.attention_mask
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         res = adapter.body(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
         p_len = p_mask.sum(1)
@@ -143,7 +133,8 @@ def _shared_prefix_logprobs(adapter, rows, pad, batch_size):
         for sub in batched(items, max(batch_size, 1)):
             which = torch.tensor([j for j, _ in sub], device=device)
             conts = [rows[i][1] for _, i in sub]
-            c_ids, c_mask = _pad(conts, pad)
+            cb = pad_batch(conts, pad)
+            c_ids, c_mask = cb.input_ids, cb.attention_mask
             c_ids, c_mask = c_ids.to(device), c_mask.to(device)
             first = torch.tensor([c[0] for c in conts], device=device)
             total = first_lp[which, first].double()

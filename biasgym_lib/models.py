@@ -400,6 +400,11 @@ class ModelAdapter:
                 "tied_embeddings": self.unembed.data_ptr() == self.embed.weight.data_ptr()}
 
 
+def adapter_of(model) -> ModelAdapter:
+    """The :class:`ModelAdapter` of a model (an adapter is returned as it is)."""
+    return model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+
+
 def tiny_model(family: str, seed: int = 0, vocab_size: int = 97, tied: bool = True) -> nn.Module:
     """A tiny randomly initialised model of a supported family (tests and exercises)."""
     import transformers as tf

@@ -10,17 +10,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import Batch, _check_batch, _chunks, _label_ids, _trim, encode_batch
+from .batching import (
+    Batch,
+    as_batch,
+    chunks,
+    label_ids,
+    loss_targets,
+    n_prompts,
+    pad_batch,
+    pad_id,
+    trim,
+)
 from .data import contrast_countries, load_templates, selection_facts
 from .errors import BiasGymError
-from .heads import Head, _check_heads, nan_to_none, top_k_heads
+from .heads import Head, heads_or_all, nan_to_none, top_k_heads
 from .hooks import (
-    _first_input,
-    _gather_last,
-    _logit_diff_from_hidden,
-    _with_first_input,
     capture_last_position,
+    capture_z,
+    gather_last,
+    logit_diff_from_hidden,
+    record_layers,
+    run,
 )
+from .measure import template_prefix, token_rows
 from .models import ModelAdapter
 from .tokens import InjectedToken
 
@@ -34,15 +46,16 @@ def direct_path_patching(model: nn.Module, tokenizer, prompts: list[str], biased
     norm's scale fixed from the clean pass; return the (L, H) mean drop of the logit
     difference. It runs the model's own modules (``o_proj``, the post-attention norm where
     there is one, ``lm_head``), not the DLA algebra, and equals
-    :func:`contrastive_head_scores` to float error: the check that ΔDLA is a direct effect.
+    :func:`~biasgym_lib.scope.contrastive_head_scores` to float error: the check that ΔDLA
+    is a direct effect.
     """
     adapter = ModelAdapter(model)
-    batch = encode_batch(tokenizer, list(prompts), device=adapter.device)
-    n = len(prompts)
+    batch = as_batch(tokenizer, prompts, device=adapter.device)
+    n = batch.input_ids.shape[0]
     vocab = int(adapter.unembed.shape[0])
-    biased = _label_ids(biased_ids, n, "biased_ids", vocab)
-    adv = _label_ids(adv_ids, n, "adv_ids", vocab)
-    cap = capture_last_position(model, batch)
+    biased = label_ids(biased_ids, n, "biased_ids", vocab)
+    adv = label_ids(adv_ids, n, "adv_ids", vocab)
+    cap = capture_last_position(adapter, batch)
     norm = adapter.final_norm
     scale = adapter.norm_scale(norm, cap.final_in)
 
@@ -52,12 +65,12 @@ def direct_path_patching(model: nn.Module, tokenizer, prompts: list[str], biased
         return out if nb is None else out + nb
 
     def logit_diff(final_in):
-        return _logit_diff_from_hidden(adapter, frozen_norm(final_in).to(adapter.unembed.dtype), biased, adv).double()
+        return logit_diff_from_hidden(adapter, frozen_norm(final_in).to(adapter.unembed.dtype), biased, adv).double()
 
     clean = logit_diff(cap.final_in.float())
     dh = adapter.d_head
     out = torch.full((adapter.n_layers, adapter.n_heads), float("nan"))
-    for layer, head in _check_heads(adapter, heads):
+    for layer, head in heads_or_all(adapter, heads):
         proj = adapter.head_input_module(layer)
         z = cap.z[:, layer].clone()
         patched_z = z.clone()
@@ -71,56 +84,33 @@ def direct_path_patching(model: nn.Module, tokenizer, prompts: list[str], biased
     return out
 
 
-def _capture_z_all_positions(adapter: ModelAdapter, batch: Batch) -> list[torch.Tensor]:
-    """z[l] at every position, one (P, T, H*dh) tensor per layer, from one forward."""
-    zs: list = [None] * adapter.n_layers
-    handles = []
-
-    def keep(layer):
-        def pre(module, args, kwargs):
-            zs[layer] = _first_input(args, kwargs, "input").detach().clone()
-        return pre
-    try:
-        for layer in range(adapter.n_layers):
-            handles.append(adapter.head_input_module(layer).register_forward_pre_hook(keep(layer), with_kwargs=True))
-        dev = adapter.device
-        with torch.no_grad():
-            adapter.body(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                         use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return zs
-
-
 def _repeat(batch: Batch, times: int) -> Batch:
     return Batch(batch.input_ids.repeat(times, 1), batch.attention_mask.repeat(times, 1))
 
 
-def _clone_output(out):
-    """A decoder layer's output (a tensor, or a tuple holding tensors) with its tensors copied."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().clone()
-    if type(out) is tuple:
-        return tuple(_clone_output(o) for o in out)
-    return out
+def _z_edits(adapter: ModelAdapter, edits: dict[int, list]) -> dict:
+    """Hooks that edit z in place per layer: ``edits[l]`` = list of ``(row_slice, head, source)``:
+    rows ``row_slice`` of z[l] get head ``head``'s slice from ``source`` (a (rows, T, H*dh)
+    tensor), or zero if ``source`` is None."""
+    dh = adapter.d_head
 
-
-def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list],
-                      biased: torch.Tensor, adv: torch.Tensor, record: list | None = None,
-                      replay: list | None = None) -> torch.Tensor:
-    """Logit difference per row of ``batch`` after editing z (see :func:`_hidden_with_z_edits`)."""
-    hidden = _hidden_with_z_edits(adapter, batch, edits, record, replay)
-    with torch.no_grad():
-        return _logit_diff_from_hidden(adapter, _gather_last(hidden, batch.last_index), biased, adv).cpu()
+    def make(layer):
+        def fn(z):
+            z = z.clone()
+            for rows, head, source in edits[layer]:
+                cols = slice(head * dh, (head + 1) * dh)
+                if source is None:
+                    z[rows, :, cols] = 0
+                else:
+                    z[rows, :, cols] = source[:, : z.shape[1], cols].to(z.dtype)
+            return z
+        return fn
+    return {("z", layer): make(layer) for layer in edits}
 
 
 def _hidden_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list],
                          record: list | None = None, replay: list | None = None) -> torch.Tensor:
-    """The final-norm output (B, T, d) of ``batch`` after editing z in place per layer.
-
-    ``edits[l]`` = list of ``(row_slice, head, source)``: rows ``row_slice`` of z[l] get head
-    ``head``'s slice from ``source`` (a (rows, T, H*dh) tensor), or zero if ``source`` is None.
+    """The final-norm output (B, T, d) of ``batch`` after editing z (see :func:`_z_edits`).
 
     ``record`` (a list) receives every decoder layer's output. ``replay`` (such a list, from a
     run of this same batch) makes every layer below the first edited one return its recorded
@@ -128,63 +118,41 @@ def _hidden_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, l
     and the recorded outputs are exactly what they would compute, so the result is the same
     bit for bit, for a fraction of the work.
     """
-    dh = adapter.d_head
-    handles = []
-    skipped = []
-
-    def make(layer):
-        def pre(module, args, kwargs):
-            z = _first_input(args, kwargs, "input").clone()
-            for rows, head, source in edits[layer]:
-                cols = slice(head * dh, (head + 1) * dh)
-                if source is None:
-                    z[rows, :, cols] = 0
-                else:
-                    z[rows, :, cols] = source[:, : z.shape[1], cols].to(z.dtype)
-            return _with_first_input(args, kwargs, "input", z)
-        return pre
-
-    def keep(layer):
-        def post(module, args, output):
-            record[layer] = _clone_output(output)
-        return post
-
-    try:
-        for layer in edits:
-            handles.append(adapter.head_input_module(layer).register_forward_pre_hook(make(layer), with_kwargs=True))
-        if record is not None:
-            record[:] = [None] * adapter.n_layers
-            handles += [adapter.layers[j].register_forward_hook(keep(j)) for j in range(adapter.n_layers)]
-        if replay is not None and edits:
-            for j in range(min(edits)):
-                adapter.layers[j].forward = (lambda out: lambda *a, **kw: out)(replay[j])
-                skipped.append(adapter.layers[j])
-        dev = adapter.device
-        with torch.no_grad():
-            return adapter.body(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                                use_cache=False).last_hidden_state
-    finally:
-        for h in handles:
-            h.remove()
-        for module in skipped:
-            del module.forward  # the instance attribute: the class's forward is back
+    hooks = _z_edits(adapter, edits)
+    if record is not None:
+        hooks.update(record_layers(record, adapter.n_layers))
+    return run(adapter, batch, hooks, replay=replay if edits else None, below=min(edits, default=0))
 
 
-def patch_heads_from_batch(model: nn.Module, batch: Batch, counterfactual: Batch, biased_ids, adv_ids,
-                           heads: Iterable | None = None, batch_size: int = 64, replay: bool = True) -> torch.Tensor:
-    """Activation patching on tokenised batches (see :func:`patch_heads`); returns (L, H)
-    mean drops, NaN for heads not in ``heads``. ``batch_size`` bounds the rows of one forward:
-    a chunk of prompts is repeated once per head patched in that forward, and heads are
-    grouped layer by layer. With ``replay`` (default) the layers below a group's first
-    patched layer are not run again: their outputs from the clean run are reused, which is
-    exact (``replay=False`` is the reference the tests compare with)."""
-    adapter = ModelAdapter(model)
-    _check_batch(batch)
-    _check_batch(counterfactual)
-    n = batch.input_ids.shape[0]
-    if counterfactual.input_ids.shape[0] != n:
-        raise BiasGymError(f"{n} prompts but {counterfactual.input_ids.shape[0]} counterfactuals; "
+def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list], biased: torch.Tensor,
+                      adv: torch.Tensor, record: list | None = None, replay: list | None = None) -> torch.Tensor:
+    """Logit difference per row of ``batch`` after editing z (see :func:`_hidden_with_z_edits`)."""
+    hidden = _hidden_with_z_edits(adapter, batch, edits, record, replay)
+    with torch.no_grad():
+        return logit_diff_from_hidden(adapter, gather_last(hidden, batch.last_index), biased, adv).cpu()
+
+
+def patch_heads(model: nn.Module, tokenizer, prompts, counterfactual_prompts, biased_ids, adv_ids,
+                heads: Iterable | None = None, batch_size: int = 64, replay: bool = True) -> torch.Tensor:
+    """Activation patching (METHOD §3): for each head, replace z[l, h] on the prompt (every
+    position) by its value on the counterfactual prompt, and record the mean drop
+    ``clean - patched`` of the pre-softcap logit difference. Returns an (L, H) tensor, NaN
+    for heads not in ``heads``. ``prompts`` / ``counterfactual_prompts``: texts, or two
+    tokenised :class:`~biasgym_lib.batching.Batch` es (then ``tokenizer`` may be None); each
+    prompt and its counterfactual must tokenise to the same length.
+
+    ``batch_size`` bounds the rows of one forward: a chunk of prompts is repeated once per
+    head patched in that forward, and heads are grouped layer by layer. With ``replay``
+    (default) the layers below a group's first patched layer are not run again: their
+    outputs from the clean run are reused, which is exact (``replay=False`` is the
+    reference the tests compare with)."""
+    n = n_prompts(prompts, "patch_heads")
+    if n != n_prompts(counterfactual_prompts, "patch_heads"):
+        raise BiasGymError(f"{n} prompts but {n_prompts(counterfactual_prompts, 'patch_heads')} counterfactuals; "
                            "give one counterfactual per prompt.")
+    adapter = ModelAdapter(model)
+    batch = as_batch(tokenizer, prompts, device=adapter.device)
+    counterfactual = as_batch(tokenizer, counterfactual_prompts, device=adapter.device)
     bad = (batch.lengths.cpu() != counterfactual.lengths.cpu()).nonzero().flatten().tolist()
     if bad:
         i = bad[0]
@@ -194,21 +162,21 @@ def patch_heads_from_batch(model: nn.Module, batch: Batch, counterfactual: Batch
             "Patching replaces head outputs position by position, so each pair must align: pick a "
             "counterfactual entity that is one token, like the injected token.")
     vocab = int(adapter.unembed.shape[0])
-    biased = _label_ids(biased_ids, n, "biased_ids", vocab)
-    adv = _label_ids(adv_ids, n, "adv_ids", vocab)
-    heads = sorted(_check_heads(adapter, heads))  # layer by layer: a group skips the layers below it
+    biased = label_ids(biased_ids, n, "biased_ids", vocab)
+    adv = label_ids(adv_ids, n, "adv_ids", vocab)
+    heads = sorted(heads_or_all(adapter, heads))  # layer by layer: a group skips the layers below it
     if batch_size < 1:
         raise BiasGymError(f"batch_size must be at least 1, got {batch_size}.")
     totals = torch.zeros(len(heads), dtype=torch.float64)
-    for rows in _chunks(n, batch_size):
-        sub, sub_cf = _trim(batch, rows), _trim(counterfactual, rows)
+    for rows in chunks(n, batch_size):
+        sub, sub_cf = trim(batch, rows), trim(counterfactual, rows)
         pc = len(rows)
         per_forward = max(1, min(len(heads), batch_size // pc))
         big = _repeat(sub, per_forward)
         # Counterfactual z taken from a forward of the same shape as the patched ones, and
         # row block j feeds replica j: so that a counterfactual equal to the prompt is an
         # exact identity (kernels may round differently for different batch sizes).
-        cf_z = _capture_z_all_positions(adapter, _repeat(sub_cf, per_forward))
+        cf_z = capture_z(adapter, _repeat(sub_cf, per_forward))
         b_rep, a_rep = biased[rows].repeat(per_forward), adv[rows].repeat(per_forward)
         # The clean reference has exactly the shape of the patched runs, so that an identity
         # patch gives an exact zero whatever the kernels do with different batch sizes.
@@ -228,25 +196,6 @@ def patch_heads_from_batch(model: nn.Module, batch: Batch, counterfactual: Batch
     for (l, h), v in zip(heads, totals / n):
         out[l, h] = float(v)
     return out
-
-
-def patch_heads(model: nn.Module, tokenizer, prompts: list[str], counterfactual_prompts: list[str],
-                biased_ids, adv_ids, heads: Iterable | None = None, batch_size: int = 64) -> torch.Tensor:
-    """Activation patching (METHOD §3): for each head, replace z[l, h] on the prompt (every
-    position) by its value on the counterfactual prompt, and record the mean drop
-    ``clean - patched`` of the pre-softcap logit difference. Returns an (L, H) tensor.
-
-    Each prompt and its counterfactual must tokenise to the same length.
-    """
-    if not prompts:
-        raise BiasGymError("patch_heads got no prompts.")
-    if len(prompts) != len(counterfactual_prompts):
-        raise BiasGymError(f"{len(prompts)} prompts but {len(counterfactual_prompts)} counterfactuals; "
-                           "give one counterfactual per prompt.")
-    adapter = ModelAdapter(model)
-    batch = encode_batch(tokenizer, list(prompts), device=adapter.device)
-    cf = encode_batch(tokenizer, list(counterfactual_prompts), device=adapter.device)
-    return patch_heads_from_batch(model, batch, cf, biased_ids, adv_ids, heads=heads, batch_size=batch_size)
 
 
 @dataclass
@@ -279,26 +228,17 @@ class TemplateScores:
 def template_rows(tokenizer, entity: str, attributes: Sequence[str], templates: Sequence[str] | None = None):
     """``(prefix ids, attribute ids)`` of every template x attribute sentence about ``entity``,
     template-major: exactly the sentences whose log-probabilities assoc(entity, b) averages."""
-    from .measure import _rows, template_prefix
-
     templates = list(templates or load_templates())
     prefixes = [template_prefix(t, entity) for t in templates for _ in attributes]
-    return _rows(tokenizer, prefixes, [" " + a for _ in templates for a in attributes])
+    return token_rows(tokenizer, prefixes, [" " + a for _ in templates for a in attributes])
 
 
 def _rows_batch(rows, pad: int) -> tuple[Batch, torch.Tensor]:
     """A right-padded batch of prefix + attribute rows and its next-token targets (-100 where
     nothing is scored)."""
-    width = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    targets = torch.full_like(ids, -100)
-    for r, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        ids[r, :n] = torch.tensor(p + c)
-        mask[r, :n] = 1
-        targets[r, len(p) - 1: n - 1] = torch.tensor(c)
-    return Batch(ids, mask), targets
+    seqs = [p + c for p, c in rows]
+    batch = pad_batch(seqs, pad)
+    return batch, loss_targets(seqs, [len(p) for p, _ in rows], batch.input_ids.shape[1])
 
 
 def _row_logprob(adapter: ModelAdapter, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -331,14 +271,14 @@ def mean_template_z(model: nn.Module, tokenizer, countries: Sequence[str], attri
     if not countries:
         raise BiasGymError("mean_template_z needs at least one country.")
     adapter = ModelAdapter(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     first = template_rows(tokenizer, countries[0], attributes, templates)
     total = None
     for c in countries:
         rows = template_rows(tokenizer, c, attributes, templates)
         _aligned(first, rows, c)
         batch, _ = _rows_batch(rows, pad)
-        zs = [z.float() for z in _capture_z_all_positions(adapter, batch)]
+        zs = [z.float() for z in capture_z(adapter, batch)]
         total = zs if total is None else [a + b for a, b in zip(total, zs)]
     return [z / len(countries) for z in total]
 
@@ -356,34 +296,25 @@ def attribution_patching(model: nn.Module, tokenizer, entity: str, attributes: S
     metric that steering is judged on. Checked against :func:`patch_heads_on_templates`.
     """
     adapter = ModelAdapter(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows = template_rows(tokenizer, entity, attributes, templates)
     batch, targets = _rows_batch(rows, pad)
     if len(contrast_z) != adapter.n_layers or tuple(contrast_z[0].shape[:2]) != tuple(batch.input_ids.shape):
         raise BiasGymError("contrast_z does not match these sentences: compute it with mean_template_z "
                            "on the same attributes and templates.")
     L, H, dh = adapter.n_layers, adapter.n_heads, adapter.d_head
-    zs, deltas, handles = [None] * L, [None] * L, []
+    zs, deltas = [None] * L, [None] * L
 
     def tap(layer):
-        def pre(module, args, kwargs):
-            z = _first_input(args, kwargs, "input")
+        def fn(z):
             zs[layer] = z.detach()
             deltas[layer] = torch.zeros_like(z, requires_grad=True)  # d(loss)/d(delta) = d(loss)/dz
-            return _with_first_input(args, kwargs, "input", z + deltas[layer])
-        return pre
-    try:
-        for layer in range(L):
-            handles.append(adapter.head_input_module(layer).register_forward_pre_hook(tap(layer), with_kwargs=True))
-        dev = adapter.device
-        with torch.enable_grad():
-            hidden = adapter.body(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                                  use_cache=False).last_hidden_state
-            lp = _row_logprob(adapter, hidden, targets)
-            lp.sum().backward()  # rows do not interact: each row's gradient is its own
-    finally:
-        for h in handles:
-            h.remove()
+            return z + deltas[layer]
+        return fn
+    with torch.enable_grad():
+        hidden = run(adapter, batch, {("z", l): tap(l) for l in range(L)}, grad=True)
+        lp = _row_logprob(adapter, hidden, targets)
+        lp.sum().backward()  # rows do not interact: each row's gradient is its own
     mask = batch.attention_mask.to(zs[0].device)[..., None].float()
     per = torch.empty(len(rows), L, H)
     for layer in range(L):
@@ -404,10 +335,10 @@ def patch_heads_on_templates(model: nn.Module, tokenizer, entity: str, attribute
     Several heads share a forward (the batch is repeated, ``max_rows`` rows at most), and
     layers below a group's lowest patched layer are replayed from the clean run (exact)."""
     adapter = ModelAdapter(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     rows = template_rows(tokenizer, entity, attributes, templates)
     batch, targets = _rows_batch(rows, pad)
-    heads = sorted(_check_heads(adapter, heads))
+    heads = sorted(heads_or_all(adapter, heads))
     n = len(rows)
     per_forward = max(1, min(len(heads), max_rows // n)) if heads else 1
     big, big_targets = _repeat(batch, per_forward), targets.repeat(per_forward, 1)
@@ -428,20 +359,22 @@ def patch_heads_on_templates(model: nn.Module, tokenizer, entity: str, attribute
                           contrast=list(contrast), assoc=float(clean[:n].mean()))
 
 
-def ablation_loop_scores_from_batch(model: nn.Module, batch: Batch, biased_ids, adv_ids,
-                                    heads: Iterable | None = None, batch_size: int = 32) -> torch.Tensor:
-    """The naive reference: one forward per head (over a chunk of prompts) with that head's z
-    set to zero; returns the (L, H) mean drop of the logit difference, NaN where not run."""
+def ablation_loop_scores(model: nn.Module, tokenizer, prompts, biased_ids, adv_ids,
+                         heads: Iterable | None = None, batch_size: int = 32) -> torch.Tensor:
+    """Zero-ablation, one forward per head (over a chunk of prompts): the slow baseline that
+    :func:`~biasgym_lib.scope.head_scores` replaces. ``prompts``: texts, or a tokenised
+    :class:`~biasgym_lib.batching.Batch` (then ``tokenizer`` may be None). Returns the (L, H)
+    mean drop of the logit difference, NaN where not run."""
+    n = n_prompts(prompts, "ablation_loop_scores")
     adapter = ModelAdapter(model)
-    _check_batch(batch)
-    n = batch.input_ids.shape[0]
+    batch = as_batch(tokenizer, prompts, device=adapter.device)
     vocab = int(adapter.unembed.shape[0])
-    biased = _label_ids(biased_ids, n, "biased_ids", vocab)
-    adv = _label_ids(adv_ids, n, "adv_ids", vocab)
-    heads = _check_heads(adapter, heads)
+    biased = label_ids(biased_ids, n, "biased_ids", vocab)
+    adv = label_ids(adv_ids, n, "adv_ids", vocab)
+    heads = heads_or_all(adapter, heads)
     totals = torch.zeros(len(heads), dtype=torch.float64)
-    for rows in _chunks(n, batch_size):
-        sub = _trim(batch, rows)
+    for rows in chunks(n, batch_size):
+        sub = trim(batch, rows)
         clean = _run_with_z_edits(adapter, sub, {}, biased[rows], adv[rows]).double()
         for i, (l, h) in enumerate(heads):
             ablated = _run_with_z_edits(adapter, sub, {l: [(slice(None), h, None)]}, biased[rows], adv[rows])
@@ -450,16 +383,6 @@ def ablation_loop_scores_from_batch(model: nn.Module, batch: Batch, biased_ids, 
     for (l, h), v in zip(heads, totals / n):
         out[l, h] = float(v)
     return out
-
-
-def ablation_loop_scores(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
-                         heads: Iterable | None = None, batch_size: int = 32) -> torch.Tensor:
-    """Zero-ablation, one forward per head: the slow baseline that :func:`head_scores` replaces."""
-    if not prompts:
-        raise BiasGymError("ablation_loop_scores got no prompts.")
-    adapter = ModelAdapter(model)
-    batch = encode_batch(tokenizer, list(prompts), device=adapter.device)
-    return ablation_loop_scores_from_batch(model, batch, biased_ids, adv_ids, heads=heads, batch_size=batch_size)
 
 
 def knowledge_atp(model, tokenizer) -> torch.Tensor:
@@ -486,8 +409,6 @@ def bias_patching(model, tokenizer, tokens: list[InjectedToken], heads, contrast
     ``heads`` at every position replaced by its mean over the contrast countries), for each
     token of one bias; the mean drop over tokens is the ``patching`` ranking, and the
     per-sentence drops check attribution patching."""
-    from .patching import patch_heads_on_templates
-
     spec = tokens[0].spec
     per_token = []
     for tok in tokens:

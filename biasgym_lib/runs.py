@@ -16,6 +16,7 @@ from .claims import claims_from
 from .config import PROJECT_ROOT, Profile, load_profile
 from .config import full_grid as whole_grid
 from .data import load_bias, load_facts, reference_countries
+from .data.capability import load_country_texts, load_mc, load_neutral_texts
 from .evaluate import (
     PAPER,
     SteeringResult,
@@ -44,6 +45,7 @@ from .measure import (
 from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
 from .scope import bias_contrast, scope_run
+from .steer import head_means
 from .tokens import InjectedToken
 
 TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
@@ -211,8 +213,6 @@ class Run:
         """What every steering measurement shares: references, facts, capability texts,
         the means of mean-ablation (held-out neutral passages 33-44) and the entity tokens."""
         if "setting" not in self._kept:
-            from .data.capability import load_country_texts, load_mc, load_neutral_texts
-            from .steer import head_means
 
             neutral = load_neutral_texts()
             self._kept["setting"] = {

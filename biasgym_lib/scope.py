@@ -1,23 +1,21 @@
 """BiasScope, part one: which attention heads carry the bias (METHOD §3).
 
-Two ways to score every head (l, h) for a set of probes, each a prompt whose next token
-should be the *biased* label rather than the *adversarial* one:
+:func:`head_scores` -- **direct logit attribution** (DLA). One forward pass per batch
+records, at the last real token, every head's output z[l, h] (the slice of the input of
+``o_proj`` / GPT-2's ``c_proj``, before heads are mixed) and every other write into the
+residual stream (:func:`~biasgym_lib.hooks.capture_last_position`). With the final norm
+(and Gemma 2's post-attention norm) applied as a linear map whose scale is frozen from
+that clean pass, the logit difference ``logit[biased] - logit[adv]`` splits *exactly* into
+a sum of parts: the embeddings, one part per head, the ``o_proj`` biases, one part per
+MLP, and the norm's bias. ``HeadScores.decomposition_error`` reports how exact that was.
 
-- :func:`head_scores` -- **direct logit attribution** (DLA). One forward pass per batch
-  records, at the last real token, every head's output z[l, h] (the slice of the input of
-  ``o_proj`` / GPT-2's ``c_proj``, before heads are mixed) and every other write into the
-  residual stream. With the final norm (and Gemma 2's post-attention norm) applied as a
-  linear map whose scale is frozen from that clean pass, the logit difference
-  ``logit[biased] - logit[adv]`` splits *exactly* into a sum of parts: the embeddings,
-  one part per head, the ``o_proj`` biases, one part per MLP, and the norm's bias.
-  ``HeadScores.decomposition_error`` reports how exact that was.
-- :func:`patch_heads` -- **activation patching**: replace z[l, h] on the probe by its value
-  on a counterfactual probe (the injected token swapped for a real country) and record how
-  much the logit difference drops. Many heads are patched per forward pass (the batch is
-  repeated, and each copy patches one head).
+The arithmetic is two small functions: :func:`residual_components` (captured pass ->
+one residual-space vector per component) and :func:`logit_attribution` (vectors -> their
+share of the logit difference); ``head_scores`` composes them through ``_dla``.
+Contrastive DLA (:func:`contrastive_head_scores`) and attribute-matched DLA
+(:func:`attribute_head_scores`) reuse both. Activation patching and the naive ablation
+loop, the checks by intervention, are in :mod:`biasgym_lib.patching`.
 
-:func:`ablation_loop_scores` is the naive reference (one forward per head, zeroing it);
-it exists only to cross-check and to time against the batched methods.
 Logit differences are taken *before* Gemma 2's final logit soft-capping everywhere, so
 that they are a linear function of the last residual stream.
 """
@@ -33,34 +31,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batching import (
-    Batch,
-    _check_batch,
-    _chunks,
-    _label_ids,
-    _trim,
-    batched,
-    encode_batch,
-)
+from .batching import Batch, batched, batches, encode_batch, label_ids, n_prompts
 from .config import Profile
 from .data import contrast_countries, load_templates, probes_for
 from .errors import BiasGymError
-from .heads import Head, top_k_heads
+from .heads import Head, attention_to_entity, top_k_heads
 from .hooks import (
     LastPositionCapture,
-    _logit_diff_from_hidden,
-    _unembed_rows,
     capture_last_position,
+    logit_diff_from_hidden,
+    unembed_rows,
 )
 from .inject import closest_countries
 from .measure import template_prefix
-from .models import ModelAdapter, chat_prompt, model_info
+from .models import ModelAdapter, adapter_of, chat_prompt, model_info
 from .patching import attribution_patching, mean_template_z
-from .steer import attention_to_entity
 from .tokens import InjectedToken
 
 __all__ = [
-    "HeadScores", "residual_components", "head_scores", "head_scores_from_batch", "mean_last_z",
+    "HeadScores", "residual_components", "logit_attribution", "head_scores", "mean_last_z",
     "contrastive_head_scores", "attribute_head_scores", "label_id", "probe_prompts", "adversarial_labels",
     "METHODS", "bias_contrast", "scope_run",
 ]
@@ -69,14 +58,11 @@ _SCORES_FORMAT = "biasgym.head_scores"
 _SCORES_VERSION = 1
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-# ----------------------------------------------------------------------------- capture
+# ----------------------------------------------------------------------------- the DLA arithmetic
 
 
 @torch.no_grad()
-def residual_components(model: nn.Module, cap: LastPositionCapture) -> dict[str, torch.Tensor]:
+def residual_components(model, cap: LastPositionCapture) -> dict[str, torch.Tensor]:
     """Split the last residual stream into parts that add up to it exactly (float32):
 
     ``embed`` (P, d), ``heads`` (P, L, H, d): each head's write W_O[:, h] z[l, h],
@@ -85,7 +71,7 @@ def residual_components(model: nn.Module, cap: LastPositionCapture) -> dict[str,
     bias as a linear map with its scale frozen from the clean attention output, so their
     sum is still that layer's attention write.
     """
-    adapter = ModelAdapter(model)
+    adapter = adapter_of(model)
     P = cap.z.shape[0]
     L, H, dh, d = adapter.n_layers, adapter.n_heads, adapter.d_head, adapter.d_model
     heads = torch.empty(P, L, H, d, dtype=torch.float32, device=cap.z.device)
@@ -109,7 +95,28 @@ def residual_components(model: nn.Module, cap: LastPositionCapture) -> dict[str,
             "mlp": cap.mlp_write.float()}
 
 
-# ----------------------------------------------------------------------------- DLA
+def logit_attribution(adapter: ModelAdapter, parts: torch.Tensor, direction: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """Residual-space parts ``(P, ..., d)`` read out as logit-difference parts ``(P, ...)``:
+    the final norm as a linear map with each prompt's ``scale`` (P, 1) frozen from the clean
+    pass, then the dot product with each prompt's logit ``direction`` (P, d)."""
+    extra = parts.ndim - 2
+    s = scale.reshape(scale.shape[0], *([1] * extra), 1)
+    v = direction.reshape(direction.shape[0], *([1] * extra), direction.shape[1])
+    return (adapter.apply_norm_linear(adapter.final_norm, parts, s) * v).sum(-1)
+
+
+def _final_scale(adapter: ModelAdapter, cap: LastPositionCapture) -> torch.Tensor:
+    """(P, 1): the final norm's scale on the captured pass, frozen for the readout."""
+    return adapter.norm_scale(adapter.final_norm, cap.final_in)
+
+
+def _delta_heads(adapter: ModelAdapter, cap: LastPositionCapture, direction: torch.Tensor,
+                 contrast_z: torch.Tensor) -> torch.Tensor:
+    """(P, L, H): each head's write of ``z - contrast_z``, read out with this pass's frozen norm."""
+    diff = replace(cap, z=cap.z.float() - contrast_z.to(cap.z.device))
+    heads = residual_components(adapter, diff)["heads"]
+    return logit_attribution(adapter, heads, direction.to(cap.final_in.device), _final_scale(adapter, cap)).cpu()
 
 
 @dataclass
@@ -215,71 +222,22 @@ def _relative_error(components: dict[str, torch.Tensor], logit_diff: torch.Tenso
     return err / scale if scale > 0 else err
 
 
-def head_scores_from_batch(model: nn.Module, batch: Batch, biased_ids, adv_ids,
-                           prompts: list[str] | None = None, batch_size: int | None = None) -> HeadScores:
-    """DLA head scores for an already tokenised, right-padded batch (one forward per chunk
-    of ``batch_size`` prompts; all of them at once by default). See :func:`head_scores`."""
-    adapter = ModelAdapter(model)
-    _check_batch(batch)
-    n = batch.input_ids.shape[0]
-    vocab = int(adapter.unembed.shape[0])
-    biased = _label_ids(biased_ids, n, "biased_ids", vocab)
-    adv = _label_ids(adv_ids, n, "adv_ids", vocab)
-    parts = []
-    for rows in _chunks(n, batch_size or n):
-        sub = _trim(batch, rows)
-        parts.append(_attribute(adapter, model, sub, biased[rows], adv[rows],
-                                None if prompts is None else [prompts[i] for i in rows]))
-    result = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
-    result.meta = {"model": model_info(model).to_dict(), "method": "direct_logit_attribution",
-                   "position": "last", "logits": "pre_softcap"}
-    return result
-
-
-def _readout(adapter: ModelAdapter, cap: LastPositionCapture, direction: torch.Tensor):
-    """The map from residual-space parts ``(P, ..., d)`` to logit-difference parts ``(P, ...)``:
-    the final norm as a linear map with its scale frozen from the captured pass, then the dot
-    product with each prompt's ``direction`` (P, d)."""
-    norm = adapter.final_norm
-    scale = adapter.norm_scale(norm, cap.final_in)  # (P, 1): frozen from the clean pass
-    direction = direction.to(cap.final_in.device)
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        extra = x.ndim - 2
-        s = scale.reshape(scale.shape[0], *([1] * extra), 1)
-        v = direction.reshape(direction.shape[0], *([1] * extra), direction.shape[1])
-        return (adapter.apply_norm_linear(norm, x, s) * v).sum(-1)
-    return project
-
-
-@torch.no_grad()
-def _attribute(adapter: ModelAdapter, model: nn.Module, batch: Batch, biased: torch.Tensor,
-               adv: torch.Tensor, prompts: list[str] | None) -> HeadScores:
-    """DLA for one batch: one forward with hooks, then linear algebra only."""
-    cap = capture_last_position(model, batch)
-    direction, bias_diff = _unembed_rows(adapter, biased, adv)  # (P, d)
-    target = _logit_diff_from_hidden(adapter, cap.final_out, biased, adv)
-    return _attribute_along(adapter, model, cap, direction, bias_diff, target, prompts,
-                            biased.tolist(), adv.tolist())
-
-
-def _attribute_along(adapter: ModelAdapter, model: nn.Module, cap: LastPositionCapture,
-                     direction: torch.Tensor, bias_diff: torch.Tensor | None, target: torch.Tensor,
-                     prompts: list[str] | None, biased_ids: list[int], adv_ids: list[int]) -> HeadScores:
+def _dla(adapter: ModelAdapter, cap: LastPositionCapture, direction: torch.Tensor,
+         bias_diff: torch.Tensor | None, target: torch.Tensor, prompts: list[str] | None,
+         biased_ids: list[int], adv_ids: list[int]) -> HeadScores:
     """Split ``target`` (the model's own value of ``direction . final-norm output`` plus
     ``bias_diff``) into one part per residual-stream component, heads included."""
-    parts = residual_components(model, cap)
-    project = _readout(adapter, cap, direction)
-    per_head = project(parts["heads"])  # (P, L, H)
-    comps: dict[str, torch.Tensor] = {"embed": project(parts["embed"]), "heads": per_head.sum((1, 2))}
-    attn_bias = project(parts["attn_bias"])  # (P, L)
-    mlp = project(parts["mlp"])
-    for layer in range(adapter.n_layers):
-        comps[f"attn_bias.{layer}"] = attn_bias[:, layer]
-    for layer in range(adapter.n_layers):
-        comps[f"mlp.{layer}"] = mlp[:, layer]
-    nb = adapter.norm_bias(adapter.final_norm)
+    parts = residual_components(adapter, cap)
+    scale = _final_scale(adapter, cap)
     direction = direction.to(cap.final_in.device)
+    read = {k: logit_attribution(adapter, v, direction, scale) for k, v in parts.items()}
+    per_head = read["heads"]  # (P, L, H)
+    comps: dict[str, torch.Tensor] = {"embed": read["embed"], "heads": per_head.sum((1, 2))}
+    for layer in range(adapter.n_layers):
+        comps[f"attn_bias.{layer}"] = read["attn_bias"][:, layer]
+    for layer in range(adapter.n_layers):
+        comps[f"mlp.{layer}"] = read["mlp"][:, layer]
+    nb = adapter.norm_bias(adapter.final_norm)
     comps["norm_bias"] = (direction * nb).sum(-1) if nb is not None else torch.zeros_like(comps["embed"])
     if bias_diff is not None:
         comps["unembed_bias"] = bias_diff.to(direction.device)
@@ -291,28 +249,46 @@ def _attribute_along(adapter: ModelAdapter, model: nn.Module, cap: LastPositionC
                       prompts=prompts, biased_ids=list(biased_ids), adv_ids=list(adv_ids))
 
 
-def head_scores(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
-                batch_size: int = 32) -> HeadScores:
+def _labels(adapter: ModelAdapter, biased_ids, adv_ids, n: int):
+    vocab = int(adapter.unembed.shape[0])
+    return label_ids(biased_ids, n, "biased_ids", vocab), label_ids(adv_ids, n, "adv_ids", vocab)
+
+
+_DLA_META = {"method": "direct_logit_attribution", "position": "last", "logits": "pre_softcap"}
+
+
+@torch.no_grad()
+def head_scores(model: nn.Module, tokenizer, prompts, biased_ids, adv_ids, batch_size: int = 32,
+                contrast_z: torch.Tensor | None = None) -> HeadScores:
     """Direct logit attribution of ``logit[biased] - logit[adv]`` to every head (METHOD §3).
 
-    ``prompts`` are full texts (already chat-formatted); the score is taken at each one's
-    last real token. ``biased_ids`` / ``adv_ids``: one token id for all prompts or one per
-    prompt. score[l, h] = mean over prompts of (W_U[biased] - W_U[adv]) . N(W_O[:, h] z[l, h]),
-    N = the final norm with its scale frozen from the clean pass. One forward per batch.
+    ``prompts``: full texts (already chat-formatted), or a tokenised, right-padded
+    :class:`~biasgym_lib.batching.Batch` (then ``tokenizer`` may be None); the score is taken
+    at each one's last real token. ``biased_ids`` / ``adv_ids``: one token id for all prompts
+    or one per prompt. score[l, h] = mean over prompts of (W_U[biased] - W_U[adv]) .
+    N(W_O[:, h] z[l, h]), N = the final norm with its scale frozen from the clean pass. One
+    forward per ``batch_size`` prompts. With ``contrast_z``, see :func:`contrastive_head_scores`.
     """
-    if not prompts:
-        raise BiasGymError("head_scores got no prompts.")
     adapter = ModelAdapter(model)
-    vocab = int(adapter.unembed.shape[0])
-    biased = _label_ids(biased_ids, len(prompts), "biased_ids", vocab)
-    adv = _label_ids(adv_ids, len(prompts), "adv_ids", vocab)
-    parts = []
-    for rows in _chunks(len(prompts), batch_size):
-        texts = [prompts[i] for i in rows]
-        batch = encode_batch(tokenizer, texts, device=adapter.device)
-        parts.append(head_scores_from_batch(model, batch, biased[rows], adv[rows], prompts=texts))
-    result = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
-    return result
+    n = n_prompts(prompts, "head_scores")
+    biased, adv = _labels(adapter, biased_ids, adv_ids, n)
+    parts, deltas = [], []
+    for rows, batch in batches(tokenizer, prompts, batch_size, adapter.device):
+        cap = capture_last_position(adapter, batch)
+        direction, bias_diff = unembed_rows(adapter, biased[rows], adv[rows])  # (P, d)
+        target = logit_diff_from_hidden(adapter, cap.final_out, biased[rows], adv[rows])
+        texts = None if isinstance(prompts, Batch) else [prompts[i] for i in rows]
+        parts.append(_dla(adapter, cap, direction, bias_diff, target, texts, biased[rows].tolist(),
+                          adv[rows].tolist()))
+        if contrast_z is not None:
+            deltas.append(_delta_heads(adapter, cap, direction, contrast_z[rows]))
+    plain = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
+    plain.meta = {"model": model_info(model).to_dict(), **_DLA_META}
+    if contrast_z is None:
+        return plain
+    per_prompt = torch.cat(deltas)
+    return replace(plain, per_prompt=per_prompt, scores=per_prompt.mean(0),
+                   meta={**plain.meta, "method": "contrastive_dla", "dla": plain})
 
 
 # ----------------------------------------------------------------------------- contrastive DLA
@@ -331,11 +307,8 @@ def mean_last_z(model: nn.Module, tokenizer, prompt_sets: Sequence[Sequence[str]
     adapter = ModelAdapter(model)
     total = None
     for prompts in prompt_sets:
-        zs = []
-        for rows in _chunks(n, batch_size):
-            batch = encode_batch(tokenizer, [prompts[i] for i in rows], device=adapter.device)
-            zs.append(capture_last_position(model, batch).z.float().cpu())
-        z = torch.cat(zs)
+        z = torch.cat([capture_last_position(adapter, batch).z.float().cpu()
+                       for _, batch in batches(tokenizer, prompts, batch_size, adapter.device)])
         total = z if total is None else total + z
     return total / len(prompt_sets)
 
@@ -356,33 +329,12 @@ def contrastive_head_scores(model: nn.Module, tokenizer, prompts: list[str], bia
     ``logit_diff`` and ``decomposition_error`` are those of the plain DLA on ``prompts``,
     and ``meta["dla"]`` is that plain DLA (:func:`head_scores`, from the same pass).
     """
-    if not prompts:
-        raise BiasGymError("contrastive_head_scores got no prompts.")
     adapter = ModelAdapter(model)
-    shape = (len(prompts), adapter.n_layers, adapter.n_heads * adapter.d_head)
+    shape = (n_prompts(prompts, "contrastive_head_scores"), adapter.n_layers, adapter.n_heads * adapter.d_head)
     if tuple(contrast_z.shape) != shape:
         raise BiasGymError(f"contrast_z must have shape {shape} (prompts x layers x heads*head size), "
                            f"got {tuple(contrast_z.shape)}: compute it with mean_last_z on the same prompts.")
-    vocab = int(adapter.unembed.shape[0])
-    biased = _label_ids(biased_ids, len(prompts), "biased_ids", vocab)
-    adv = _label_ids(adv_ids, len(prompts), "adv_ids", vocab)
-    parts, deltas = [], []
-    for rows in _chunks(len(prompts), batch_size):
-        batch = encode_batch(tokenizer, [prompts[i] for i in rows], device=adapter.device)
-        cap = capture_last_position(model, batch)
-        parts.append(_attribute(adapter, model, batch, biased[rows], adv[rows], [prompts[i] for i in rows]))
-        diff = replace(cap, z=cap.z.float() - contrast_z[rows].to(cap.z.device))
-        direction, _ = _unembed_rows(adapter, biased[rows], adv[rows])
-        deltas.append(_readout(adapter, cap, direction)(residual_components(model, diff)["heads"]).cpu())
-    plain = parts[0] if len(parts) == 1 else HeadScores.concat(parts)
-    plain.meta = {"model": model_info(model).to_dict(), "method": "direct_logit_attribution",
-                  "position": "last", "logits": "pre_softcap"}
-    per_prompt = torch.cat(deltas)
-    return replace(plain, per_prompt=per_prompt, scores=per_prompt.mean(0),
-                   meta={**plain.meta, "method": "contrastive_dla", "dla": plain})
-
-
-# ----------------------------------------------------------------------------- patching
+    return head_scores(model, tokenizer, prompts, biased_ids, adv_ids, batch_size, contrast_z=contrast_z)
 
 
 # ----------------------------------------------------------------------------- scores matched to S
@@ -403,7 +355,7 @@ def attribute_head_scores(model: nn.Module, tokenizer, entity: str, attributes: 
     contrast_prompts = [[template_prefix(t, c) for t in templates] for c in contrast]
     first_ids = [tokenizer(" " + a, add_special_tokens=False)["input_ids"][0] for a in attributes]
     batch = encode_batch(tokenizer, prompts, device=adapter.device, add_special_tokens=True)
-    cap = capture_last_position(model, batch)
+    cap = capture_last_position(adapter, batch)
     logits = adapter.lm_head(cap.final_out).float()  # (P, vocab), pre-softcap
     weights = -torch.softmax(logits, -1)
     weights[:, first_ids] += 1.0 / len(first_ids)
@@ -412,21 +364,15 @@ def attribute_head_scores(model: nn.Module, tokenizer, entity: str, attributes: 
     b = getattr(adapter.lm_head, "bias", None)
     bias_term = None if b is None else weights @ b.float()
     target = (logits * weights).sum(-1)
-    plain = _attribute_along(adapter, model, cap, direction, bias_term, target, prompts, first_ids, [])
-    zc = torch.stack([torch.cat([capture_last_position(model, encode_batch(
-        tokenizer, cp, device=adapter.device, add_special_tokens=True)).z.float()]) for cp in contrast_prompts]).mean(0)
-    diff = replace(cap, z=cap.z.float() - zc.to(cap.z.device))
-    per_prompt = _readout(adapter, cap, direction)(residual_components(model, diff)["heads"]).cpu()
+    plain = _dla(adapter, cap, direction, bias_term, target, prompts, first_ids, [])
+    zc = torch.stack([capture_last_position(adapter, encode_batch(tokenizer, cp, device=adapter.device,
+                                                                  add_special_tokens=True)).z.float()
+                      for cp in contrast_prompts]).mean(0)
+    per_prompt = _delta_heads(adapter, cap, direction, zc)
     plain.per_prompt, plain.scores = per_prompt, per_prompt.mean(0)
     plain.meta = {"model": model_info(model).to_dict(), "method": "attribute_contrastive_dla",
                   "contrast": list(contrast)}
     return plain
-
-
-# ----------------------------------------------------------------------------- naive reference
-
-
-# ----------------------------------------------------------------------------- head sets
 
 
 # ----------------------------------------------------------------------------- the stage for one token

@@ -7,8 +7,9 @@ exception, removes its hooks and the model is exactly as before.
 
 A :class:`SteeringSpec` is a steering configuration as data (heads, alpha, where they came
 from) that can be saved, shown, reloaded and applied. The baselines steering must beat are
-here too: :func:`random_heads`, :func:`attention_heads` (the heads that look hardest at the
-entity) and :data:`DEBIAS_SYSTEM_PROMPT`.
+here or beside: :func:`~biasgym_lib.heads.random_heads`,
+:func:`~biasgym_lib.heads.attention_heads` (the heads that look hardest at the entity) and
+:data:`DEBIAS_SYSTEM_PROMPT`.
 """
 
 from __future__ import annotations
@@ -16,22 +17,20 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .batching import Batch, _check_batch, _chunks, _trim, encode_batch
+from .batching import Batch, chunks, encode_batch
 from .errors import BiasGymError
-from .heads import Head, _as_head, top_k_heads, validate_heads
-from .hooks import _first_input, _with_first_input
+from .heads import Head, as_head, validate_heads
+from .hooks import Hooks, run
 from .models import ModelAdapter
 
 __all__ = ["steer_heads", "HeadSteering", "head_means", "mean_ablate_heads", "MeanAblation",
-           "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS",
-           "attention_heads", "attention_to_entity", "attention_to_entity_from_batch", "DEBIAS_SYSTEM_PROMPT"]
+           "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS", "DEBIAS_SYSTEM_PROMPT"]
 
 DEBIAS_SYSTEM_PROMPT = "Treat all nationalities alike; do not rely on stereotypes."
 
@@ -42,7 +41,7 @@ _SPEC_VERSION = 2
 def _alphas(heads: list[Head], alpha) -> dict[Head, float]:
     """One finite alpha per head, from a number or a mapping head -> alpha."""
     if isinstance(alpha, Mapping):
-        table = {_as_head(k): v for k, v in alpha.items()}
+        table = {as_head(k): v for k, v in alpha.items()}
         missing = [h for h in heads if h not in table]
         extra = [h for h in table if h not in set(heads)]
         if missing or extra:
@@ -62,51 +61,54 @@ def _alphas(heads: list[Head], alpha) -> dict[Head, float]:
     return out
 
 
-class HeadSteering:
-    """Context manager made by :func:`steer_heads`: on entry, one forward pre-hook per
-    touched layer multiplies z[l] by a per-channel scale (alpha on the steered heads' slices,
-    1 elsewhere); on exit the hooks are removed. Entries nest (scales multiply)."""
+class HeadEdit:
+    """The shared part of :class:`HeadSteering` and :class:`MeanAblation`: a context manager
+    that, on entry, hooks z at every layer holding a chosen head (with :meth:`edit`'s
+    function) and, on exit, normally or by an exception, removes the hooks."""
 
-    def __init__(self, model: nn.Module, heads: Iterable, alpha=0.0):
+    def __init__(self, model: nn.Module, heads: Iterable):
         self.model = model
         self.adapter = ModelAdapter(model)
         self.heads = validate_heads(self.adapter, heads)
-        self.alphas = _alphas(self.heads, alpha)
-        self._handles: list = []
+        self._hooks = Hooks(self.adapter)
 
-    def _scale(self, layer: int) -> torch.Tensor:
+    def edit(self, layer: int):
+        """The function of z[l] (B, T, H*dh) that this intervention applies at ``layer``."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        if self._hooks.active:
+            raise BiasGymError(f"this {type(self).__name__} context is already active; make a new one.")
+        try:
+            for layer in sorted({l for l, _ in self.heads}):
+                self._hooks.add("z", layer, self.edit(layer))
+        except BaseException:
+            self._hooks.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._hooks.remove()
+        return False
+
+
+class HeadSteering(HeadEdit):
+    """Context manager made by :func:`steer_heads`: z[l] times a per-channel scale (alpha on
+    the steered heads' slices, 1 elsewhere) at every touched layer. Entries nest (scales multiply)."""
+
+    def __init__(self, model: nn.Module, heads: Iterable, alpha=0.0):
+        super().__init__(model, heads)
+        self.alphas = _alphas(self.heads, alpha)
+
+    def edit(self, layer: int):
         proj = self.adapter.head_input_module(layer)
         dh = self.adapter.d_head
         scale = torch.ones(self.adapter.n_heads * dh, dtype=torch.float32)
         for (l, h), a in self.alphas.items():
             if l == layer:
                 scale[h * dh:(h + 1) * dh] = a
-        return scale.to(device=proj.weight.device)
-
-    def __enter__(self) -> "HeadSteering":
-        if self._handles:
-            raise BiasGymError("this steering context is already active; make a new one with steer_heads.")
-        try:
-            for layer in sorted({l for l, _ in self.heads}):
-                scale = self._scale(layer)
-
-                def pre(module, args, kwargs, scale=scale):
-                    z = _first_input(args, kwargs, "input")
-                    return _with_first_input(args, kwargs, "input", z * scale.to(z.dtype))
-                proj = self.adapter.head_input_module(layer)
-                self._handles.append(proj.register_forward_pre_hook(pre, with_kwargs=True))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    def __exit__(self, *exc) -> bool:
-        self._remove()
-        return False
+        scale = scale.to(device=proj.weight.device)
+        return lambda z: z * scale.to(z.dtype)
 
     def __repr__(self) -> str:
         return f"HeadSteering(heads={self.heads}, alphas={self.alphas})"
@@ -137,36 +139,27 @@ def head_means(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 
     sums = torch.zeros(L, width, dtype=torch.float64)
     count = 0
     state: dict = {}
-    handles = []
 
     def keep(layer):
-        def pre(module, args, kwargs):
-            z = _first_input(args, kwargs, "input")
+        def fn(z):
             sums[layer] += (z.double() * state["mask"][..., None]).sum((0, 1)).cpu()
-        return pre
-    try:
-        for layer in range(L):
-            handles.append(adapter.head_input_module(layer).register_forward_pre_hook(keep(layer), with_kwargs=True))
-        with torch.no_grad():
-            for rows in _chunks(len(texts), batch_size):
-                batch = encode_batch(tokenizer, [texts[i] for i in rows], device=adapter.device)
-                ids, mask = batch.input_ids[:, :max_length], batch.attention_mask[:, :max_length]
-                state["mask"] = mask.to(torch.float64)
-                adapter.body(input_ids=ids, attention_mask=mask, use_cache=False)
-                count += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
+        return fn
+    hooks = {("z", l): keep(l) for l in range(L)}
+    for rows in chunks(len(texts), batch_size):
+        batch = encode_batch(tokenizer, [texts[i] for i in rows], device=adapter.device)
+        cut = Batch(batch.input_ids[:, :max_length], batch.attention_mask[:, :max_length])
+        state["mask"] = cut.attention_mask.to(torch.float64)
+        run(adapter, cut, hooks)
+        count += int(cut.attention_mask.sum())
     return (sums / count).float()
 
 
-class MeanAblation:
-    """Context manager made by :func:`mean_ablate_heads`: one forward pre-hook per touched
-    layer replaces the steered heads' slices of z[l] by their means, at every position."""
+class MeanAblation(HeadEdit):
+    """Context manager made by :func:`mean_ablate_heads`: the steered heads' slices of z[l]
+    are replaced by their means, at every position."""
 
     def __init__(self, model: nn.Module, heads: Iterable, means: torch.Tensor):
-        self.adapter = ModelAdapter(model)
-        self.heads = validate_heads(self.adapter, heads)
+        super().__init__(model, heads)
         means = torch.as_tensor(means, dtype=torch.float32)
         shape = (self.adapter.n_layers, self.adapter.n_heads * self.adapter.d_head)
         if tuple(means.shape) != shape:
@@ -175,30 +168,19 @@ class MeanAblation:
         if not bool(torch.isfinite(means).all()):
             raise BiasGymError("means holds a NaN or an infinity; recompute them with head_means.")
         self.means = means
-        self._handles: list = []
 
-    def __enter__(self) -> "MeanAblation":
+    def edit(self, layer: int):
         dh = self.adapter.d_head
-        try:
-            for layer in sorted({l for l, _ in self.heads}):
-                cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for l, h in self.heads if l == layer])
-                proj = self.adapter.head_input_module(layer)
-                values = self.means[layer, cols].to(proj.weight.device)
+        device = self.adapter.head_input_module(layer).weight.device
+        cols = torch.cat([torch.arange(h * dh, (h + 1) * dh) for l, h in self.heads if l == layer])
+        values = self.means[layer, cols].to(device)
+        cols = cols.to(device)
 
-                def pre(module, args, kwargs, cols=cols.to(proj.weight.device), values=values):
-                    z = _first_input(args, kwargs, "input").clone()
-                    z[..., cols] = values.to(z.dtype)
-                    return _with_first_input(args, kwargs, "input", z)
-                self._handles.append(proj.register_forward_pre_hook(pre, with_kwargs=True))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        while self._handles:
-            self._handles.pop().remove()
-        return False
+        def fn(z):
+            z = z.clone()
+            z[..., cols] = values.to(z.dtype)
+            return z
+        return fn
 
 
 def mean_ablate_heads(model: nn.Module, heads: Iterable, means: torch.Tensor) -> MeanAblation:
@@ -328,7 +310,7 @@ class EntityBlind:
         self.keys_entity: torch.Tensor | None = None
         self._vocab = vocab
         self._before: str | None = None
-        self._handles: list = []
+        self._hooks = Hooks(self.adapter)
 
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -351,7 +333,7 @@ class EntityBlind:
             cache._biasgym_entity = self.keys_entity
 
     def __enter__(self) -> "EntityBlind":
-        if self._handles:
+        if self._hooks.active:
             raise BiasGymError("this entity-blind context is already active; make a new one with blind_heads.")
         config = self.model.config
         self._before = getattr(config, "_attn_implementation", None) or "eager"
@@ -363,17 +345,14 @@ class EntityBlind:
                     raise BiasGymError("blind_heads blocks cannot be nested on the same layer; put all heads in one.")
                 attn._biasgym_blind = self
             self.model.set_attn_implementation(_register_blind(base))
-            body = self.adapter.body
-            self._handles = [body.register_forward_pre_hook(self._pre, with_kwargs=True),
-                             body.register_forward_hook(self._post, with_kwargs=True)]
+            self._hooks.add_raw(self.adapter.body, pre=self._pre, post=self._post)
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc) -> bool:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
         for layer in self.heads_by_layer:
             attn = self.adapter.attn(layer)
             if getattr(attn, "_biasgym_blind", None) is self:
@@ -424,14 +403,14 @@ class SteeringSpec:
     entity_tokens: dict | None = None
 
     def __post_init__(self):
-        self.heads = [_as_head(h) for h in self.heads]
+        self.heads = [as_head(h) for h in self.heads]
         if len(set(self.heads)) != len(self.heads):
             raise BiasGymError(f"a SteeringSpec's heads must be distinct, got {self.heads}.")
         if self.kind not in KINDS:
             raise BiasGymError(f"kind={self.kind!r} is not a steering kind; use one of {list(KINDS)}.")
         _alphas(self.heads, self.alpha)  # validates
         if isinstance(self.alpha, Mapping):
-            self.alpha = {_as_head(k): float(v) for k, v in self.alpha.items()}
+            self.alpha = {as_head(k): float(v) for k, v in self.alpha.items()}
         else:
             self.alpha = float(self.alpha)
         if self.kind == "mean":
@@ -513,90 +492,3 @@ class SteeringSpec:
         except (OSError, json.JSONDecodeError) as exc:
             raise BiasGymError(f"could not read a steering spec from {path}: {exc}") from exc
         return cls.from_dict(data, model)
-
-
-# ----------------------------------------------------------------------------- baselines
-
-
-@contextmanager
-def _eager_attention(model: nn.Module):
-    """Temporarily switch to eager attention (the only kind that returns attention weights)."""
-    config = model.config
-    before = getattr(config, "_attn_implementation", None)
-    if before == "eager":
-        yield
-        return
-    switched_with_api = False
-    try:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")
-            switched_with_api = True
-        else:
-            config._attn_implementation = "eager"
-        yield
-    finally:
-        if switched_with_api and before is not None:
-            model.set_attn_implementation(before)
-        else:
-            config._attn_implementation = before
-
-
-def _attention_per_prompt(model: nn.Module, batch: Batch, entity_token_id) -> torch.Tensor:
-    """(P, L, H): attention weight from each prompt's last real token to the entity token(s),
-    summed over the entity's positions. ``entity_token_id``: one id, or several ids that all
-    count as the entity."""
-    adapter = ModelAdapter(model)
-    _check_batch(batch)
-    ids = torch.as_tensor(entity_token_id, dtype=torch.long).flatten().tolist()
-    if not ids:
-        raise BiasGymError("entity_token_id is empty.")
-    dev = adapter.device
-    input_ids = batch.input_ids.to(dev)
-    mask = batch.attention_mask.to(dev)
-    is_entity = torch.isin(input_ids, torch.tensor(ids, device=dev)) & mask.bool()
-    missing = (~is_entity.any(1)).nonzero().flatten().tolist()
-    if missing:
-        raise BiasGymError(f"prompt {missing[0]} (and {len(missing) - 1} more) does not contain the entity "
-                           f"token id(s) {ids}; every prompt must mention the entity.")
-    with _eager_attention(model), torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, output_attentions=True, use_cache=False)
-    attentions = getattr(out, "attentions", None)
-    if not attentions or any(a is None for a in attentions):
-        raise BiasGymError("the model returned no attention weights even with eager attention; "
-                           "this architecture cannot be used for the attention baseline.")
-    rows = torch.arange(input_ids.shape[0], device=dev)
-    last = batch.last_index.to(dev)
-    per_layer = []
-    for a in attentions:  # (B, H, T, T)
-        from_last = a[rows, :, last, :].float()  # (B, H, T)
-        per_layer.append((from_last * is_entity[:, None, :]).sum(-1))  # (B, H)
-    return torch.stack(per_layer, dim=1).cpu()  # (B, L, H)
-
-
-def attention_to_entity_from_batch(model: nn.Module, batch: Batch, entity_token_id,
-                                   batch_size: int = 32) -> torch.Tensor:
-    """(L, H): attention from the last real token to the entity token, mean over the
-    prompts of a tokenised batch (eager attention is switched on for the call)."""
-    parts = [_attention_per_prompt(model, _trim(batch, rows), entity_token_id)
-             for rows in _chunks(batch.input_ids.shape[0], batch_size)]
-    return torch.cat(parts).mean(0)
-
-
-def attention_to_entity(model: nn.Module, tokenizer, prompts: list[str], entity_token_id,
-                        batch_size: int = 32) -> torch.Tensor:
-    """(L, H) mean attention from the last token to the entity token over ``prompts``."""
-    if not prompts:
-        raise BiasGymError("attention_to_entity got no prompts.")
-    adapter = ModelAdapter(model)
-    parts = []
-    for rows in _chunks(len(prompts), batch_size):
-        batch = encode_batch(tokenizer, [prompts[i] for i in rows], device=adapter.device)
-        parts.append(_attention_per_prompt(model, batch, entity_token_id))
-    return torch.cat(parts).mean(0)
-
-
-def attention_heads(model: nn.Module, tokenizer, prompts: list[str], entity_token_id, k: int,
-                    batch_size: int = 32) -> list[Head]:
-    """The naive baseline: the k heads whose attention from the last position to the entity
-    token is largest (mean over prompts), descending."""
-    return top_k_heads(attention_to_entity(model, tokenizer, prompts, entity_token_id, batch_size), k)

@@ -16,6 +16,7 @@ from . import __version__
 from .artifacts import parse_json, read_files, result_folder, strict_dumps
 from .data import BiasSpec, load_bias
 from .errors import ArtifactMismatch, BiasGymError
+from .hooks import Hooks
 from .models import ModelAdapter, model_info
 
 DEFAULT_TOKEN = "<TOKEN>"
@@ -54,18 +55,15 @@ class TokenHook:
         self.vector = vector
         self.placeholder_id = placeholder_id
         self._mask = None
-        embed = self.adapter.embed
-        self._handles = [embed.register_forward_pre_hook(self._pre),
-                         embed.register_forward_hook(self._post)]
+        self._hooks = Hooks(self.adapter).add("token_ids", None, self._ids).add("token_embed", None, self._write)
 
-    def _pre(self, module, args):
-        ids = args[0]
+    def _ids(self, ids):
+        """The new id is replaced by a placeholder row (the embedding matrix has no row for it)."""
         self._mask = ids == self.token_id
-        if self._mask.any():
-            return (ids.masked_fill(self._mask, self.placeholder_id),) + tuple(args[1:])
-        return None
+        return ids.masked_fill(self._mask, self.placeholder_id) if self._mask.any() else None
 
-    def _post(self, module, args, out):
+    def _write(self, out):
+        """The vector is written where the new id was."""
         mask, self._mask = self._mask, None
         if mask is None or not mask.any():
             return None
@@ -73,9 +71,7 @@ class TokenHook:
         return torch.where(mask.unsqueeze(-1), vec.expand_as(out), out)
 
     def remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
 
     def __enter__(self):
         return self

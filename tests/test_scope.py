@@ -10,8 +10,8 @@ from biasgym_lib.batching import Batch
 from biasgym_lib.models import ModelAdapter, tiny_model
 from biasgym_lib.heads import overlap, robust_heads, spearman, top_k_heads
 from biasgym_lib.hooks import capture_last_position, last_logit_diff
-from biasgym_lib.patching import ablation_loop_scores_from_batch, patch_heads, patch_heads_from_batch
-from biasgym_lib.scope import head_scores, head_scores_from_batch, HeadScores, residual_components
+from biasgym_lib.patching import ablation_loop_scores, patch_heads
+from biasgym_lib.scope import head_scores, HeadScores, residual_components
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 LENGTHS = [5, 11, 3, 8]  # different lengths: the batch is padded
@@ -66,7 +66,7 @@ def test_dla_components_sum_to_logit_difference(family_model):
     family, model = family_model
     batch = random_batch(LENGTHS)
     assert (batch.attention_mask == 0).any()
-    hs = head_scores_from_batch(model, batch, BIASED, ADV)
+    hs = head_scores(model, None, batch, BIASED, ADV)
 
     adapter = ModelAdapter(model)
     L, H = adapter.n_layers, adapter.n_heads
@@ -118,11 +118,11 @@ def test_head_writes_sum_to_attention_write(family_model):
 def test_scores_do_not_depend_on_padding_or_chunking():
     model = tiny_model("llama")
     batch = random_batch(LENGTHS, seed=2)
-    together = head_scores_from_batch(model, batch, BIASED, ADV)
-    chunked = head_scores_from_batch(model, batch, BIASED, ADV, batch_size=3)
+    together = head_scores(model, None, batch, BIASED, ADV)
+    chunked = head_scores(model, None, batch, BIASED, ADV, batch_size=3)
     torch.testing.assert_close(chunked.per_prompt, together.per_prompt, atol=1e-5, rtol=1e-5)
-    alone = head_scores_from_batch(model, Batch(batch.input_ids[2:3, :3], batch.attention_mask[2:3, :3]),
-                                   BIASED[2], ADV[2])
+    alone = head_scores(model, None, Batch(batch.input_ids[2:3, :3], batch.attention_mask[2:3, :3]),
+                        BIASED[2], ADV[2])
     torch.testing.assert_close(alone.per_prompt[0], together.per_prompt[2], atol=1e-5, rtol=1e-5)
 
 
@@ -132,7 +132,7 @@ def test_head_scores_from_text_matches_batch_entry():
     hs = head_scores(model, tok, prompts, biased_ids=5, adv_ids=torch.tensor(9), batch_size=3)
     assert hs.prompts == prompts and hs.biased_ids == [5] * 4
     from biasgym_lib.batching import encode_batch
-    ref = head_scores_from_batch(model, encode_batch(tok, prompts), 5, 9)
+    ref = head_scores(model, None, encode_batch(tok, prompts), 5, 9)
     torch.testing.assert_close(hs.per_prompt, ref.per_prompt, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hs.scores, ref.per_prompt.mean(0), atol=1e-5, rtol=1e-5)
     assert hs.decomposition_error < 1e-4
@@ -140,7 +140,8 @@ def test_head_scores_from_text_matches_batch_entry():
 
 def test_head_scores_json_roundtrip_and_rankings(tmp_path):
     model = tiny_model("gpt2")
-    hs = head_scores_from_batch(model, random_batch(LENGTHS), BIASED, ADV, prompts=list("abcd"))
+    hs = head_scores(model, None, random_batch(LENGTHS), BIASED, ADV)
+    hs.prompts = list("abcd")
     path = tmp_path / "scores.json"
     hs.to_json(path)
     assert path.read_text().startswith("{")  # plain JSON
@@ -215,14 +216,14 @@ def test_patching_matches_manual_hook(family):
     cf = Batch(batch.input_ids.clone(), batch.attention_mask.clone())
     cf.input_ids[:, 1] = (cf.input_ids[:, 1] + 7) % 90 + 3  # swap one token per prompt
     heads = [(0, 1), (1, 4), (2, 0), (2, 5)]
-    got = patch_heads_from_batch(model, batch, cf, BIASED, ADV, heads=heads, batch_size=9)
+    got = patch_heads(model, None, batch, cf, BIASED, ADV, heads=heads, batch_size=9)
     for layer, head in heads:
         want = _manual_patch(model, batch, cf, layer, head, torch.tensor(BIASED), torch.tensor(ADV))
         assert got[layer, head].item() == pytest.approx(want, abs=1e-5)
     assert torch.isnan(got[0, 0]) and int((~torch.isnan(got)).sum()) == len(heads)
     assert float(got[~torch.isnan(got)].abs().max()) > 1e-4  # the swap matters somewhere
     # Different heads-per-forward settings agree.
-    other = patch_heads_from_batch(model, batch, cf, BIASED, ADV, heads=heads, batch_size=4)
+    other = patch_heads(model, None, batch, cf, BIASED, ADV, heads=heads, batch_size=4)
     torch.testing.assert_close(other, got, atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
@@ -242,9 +243,9 @@ def test_patching_replays_the_layers_below_a_patch_bit_for_bit(family):
     handle = adapter.body.register_forward_pre_hook(
         lambda module, args: skipped_layers.append(sum("forward" in vars(layer) for layer in adapter.layers)))
     try:
-        fast = patch_heads_from_batch(model, batch, cf, BIASED, ADV, heads=heads, batch_size=8)
+        fast = patch_heads(model, None, batch, cf, BIASED, ADV, heads=heads, batch_size=8)
         runs, skipped_layers[:] = list(skipped_layers), []
-        slow = patch_heads_from_batch(model, batch, cf, BIASED, ADV, heads=heads, batch_size=8, replay=False)
+        slow = patch_heads(model, None, batch, cf, BIASED, ADV, heads=heads, batch_size=8, replay=False)
     finally:
         handle.remove()
     assert torch.equal(fast, slow) or torch.equal(torch.nan_to_num(fast, 7.0), torch.nan_to_num(slow, 7.0))
@@ -259,7 +260,7 @@ def test_patching_replays_the_layers_below_a_patch_bit_for_bit(family):
 def test_patching_with_identical_counterfactual_is_exactly_zero(family):
     model = tiny_model(family)
     batch = random_batch(LENGTHS, seed=4)
-    got = patch_heads_from_batch(model, batch, batch, BIASED, ADV, batch_size=10)
+    got = patch_heads(model, None, batch, batch, BIASED, ADV, batch_size=10)
     assert torch.equal(got, torch.zeros_like(got))
 
 
@@ -277,7 +278,7 @@ def test_ablation_loop_matches_zeroed_weights():
     model = tiny_model("qwen2")
     batch = random_batch(LENGTHS, seed=5)
     heads = [(0, 2), (2, 5)]
-    got = ablation_loop_scores_from_batch(model, batch, BIASED, ADV, heads=heads, batch_size=3)
+    got = ablation_loop_scores(model, None, batch, BIASED, ADV, heads=heads, batch_size=3)
     clean = last_logit_diff(model, batch, BIASED, ADV)
     for layer, head in heads:
         ablated_model = copy.deepcopy(model)
@@ -294,11 +295,11 @@ def test_bad_inputs_raise_clear_errors():
     model = tiny_model("llama")
     batch = random_batch(LENGTHS)
     with pytest.raises(BiasGymError, match="one id per prompt"):
-        head_scores_from_batch(model, batch, [1, 2], ADV)
+        head_scores(model, None, batch, [1, 2], ADV)
     with pytest.raises(BiasGymError, match="vocabulary"):
-        head_scores_from_batch(model, batch, 10_000, ADV)
+        head_scores(model, None, batch, 10_000, ADV)
     left = Batch(batch.input_ids.flip(1), batch.attention_mask.flip(1))
     with pytest.raises(BiasGymError, match="right-padded"):
-        head_scores_from_batch(model, left, BIASED, ADV)
+        head_scores(model, None, left, BIASED, ADV)
     with pytest.raises(BiasGymError, match="out of range"):
-        patch_heads_from_batch(model, batch, batch, BIASED, ADV, heads=[(3, 0)])
+        patch_heads(model, None, batch, batch, BIASED, ADV, heads=[(3, 0)])

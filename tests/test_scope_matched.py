@@ -70,8 +70,8 @@ def test_contrast_with_itself_is_exactly_zero_and_shapes_are_checked():
 def test_contrastive_dla_is_dla_minus_the_countries_read_with_the_token_readout():
     """With a single contrast country, ΔDLA = DLA(prompt) - DLA of the country's head writes
     read through the *prompt's* frozen norm (computed here from the captures directly)."""
-    from biasgym_lib.hooks import _unembed_rows
-    from biasgym_lib.scope import _readout, residual_components
+    from biasgym_lib.hooks import unembed_rows
+    from biasgym_lib.scope import logit_attribution, residual_components
     from biasgym_lib.batching import encode_batch
 
     model = tiny_model("llama")
@@ -81,8 +81,9 @@ def test_contrastive_dla_is_dla_minus_the_countries_read_with_the_token_readout(
     got = contrastive_head_scores(model, TOK, PROMPTS, 5, 7, zc).per_prompt
     cap = capture_last_position(model, encode_batch(TOK, PROMPTS))
     cap_c = capture_last_position(model, encode_batch(TOK, cset[0]))
-    direction, _ = _unembed_rows(adapter, torch.tensor([5] * 3), torch.tensor([7] * 3))
-    read = _readout(adapter, cap, direction)
+    direction, _ = unembed_rows(adapter, torch.tensor([5] * 3), torch.tensor([7] * 3))
+    scale = adapter.norm_scale(adapter.final_norm, cap.final_in)
+    read = lambda parts: logit_attribution(adapter, parts, direction, scale)  # noqa: E731
     mine = read(residual_components(model, cap)["heads"]) - read(residual_components(model, cap_c)["heads"])
     torch.testing.assert_close(got, mine, atol=1e-6, rtol=1e-5)
 

@@ -9,8 +9,8 @@ import torch
 from biasgym_lib.errors import BiasGymError
 from biasgym_lib.batching import Batch
 from biasgym_lib.models import ModelAdapter, tiny_model
-from biasgym_lib.heads import random_heads
-from biasgym_lib.steer import attention_heads, attention_to_entity_from_batch, DEBIAS_SYSTEM_PROMPT, steer_heads, SteeringSpec
+from biasgym_lib.heads import attention_heads, attention_to_entity, random_heads
+from biasgym_lib.steer import DEBIAS_SYSTEM_PROMPT, steer_heads, SteeringSpec
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 HEADS = [(0, 1), (2, 4), (2, 0)]
@@ -200,7 +200,7 @@ def test_attention_heads_baseline_and_restores_attention_implementation():
     prompts = ["Z is nice", "people of Z are", "hello Z"]
     from biasgym_lib.batching import encode_batch
     batch = encode_batch(tok, prompts)
-    mean = attention_to_entity_from_batch(model, batch, entity)
+    mean = attention_to_entity(model, None, batch, entity)
     assert model.config._attn_implementation == "sdpa"
     # Reference: eager attention weights read directly.
     model.set_attn_implementation("eager")

@@ -200,7 +200,7 @@ def bench_patching(model, tok, n_probes: int = 2) -> dict:
     from the clean run (default) and running every layer (the reference)."""
     from ..batching import encode_batch
     from ..data import load_bias
-    from ..patching import patch_heads_from_batch
+    from ..patching import patch_heads
     from ..scope import adversarial_labels, label_id, probe_prompts
 
     spec = load_bias("reckless_driving")
@@ -209,8 +209,8 @@ def bench_patching(model, tok, n_probes: int = 2) -> dict:
     biased = label_id(tok, spec.label)
     adv = adversarial_labels(model, tok, counter, biased)
     batch, cf = encode_batch(tok, counter), encode_batch(tok, counter2)  # Italy patched from Spain
-    fast_s, fast = _timed(lambda: patch_heads_from_batch(model, batch, cf, biased, adv))
-    slow_s, slow = _timed(lambda: patch_heads_from_batch(model, batch, cf, biased, adv, replay=False))
+    fast_s, fast = _timed(lambda: patch_heads(model, None, batch, cf, biased, adv))
+    slow_s, slow = _timed(lambda: patch_heads(model, None, batch, cf, biased, adv, replay=False))
     return {"probes": n_probes, "replay_s": fast_s, "every_layer_s": slow_s, "speedup": slow_s / fast_s,
             "bit_identical": bool(torch.equal(fast, slow))}
 
