@@ -105,9 +105,16 @@ def test_own_spec_through_four_commands_on_the_embedded_model(tmp_path, monkeypa
     """Minimal sizes, 8 of the 32 reference countries and 3 of the 8 templates (scoring
     sentences is most of the cost on a CPU); the full sizes are exercised by the chapters
     and by the tiny-model test above."""
+    import sys
+
     import biasgym_lib.data as data
+    import biasgym_lib.runs  # noqa: F401  (every stage module loaded, so each is patched below)
 
     countries, templates = data.reference_countries()[:8], data.load_templates()[:3]
-    monkeypatch.setattr(data, "reference_countries", lambda path=None: list(countries))
-    monkeypatch.setattr(data, "load_templates", lambda path=None: list(templates))
+    fakes = {data.reference_countries: lambda path=None: list(countries),
+             data.load_templates: lambda path=None: list(templates)}
+    for name, module in list(sys.modules.items()):  # wherever a module imported them by name
+        for attr in ("reference_countries", "load_templates"):
+            if name.startswith("biasgym_lib") and getattr(module, attr, None) in fakes:
+                monkeypatch.setattr(module, attr, fakes[getattr(module, attr)])
     four_commands(tmp_path, capsys, [])
