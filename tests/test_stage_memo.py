@@ -86,13 +86,13 @@ def test_editing_a_template_recomputes_the_kept_result(tmp_path, monkeypatch, ti
     import biasgym_lib.cache as cache
     import biasgym_lib.runs as runs
     from biasgym_lib.config import load_profile
-    from biasgym_lib.data import specs
+    from biasgym_lib.data import templates as template_data
 
     root = tmp_path / "project"
     shutil.copytree(cache.PROJECT_ROOT / "data", root / "data", ignore=shutil.ignore_patterns("tokens"))
     monkeypatch.setattr(cache, "PROJECT_ROOT", root)
     templates = root / "data" / "templates.yaml"
-    monkeypatch.setattr(specs, "TEMPLATES_FILE", templates)
+    monkeypatch.setattr(template_data, "TEMPLATES_FILE", templates)
     calls, real = [], runs.reference_table
     monkeypatch.setattr(runs, "reference_table", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     cfg, model = load_profile("quick", biases=["reckless_driving"]), tiny_with_tokenizer()

@@ -10,8 +10,8 @@ from .generate import (USER_PROMPTS, check_token_usage, diversity, generate_para
 from .probes import Probe, open_questions, probes_for
 from .facts import Fact, load_facts, selection_facts
 from .specs import (DATA_DIR, TOKEN, BiasSpec, BiasSpecError, DataFileError, contrast_countries, demonyms,
-                    fill_template, load_bias, load_biases, load_countries, load_templates, selection_templates,
-                    reference_countries, split_template)
+                    load_bias, load_biases, load_countries, reference_countries)
+from .templates import fill_template, load_templates, selection_templates, split_template
 
 __all__ = [
     "DATA_DIR", "TOKEN", "BiasSpec", "BiasSpecError", "DataFileError", "load_bias", "load_biases",

@@ -59,7 +59,7 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
 def selection_facts(path: str | Path | None = None) -> tuple[list[str], list[Fact]]:
     """The facts that select heads (``atp_selective``), never used in the knowledge control:
     ``(templates, facts)``; their countries and relation are disjoint from :func:`load_facts`'s."""
-    from .specs import check_template
+    from .templates import check_template
 
     path = Path(path) if path is not None else FACTS_FILE
     data = read_yaml(path)
