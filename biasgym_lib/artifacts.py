@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -291,3 +292,27 @@ def result_folder(out, overwrite: bool = False, flag: str = "--out", precheck: b
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------- the library's files
+
+
+CACHE_ENV = "BIASGYM_CACHE"
+
+
+def cache_dir() -> Path:
+    """Root of the library's file cache: the converted model and the downloaded SeeGULL file,
+    never results (override with the ``BIASGYM_CACHE`` variable)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "biasgym"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

