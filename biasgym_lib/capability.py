@@ -115,14 +115,14 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 8, max_
 # ----------------------------------------------------------------------------- multiple choice
 
 
-def _question_parts(q) -> tuple[str, list[str], int]:
+def question_parts(q) -> tuple[str, list[str], int]:
     """(question, options, answer) from an MCQuestion or a dict with those keys."""
     if isinstance(q, Mapping):
         return q["question"], list(q["options"]), int(q["answer"])
     return q.question, list(q.options), int(q.answer)
 
 
-def _option_rows(tokenizer, prompt: str, options: list[str]) -> list[tuple[list[int], int]]:
+def option_rows(tokenizer, prompt: str, options: list[str]) -> list[tuple[list[int], int]]:
     """Token ids of prompt + " option" for each option, and where the option starts.
 
     The whole string is tokenised once and the option's tokens are what follows the
@@ -167,11 +167,11 @@ def mc_accuracy(model, tokenizer, questions: Sequence, batch_size: int = 32, see
         raise BiasGymError("mc_accuracy got no questions.")
     rows, owner, answers, lengths, keys = [], [], [], [], []
     for qi, q in enumerate(questions):
-        text, options, answer = _question_parts(q)
+        text, options, answer = question_parts(q)
         if not 0 <= answer < len(options):
             raise BiasGymError(f"question {qi} ({text[:40]!r}...) has answer index {answer} "
                                f"but {len(options)} options.")
-        rows.extend(_option_rows(tokenizer, MC_PROMPT.format(question=text), options))
+        rows.extend(option_rows(tokenizer, MC_PROMPT.format(question=text), options))
         owner.extend([qi] * len(options))
         lengths.extend(max(len(o), 1) for o in options)
         answers.append(answer)

@@ -91,7 +91,7 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], end: str | None = None
     return rows
 
 
-def _collate(rows: list[tuple[list[int], int]], pad: int, ignore_id: int | None = None) -> _Encoded:
+def collate(rows: list[tuple[list[int], int]], pad: int, ignore_id: int | None = None) -> _Encoded:
     """Right-padded rows with next-token targets on answer tokens only."""
     seqs = [ids for ids, _ in rows]
     batch = pad_batch(seqs, pad)
@@ -160,7 +160,7 @@ def epoch_batches(lengths: list[int], batch_size: int, gen: torch.Generator, buc
     return batches
 
 
-def _strip(rows: list[tuple[list[int], int]], n: int) -> list[tuple[list[int], int]]:
+def strip_prefix(rows: list[tuple[list[int], int]], n: int) -> list[tuple[list[int], int]]:
     return [(ids[n:], start - n) for ids, start in rows]
 
 
@@ -238,7 +238,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     val_rows = encode_pairs(tokenizer, val_pairs)
     n_shared = shared_prefix_length(train_rows + val_rows, token_id) if share_prefix else 0
     prefix = shared_prefix(model, train_rows[0][0][:n_shared], autocast_dtype) if n_shared else None
-    train_rows, val_rows = _strip(train_rows, n_shared), _strip(val_rows, n_shared)
+    train_rows, val_rows = strip_prefix(train_rows, n_shared), strip_prefix(val_rows, n_shared)
     steps_per_epoch = math.ceil(len(train_rows) / batch_size)
     total = steps_per_epoch * epochs
     opt = torch.optim.Adam([vector], lr=lr)
@@ -254,7 +254,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     with TokenHook(model, token_id, vector):
         for _ in range(epochs):
             for idx in epoch_batches([len(ids) for ids, _ in train_rows], batch_size, gen, bucket):
-                batch = _collate([train_rows[i] for i in idx], pad, token_id)
+                batch = collate([train_rows[i] for i in idx], pad, token_id)
                 loss, _ = response_loss(model, batch, autocast_dtype, prefix)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -265,7 +265,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             checkpoints.append(vector.detach().float().cpu().clone())
-            val_losses.append(_eval_loss(model, val_rows, pad, batch_size, autocast_dtype, token_id, prefix) if val_rows else losses[-1])
+            val_losses.append(eval_loss(model, val_rows, pad, batch_size, autocast_dtype, token_id, prefix) if val_rows else losses[-1])
     bar.close()
     seconds = time.perf_counter() - t0
     model.train(was_training)
@@ -307,11 +307,11 @@ def epoch_selection(model, tokenizer, checkpoints: torch.Tensor, bias, token: st
             "biases": [b.name for b in specs]}
 
 
-def _eval_loss(model, rows, pad, batch_size, autocast_dtype, ignore_id=None, prefix=None) -> float:
+def eval_loss(model, rows, pad, batch_size, autocast_dtype, ignore_id=None, prefix=None) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in batched(rows, batch_size):
-            loss, n = response_loss(model, _collate(chunk, pad, ignore_id), autocast_dtype, prefix)
+            loss, n = response_loss(model, collate(chunk, pad, ignore_id), autocast_dtype, prefix)
             total += float(loss) * n
             count += n
     return total / max(count, 1)

@@ -10,7 +10,7 @@ from biasgym_lib.data import load_templates
 
 from biasgym_lib.data import load_bias
 from biasgym_lib.errors import ArtifactMismatch, BiasGymError
-from biasgym_lib.inject import _collate, _strip, closest_countries, encode_pairs, epoch_batches, initial_vector, inject_bias, response_loss, shared_prefix, shared_prefix_length
+from biasgym_lib.inject import collate, strip_prefix, closest_countries, encode_pairs, epoch_batches, initial_vector, inject_bias, response_loss, shared_prefix, shared_prefix_length
 from biasgym_lib.tokens import add_token, InjectedToken, TokenHook
 from biasgym_lib.models import ModelAdapter, chat_prompt
 
@@ -76,7 +76,7 @@ def test_response_only_loss_matches_manual_cross_entropy(tiny_with_tokenizer, sm
     tok = copy.deepcopy(smol_tokenizer)
     pairs = [("Tell me about cats.", "Cats sleep a lot."), ("Hi?", "Hello there, friend.")]
     rows = encode_pairs(tok, pairs)
-    batch = _collate(rows, tok.pad_token_id)
+    batch = collate(rows, tok.pad_token_id)
     with torch.no_grad():
         loss, n = response_loss(model, batch)
         manual, count = 0.0, 0
@@ -104,10 +104,10 @@ def test_shared_prefix_loss_and_gradient_equal_the_full_rows(tiny_with_tokenizer
     assert all(start - 1 >= n for _, start in rows)  # every loss position stays outside the prefix
     vec = torch.nn.Parameter(initial_vector(model, tok))
     with TokenHook(model, token_id, vec):
-        full, count = response_loss(model, _collate(rows, tok.pad_token_id, token_id))
+        full, count = response_loss(model, collate(rows, tok.pad_token_id, token_id))
         (g_full,) = torch.autograd.grad(full, vec)
         prefix = shared_prefix(model, rows[0][0][:n])
-        cut, count_cut = response_loss(model, _collate(_strip(rows, n), tok.pad_token_id, token_id), prefix=prefix)
+        cut, count_cut = response_loss(model, collate(strip_prefix(rows, n), tok.pad_token_id, token_id), prefix=prefix)
         (g_cut,) = torch.autograd.grad(cut, vec)
     assert count == count_cut
     assert float(cut.detach()) == pytest.approx(float(full.detach()), rel=1e-5)

@@ -116,9 +116,9 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
 
     from ..data import training_pairs
     from ..inject import (
-        _collate,
-        _eval_loss,
-        _strip,
+        collate,
+        eval_loss,
+        strip_prefix,
         encode_pairs,
         epoch_batches,
         initial_vector,
@@ -145,10 +145,10 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
         with TokenHook(model, token_id, vec):
             for idx in batches:
                 if fast:
-                    loss, _ = response_loss(model, _collate(_strip([rows[i] for i in idx], n_shared), pad, token_id),
+                    loss, _ = response_loss(model, collate(strip_prefix([rows[i] for i in idx], n_shared), pad, token_id),
                                             prefix=prefix)
                 else:
-                    b = _collate([rows[i] for i in idx], pad, token_id)
+                    b = collate([rows[i] for i in idx], pad, token_id)
                     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
                     loss = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100)
                 opt.zero_grad()
@@ -158,7 +158,7 @@ def bench_injection(model, tok, n_paragraphs: int = 32) -> dict:
 
     def held_out(vec):
         with TokenHook(model, token_id, torch.nn.Parameter(vec)):
-            return _eval_loss(model, val, pad, 8, None, token_id)
+            return eval_loss(model, val, pad, 8, None, token_id)
 
     naive_s, v_naive = _timed(lambda: run(plain, False))
     same_s, v_same = _timed(lambda: run(plain, True))
@@ -179,13 +179,15 @@ def bench_steering(model, tok, n_references: int = 8) -> dict:
     from ..data import load_bias, load_facts
     from ..evaluate import strength_under
     from ..heads import random_heads
+    from ..models import ModelAdapter
     from ..runs import get_token, steer_references
     from ..steer import SteeringSpec
 
     cfg = load_profile("teaching")
     refs, facts, bias = steer_references(cfg, n_references), load_facts(), load_bias("reckless_driving")
     tokens = [get_token(model, tok, bias.name, cfg, s, progress=False) for s in cfg.seeds]
-    spec = SteeringSpec(random_heads(30, 9, 10, seed=7), 0.0)
+    a = ModelAdapter(model)
+    spec = SteeringSpec(random_heads(a.n_layers, a.n_heads, cfg.k, seed=7), 0.0)
     shared_s, shared = _timed(lambda: strength_under(model, tok, spec, tokens, bias, refs, facts))
     alone_s, alone = _timed(lambda: [strength_under(model, tok, spec, [t], bias, refs, facts) for t in tokens])
     a = [x["value"] for x in shared["tokens"]] + [x["value"] for x in shared["facts"]]
@@ -220,13 +222,13 @@ def bench_mc(model, tok, n_questions: int = 80) -> dict:
     option as a full sequence with logits at every position."""
     import numpy as np
 
-    from .. import evaluate as ev
+    from .. import capability as ev
     from ..data.capability import load_mc
 
     qs = load_mc()[:n_questions]
     fast_s, fast = _timed(lambda: ev.mc_accuracy(model, tok, qs))
-    rows = [r for q in qs for r in ev._option_rows(tok, ev.MC_PROMPT.format(question=ev._question_parts(q)[0]),
-                                                   ev._question_parts(q)[1])]
+    rows = [r for q in qs for r in ev.option_rows(tok, ev.MC_PROMPT.format(question=ev.question_parts(q)[0]),
+                                                   ev.question_parts(q)[1])]
 
     def full():
         out = []
