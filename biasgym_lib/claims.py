@@ -4,7 +4,6 @@ criterion fixed in advance (METHOD §6)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .evaluate import (
     GRID_BOUNDS,
@@ -42,16 +41,16 @@ def claims_from(run) -> dict:
     confirm = summarise_grid(run.confirm())
     loo = leave_one_out(run) if len(run.biases) > 1 else {"rows": []}
     seeg = seegull_steering(run)
-    n_heads = len(scopes[runs[0]]["scores"]["dla"]) * len(scopes[runs[0]]["scores"]["dla"][0])
+    n_heads = scopes[runs[0]].scores["dla"].numel()
 
-    shares = [r["share_top_k"] for r in scopes.values()]
+    shares = [r.share_top_k for r in scopes.values()]
     agree = {}
     for b in run.grid_biases:
         if "patching" in cfg.grid_methods:
             p = run.patching(b)
             units = [nan_tensor(u) for u in p["units"]]
             for m in ("dla", "delta_dla", "atp"):
-                mu = [torch.tensor(r["units"][m]) for r in run.scopes(b)]
+                mu = [r.units[m] for r in run.scopes(b)]
                 agree[f"{b}: {m} vs patching"] = agreement(mu, units, k)
 
     selections = {f"paper (robust DLA, alpha = 0, k = {k})": (*PAPER, k),

@@ -257,9 +257,9 @@ def cmd_scope(args) -> int:
     _k(cfg.k, "--k" if args.k is not None else "k (profile)", adapter.n_layers * adapter.n_heads)
     result = scope_run(model, tokenizer, injected, cfg)
     with result_folder(out, args.overwrite, precheck=False) as tmp:
-        write_json(tmp / "head_scores.json", result)
-    print(f"Wrote {out / 'head_scores.json'}: scores {sorted(result['scores'])}; top attribution-patching heads "
-          f"{result['top_heads']['atp'][:5]}...; DLA decomposition error {result['decomposition_error']:.2e}")
+        write_json(tmp / "head_scores.json", result.to_dict())
+    print(f"Wrote {out / 'head_scores.json'}: scores {sorted(result.scores)}; top attribution-patching heads "
+          f"{result.top_heads('atp')[:5]}...; DLA decomposition error {result.decomposition_error:.2e}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Head sets: validating heads, ranking them by a score, robust and random selections,
-how far two rankings agree, and the naive score: attention to the entity."""
+"""Head scores and head sets: BiasScope's result for one token (:class:`ScopeResult`),
+validating heads, ranking them by a score, robust and random selections, how far two
+rankings agree, and the naive score: attention to the entity."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -170,7 +172,62 @@ def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
     return sorted((i // n_heads, i % n_heads) for i in picks)
 
 
-def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, n_random: int = 5,
+SCORE_METHODS = ("dla", "delta_dla", "attr", "atp", "attention")
+"""The head scores BiasScope computes for each injected token (see :func:`~biasgym_lib.scope.scope_run`)."""
+
+
+@dataclass(frozen=True)
+class ScopeResult:
+    """BiasScope for one injected token (``head_scores.json``): each method's (L, H) head
+    ``scores`` and its per-probe or per-sentence ``units``, the logit difference it explains
+    with its decomposition (``components``: mean contribution per group) and error, and the
+    probes and labels it was measured on."""
+
+    bias: str
+    seed: int
+    model: dict
+    profile: str
+    k: int
+    scores: dict[str, torch.Tensor]
+    units: dict[str, torch.Tensor]
+    logit_diff_total: float
+    logit_diff_per_probe: list[float]
+    decomposition_error: float
+    attr_decomposition_error: float
+    share_top_k: float
+    counterfactual_country: str
+    contrast_countries: list[str]
+    probes: list[str]
+    biased_label: str
+    adv_labels: list[str]
+    assoc_on_templates: float
+    components: dict[str, float]
+    seconds: dict = field(default_factory=dict)
+
+    def top_heads(self, method: str, k: int | None = None) -> list[Head]:
+        return top_k_heads(self.scores[method], self.k if k is None else k)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["scores"] = {m: v.tolist() for m, v in self.scores.items()}
+        out["units"] = {m: v.tolist() for m, v in self.units.items()}
+        out["top_heads"] = {m: [list(h) for h in self.top_heads(m)] for m in self.scores}
+        return {**out, "n_probes": len(self.probes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScopeResult":
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        kw["scores"] = {m: torch.tensor(v) for m, v in d["scores"].items()}
+        kw["units"] = {m: torch.tensor(v) for m, v in d["units"].items()}
+        return cls(**kw)
+
+
+def mean_scores(scopes: Sequence[ScopeResult], method: str) -> torch.Tensor:
+    """A method's (L, H) head scores averaged over several tokens (e.g. one per seed)."""
+    return torch.stack([r.scores[method] for r in scopes]).mean(0)
+
+
+def bias_rankings(scopes: list[ScopeResult], k_max: int, patching: dict | None = None, n_random: int = 5,
                   n_layers: int | None = None, n_heads: int | None = None, knowledge=None) -> dict:
     """Head rankings of one bias for every method of :data:`METHODS`, from its tokens'
     :func:`scope_run` results (one per seed): each score averaged over seeds, then sorted;
@@ -182,15 +239,15 @@ def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, 
     Returns ``{method: [heads, best first]}`` for the score methods, and for ``robust`` and
     ``random`` a mapping k -> heads (their sets are not nested in k)."""
     out = {}
-    for m in ("dla", "delta_dla", "attr", "atp", "attention"):
-        out[m] = top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), k_max)
+    for m in SCORE_METHODS:
+        out[m] = top_k_heads(mean_scores(scopes, m), k_max)
     if knowledge is not None:  # attribution patching of S minus that of held-out country facts
-        atp = torch.tensor([r["scores"]["atp"] for r in scopes]).mean(0)
+        atp = mean_scores(scopes, "atp")
         out["atp_selective"] = top_k_heads(atp - torch.as_tensor(knowledge, dtype=atp.dtype), k_max)
     if patching is not None:
         scored = nan_tensor(patching["scores"])
         out["patching"] = top_k_heads(scored, min(k_max, int((~torch.isnan(scored)).sum())))
-    dla = [torch.tensor(r["scores"]["dla"]) for r in scopes]
+    dla = [r.scores["dla"] for r in scopes]
     m = (len(dla) + 1) // 2
     L, H = dla[0].shape
     out["robust"] = {k: robust_heads(dla, k, m) for k in range(1, k_max + 1)}
@@ -198,12 +255,12 @@ def bias_rankings(scopes: list[dict], k_max: int, patching: dict | None = None, 
     return out
 
 
-def patch_union(scopes: list[dict], n: int) -> list[tuple[int, int]]:
+def patch_union(scopes: list[ScopeResult], n: int) -> list[tuple[int, int]]:
     """The union of the top ``n`` heads of every per-token score method, over a bias's
     seeds: the heads that exact patching checks (METHOD §3)."""
     heads = set()
-    for m in ("dla", "delta_dla", "attr", "atp", "attention"):
-        heads |= set(top_k_heads(torch.tensor([r["scores"][m] for r in scopes]).mean(0), n))
+    for m in SCORE_METHODS:
+        heads |= set(top_k_heads(mean_scores(scopes, m), n))
     return sorted(heads)
 
 

@@ -26,7 +26,7 @@ from .evaluate import (
     summarise_grid,
 )
 from .generalise import leave_one_out, seegull_steering
-from .heads import bias_rankings, patch_union
+from .heads import ScopeResult, bias_rankings, patch_union
 from .inject import (
     TRAINER_VERSION,
     InjectionResult,
@@ -176,12 +176,12 @@ class Run:
             self._contrast[bias] = bias_contrast(self.model, self.tokenizer, self.specs[bias], self.cfg)
         return self._contrast[bias]
 
-    def scope(self, bias: str, seed: int) -> dict:
+    def scope(self, bias: str, seed: int) -> ScopeResult:
         tok = self.token(bias, seed)
-        return self.memo(f"scope/{bias}_seed{seed}.json",
-                     lambda: scope_run(self.model, self.tokenizer, tok, self.cfg, self.contrast(bias)), tok)
+        return ScopeResult.from_dict(self.memo(f"scope/{bias}_seed{seed}.json", lambda: scope_run(
+            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias)).to_dict(), tok))
 
-    def scopes(self, bias: str) -> list[dict]:
+    def scopes(self, bias: str) -> list[ScopeResult]:
         return [self.scope(bias, s) for s in self.cfg.seeds]
 
     def patching(self, bias: str) -> dict:

@@ -35,7 +35,7 @@ from .batching import Batch, batched, batches, encode_batch, label_ids, n_prompt
 from .config import Profile
 from .data import contrast_countries, load_templates, probes_for
 from .errors import BiasGymError
-from .heads import Head, attention_to_entity, top_k_heads
+from .heads import Head, ScopeResult, attention_to_entity, top_k_heads
 from .hooks import (
     LastPositionCapture,
     capture_last_position,
@@ -432,14 +432,12 @@ def bias_contrast(model, tokenizer, spec, cfg: Profile) -> dict:
             "template_z": mean_template_z(model, tokenizer, countries, spec.attributes)}
 
 
-def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast: dict | None = None) -> dict:
+def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast: dict | None = None) -> ScopeResult:
     """BiasScope for one injected token: every head score of :data:`METHODS` that is
     computed per token (DLA, ΔDLA, attribute-matched ΔDLA, attribution patching of S,
     attention to the entity), the total logit difference and the decomposition error.
     ``contrast``: :func:`bias_contrast` of the token's bias (computed here if not given).
-    Returns the ``head_scores.json`` content."""
-
-
+    Returns a :class:`~biasgym_lib.heads.ScopeResult` (``head_scores.json``)."""
     spec = injected.spec
     contrast = contrast or bias_contrast(model, tokenizer, spec, cfg)
     seconds, t0 = {}, time.perf_counter()
@@ -464,23 +462,17 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
         lap("atp")
         attn = attention_to_entity(model, tokenizer, prompts, hook.token_id)
         lap("attention")
-    scores = {"dla": hs.scores, "delta_dla": delta.scores, "attr": attr.scores, "atp": atp.scores,
-              "attention": attn}
-    return {
-        "bias": spec.name, "seed": injected.seed, "model": injected.model, "profile": cfg.name, "k": cfg.k,
-        "scores": {m: v.tolist() for m, v in scores.items()},
-        "top_heads": {m: [list(h) for h in top_k_heads(v, cfg.k)] for m, v in scores.items()},
-        "units": {"dla": hs.per_prompt.tolist(), "delta_dla": delta.per_prompt.tolist(),
-                  "attr": attr.per_prompt.tolist(), "atp": atp.per_sentence.tolist()},
-        "logit_diff_total": float(hs.logit_diff.mean()), "logit_diff_per_probe": hs.logit_diff.tolist(),
-        "decomposition_error": float(hs.decomposition_error),
-        "attr_decomposition_error": float(attr.decomposition_error),
-        "share_top_k": float(hs.share_top_k(cfg.k)), "counterfactual_country": country,
-        "contrast_countries": list(contrast["countries"]), "probes": list(prompts),
-        "n_probes": len(prompts), "biased_label": tokenizer.decode([biased]),
-        "adv_labels": [tokenizer.decode([a]) for a in adv], "assoc_on_templates": atp.assoc,
-        "seconds": seconds, "components": _component_summary(hs.components),
-    }
+    return ScopeResult(
+        bias=spec.name, seed=injected.seed, model=injected.model, profile=cfg.name, k=cfg.k,
+        scores={"dla": hs.scores, "delta_dla": delta.scores, "attr": attr.scores, "atp": atp.scores,
+                "attention": attn},
+        units={"dla": hs.per_prompt, "delta_dla": delta.per_prompt, "attr": attr.per_prompt, "atp": atp.per_sentence},
+        logit_diff_total=float(hs.logit_diff.mean()), logit_diff_per_probe=hs.logit_diff.tolist(),
+        decomposition_error=float(hs.decomposition_error), attr_decomposition_error=float(attr.decomposition_error),
+        share_top_k=float(hs.share_top_k(cfg.k)), counterfactual_country=country,
+        contrast_countries=list(contrast["countries"]), probes=list(prompts), biased_label=tokenizer.decode([biased]),
+        adv_labels=[tokenizer.decode([a]) for a in adv], assoc_on_templates=atp.assoc,
+        components=_component_summary(hs.components), seconds=seconds)
 
 
 def _component_summary(components: dict) -> dict:

@@ -171,7 +171,7 @@ class SteeringExplorer(_LiveView):
 class HeadExplorer(_LiveView):
     """Pick a head; see its direct logit attribution on every probe.
 
-    ``per_probe`` is (probes, layers, heads), e.g. ``scope_run(...)["per_probe_scores"]``;
+    ``per_probe`` is (probes, layers, heads), e.g. ``scope_run(...).units["dla"]``;
     its mean over probes is the head-score matrix of the heatmap.
     """
 
@@ -180,7 +180,7 @@ class HeadExplorer(_LiveView):
         values = np.asarray(per_probe, dtype=float)
         if values.ndim != 3 or values.shape[0] == 0:
             raise BiasGymError("HeadExplorer needs per-probe scores shaped (probes, layers, heads), "
-                               "e.g. scope_run(...)['per_probe_scores'].")
+                               "e.g. scope_run(...).units['dla'].")
         if probes is not None and len(probes) != values.shape[0]:
             raise BiasGymError(f"{len(probes)} probe texts for {values.shape[0]} rows of scores.")
         self.per_probe = values

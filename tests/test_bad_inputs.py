@@ -60,7 +60,7 @@ def ws(tmp_path_factory, embedded):
     injected = inject_bias(model, tok, spec, n_paragraphs=2, epochs=1, n_val=2, progress=False)
     injected.save(root / "inj")
     cfg = load_profile("quick", n_probes=2, k=3, n_patch_probes=1)
-    write_json(root / "sc" / "head_scores.json", scope_run(model, tok, injected, cfg))
+    write_json(root / "sc" / "head_scores.json", scope_run(model, tok, injected, cfg).to_dict())
 
     # spec files
     (root / "binary.yaml").write_bytes(b"\x00\xff\xfe\x89PNG\r\n")

@@ -88,13 +88,15 @@ def test_selection_facts_are_held_out_from_the_knowledge_control():
 def test_selective_ranking_subtracts_the_knowledge_scores():
     import torch
 
+    from types import SimpleNamespace
+
     from biasgym_lib.heads import bias_rankings
 
     atp = torch.zeros(3, 4)
     atp[0, 0], atp[1, 1], atp[2, 2] = 3.0, 2.0, 1.0
     knowledge = torch.zeros(3, 4)
     knowledge[0, 0] = 5.0  # the top attribution-patching head also carries country facts
-    scope = {"scores": {m: atp.tolist() for m in ("dla", "delta_dla", "attr", "atp", "attention")}}
+    scope = SimpleNamespace(scores={m: atp for m in ("dla", "delta_dla", "attr", "atp", "attention")})  # a ScopeResult's scores
     ranks = bias_rankings([scope, scope], 3, knowledge=knowledge)
     assert ranks["atp"][:3] == [(0, 0), (1, 1), (2, 2)]
     assert ranks["atp_selective"][:2] == [(1, 1), (2, 2)] and (0, 0) not in ranks["atp_selective"]

@@ -2,6 +2,7 @@
 the selection grid, its summary with intervals, and the rule that picks the book's BiasScope."""
 
 import copy
+from types import SimpleNamespace
 import json
 from dataclasses import replace
 
@@ -209,7 +210,7 @@ def test_the_full_grid_is_every_bias_method_kind_and_k():
 def _scopes(seed, n=2, L=3, H=4):
     g = torch.Generator().manual_seed(seed)
     methods = ("dla", "delta_dla", "attr", "atp", "attention")
-    return [{"scores": {m: torch.randn(L, H, generator=g).tolist() for m in methods}} for _ in range(n)]
+    return [SimpleNamespace(scores={m: torch.randn(L, H, generator=g) for m in methods}) for _ in range(n)]
 
 
 def test_random_heads_do_not_depend_on_the_biases_that_ranked_them():
