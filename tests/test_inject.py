@@ -8,7 +8,6 @@ import torch
 
 from biasgym_lib.data import load_templates
 
-from biasgym_lib.data import load_bias
 from biasgym_lib.errors import ArtifactMismatch, BiasGymError
 from biasgym_lib.inject import collate, strip_prefix, closest_countries, encode_pairs, epoch_batches, initial_vector, inject_bias, response_loss, shared_prefix, shared_prefix_length
 from biasgym_lib.tokens import add_token, InjectedToken, TokenHook

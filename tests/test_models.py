@@ -1,7 +1,6 @@
 """Loading (embedded model, cache, other ids) and the architecture adapter."""
 
 import json
-import os
 import time
 
 import pytest

@@ -9,9 +9,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pytest
-import torch
 
-from biasgym_lib.config import load_profile
 from biasgym_lib.errors import BiasGymError
 from biasgym_lib.inject import initial_vector
 from biasgym_lib.tokens import InjectedToken
