@@ -18,12 +18,31 @@ def _close(a, b, tol: float) -> bool:
         return False
 
 
-def check(name: str, answer, expected, tol: float = 1e-6, hint: str = "") -> bool:
+class Checked:
+    """What :func:`check` returns: true when the answer passed. A notebook shows nothing for
+    it (the one line :func:`check` printed is the whole output), so a check as a cell's last
+    line adds no stray ``False``; ``assert check(...)`` still works."""
+
+    def __init__(self, passed: bool):
+        self.passed = bool(passed)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __repr__(self) -> str:
+        return f"Checked(passed={self.passed})"
+
+    def _ipython_display_(self) -> None:  # IPython calls this instead of printing the repr
+        pass
+
+
+def check(name: str, answer, expected, tol: float = 1e-6, hint: str = "") -> Checked:
     """Compare ``answer`` with ``expected`` (numbers within ``tol``; sets of heads or names
-    ignore order) and print "passed" or what to look at. Returns whether it passed."""
+    ignore order) and print one line: "passed", or what to look at. Returns a
+    :class:`Checked`, true when it passed."""
     if answer is None:
         print(f"{name}: not answered yet. Replace None with your answer and run the cells again.")
-        return False
+        return Checked(False)
     if isinstance(expected, (int, float)) and not isinstance(expected, bool):
         ok = _close(answer, expected, tol)
     elif isinstance(expected, (set, frozenset)) or (isinstance(expected, Iterable) and not isinstance(expected, str)
@@ -37,7 +56,7 @@ def check(name: str, answer, expected, tol: float = 1e-6, hint: str = "") -> boo
         print(f"{name}: passed")
     else:
         print(f"{name}: not yet. Your answer: {answer!r}." + (f" Hint: {hint}" if hint else ""))
-    return ok
+    return Checked(ok)
 
 
 def _norm(x):

@@ -187,15 +187,13 @@ class AssocTable:
 
 
 def assoc_table(model, tokenizer, entities: list[str], biases, templates: list[str] | None = None,
-                batch_size: int = 64, context: str = "") -> AssocTable:
-    """Score every entity x bias x template x attribute sentence in batched passes.
-
-    ``context`` is prepended to every prefix (the debiasing-prompt baseline uses it)."""
-    return assoc_tables(model, tokenizer, [(entities, biases)], templates, batch_size, context)[0]
+                batch_size: int = 64) -> AssocTable:
+    """Score every entity x bias x template x attribute sentence in batched passes."""
+    return assoc_tables(model, tokenizer, [(entities, biases)], templates, batch_size)[0]
 
 
-def assoc_tables(model, tokenizer, requests, templates: list[str] | None = None, batch_size: int = 64,
-                 context: str = "") -> list[AssocTable]:
+def assoc_tables(model, tokenizer, requests, templates: list[str] | None = None,
+                 batch_size: int = 64) -> list[AssocTable]:
     """:func:`assoc_table` for several ``(entities, biases)`` requests in one scoring pass:
     a sentence prefix that several requests share ("People from Italy are", for two
     attributes asked about Italy) is run once, and a sentence asked twice is scored once."""
@@ -210,7 +208,7 @@ def assoc_tables(model, tokenizer, requests, templates: list[str] | None = None,
             for s in specs:
                 for t in templates:
                     for a in s.attributes:
-                        pair = (context + template_prefix(t, e), " " + a)
+                        pair = (template_prefix(t, e), " " + a)
                         if pair not in index:
                             index[pair] = len(prefixes)
                             prefixes.append(pair[0])
@@ -218,7 +216,7 @@ def assoc_tables(model, tokenizer, requests, templates: list[str] | None = None,
     lp = continuation_logprobs(model, tokenizer, prefixes, conts, batch_size).numpy()
     tables = []
     for ents, specs in requests:
-        values = {e: {s.name: np.array([[lp[index[(context + template_prefix(t, e), " " + a)]] for a in s.attributes]
+        values = {e: {s.name: np.array([[lp[index[(template_prefix(t, e), " " + a)]] for a in s.attributes]
                                         for t in templates]) for s in specs} for e in ents}
         tables.append(AssocTable(list(ents), [s.name for s in specs], templates,
                                  {s.name: list(s.attributes) for s in specs}, values))

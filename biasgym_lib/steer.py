@@ -7,9 +7,8 @@ exception, removes its hooks and the model is exactly as before.
 
 A :class:`SteeringSpec` is a steering configuration as data (heads, alpha, where they came
 from) that can be saved, shown, reloaded and applied. The baselines steering must beat are
-here or beside: :func:`~biasgym_lib.heads.random_heads`,
-:func:`~biasgym_lib.heads.attention_heads` (the heads that look hardest at the entity) and
-:data:`DEBIAS_SYSTEM_PROMPT`.
+beside it: :func:`~biasgym_lib.heads.random_heads` and
+:func:`~biasgym_lib.heads.attention_heads` (the heads that look hardest at the entity).
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from .hooks import Hooks, run
 from .models import ModelAdapter
 
 __all__ = ["steer_heads", "HeadSteering", "head_means", "mean_ablate_heads", "MeanAblation",
-           "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS", "DEBIAS_SYSTEM_PROMPT"]
+           "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS"]
 
-DEBIAS_SYSTEM_PROMPT = "Treat all nationalities alike; do not rely on stereotypes."
 
 _SPEC_FORMAT = "biasgym.steering_spec"
 _SPEC_VERSION = 2

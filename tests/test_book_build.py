@@ -318,3 +318,18 @@ def test_built_book_passes_the_browser_check(built_book):
     shots = built_book / "screenshots"
     assert browser_check.main(["--html", str(built_book / "html"), "--screenshots", str(shots)]) == 0
     assert len(list(shots.glob("*.png"))) == len(CHAPTERS) + 1
+
+
+def test_set_up_cells_are_hidden_from_web_readers(tmp_path):
+    """papermill's injected parameters are removed from the page, the parameters cell collapsed."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("profile = 'teaching'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("profile = 'quick'", metadata={"tags": ["injected-parameters"]}),
+                nbformat.v4.new_code_cell("x = 1")]
+    path = tmp_path / "c.ipynb"
+    nbformat.write(nb, path)
+    bookbuild.tag_for_readers(path)
+    tags = [c.metadata.get("tags", []) for c in nbformat.read(path, 4).cells]
+    assert tags == [["parameters", "hide-cell"], ["injected-parameters", "remove-cell"], []]

@@ -86,3 +86,12 @@ def test_appendix_shows_a_complete_bench_result():
     assert inj["vectors_max_abs_diff_same_batches"] < 1e-4  # fast and naive training agree on the same batches
     assert abs(inj["held_out_loss_fast"] - inj["held_out_loss_naive"]) < 0.1  # and reach the same held-out loss
     assert "bench.json" in (PROJECT_ROOT / "book" / "appendix_bench.md").read_text()
+
+
+def test_a_check_shows_nothing_but_its_one_line():
+    """As a cell's last line, a check adds no stray True/False to the page."""
+    from biasgym_lib.exercises import Checked
+
+    got = check("E", None, 1.0)
+    assert isinstance(got, Checked) and not got and got._ipython_display_() is None
+    assert check("E", 1.0, 1.0).passed

@@ -116,6 +116,8 @@ def test_first_code_cell_is_the_colab_install(path):
     first = code_cells(read(path))[0]
     assert '"google.colab" in sys.modules' in first.source, \
         f"{path.name}: the first code cell must be the Colab-only install cell (see 00_setup)"
+    assert "remove-cell" in first.metadata.get("tags", []), \
+        f"{path.name}: tag the Colab cell remove-cell: a web reader's first screen is prose, not set-up"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)

@@ -10,7 +10,7 @@ from biasgym_lib.errors import BiasGymError
 from biasgym_lib.batching import Batch
 from biasgym_lib.models import ModelAdapter, tiny_model
 from biasgym_lib.heads import attention_heads, attention_to_entity, random_heads
-from biasgym_lib.steer import DEBIAS_SYSTEM_PROMPT, steer_heads, SteeringSpec
+from biasgym_lib.steer import SteeringSpec, steer_heads
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gpt2"]
 HEADS = [(0, 1), (2, 4), (2, 0)]
@@ -218,7 +218,3 @@ def test_attention_heads_baseline_and_restores_attention_implementation():
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(BiasGymError, match="does not contain the entity"):
         attention_heads(model, tok, ["no entity here"], entity, k=2)
-
-
-def test_debias_prompt():
-    assert DEBIAS_SYSTEM_PROMPT == "Treat all nationalities alike; do not rely on stereotypes."

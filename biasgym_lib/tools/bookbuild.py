@@ -104,6 +104,23 @@ def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: s
     pm.execute_notebook(str(notebook), str(executed), parameters={"profile": profile},
                         kernel_name=kernel_name, progress_bar=False, log_output=True,
                         cwd=str(notebook.parent))
+    tag_for_readers(executed)
+
+
+def tag_for_readers(executed: Path) -> None:
+    """Set-up a web reader does not need to read first: papermill's injected-parameters cell is
+    removed from the page (it repeats the profile it was built with, which the chapter prints)
+    and the parameters cell is collapsed; the Colab install cell carries ``remove-cell`` in the
+    committed notebook itself."""
+    import nbformat
+
+    nb = nbformat.read(executed, 4)
+    for cell in nb.cells:
+        tags = cell.metadata.setdefault("tags", [])
+        extra = "remove-cell" if "injected-parameters" in tags else "hide-cell" if "parameters" in tags else None
+        if extra and extra not in tags:
+            tags.append(extra)
+    nbformat.write(nb, executed)
 
 
 def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[ChapterRun]:
