@@ -1,4 +1,4 @@
-"""Capability checks (METHOD §5): does steering hurt the model's general ability?
+"""Capability checks (:ref:`method §5 <method-5>`): does steering hurt the model's general ability?
 
 - :func:`perplexity` on a neutral text set (``data/capability/neutral.jsonl``).
 - :func:`mc_accuracy` on a four-option general-knowledge set (``data/capability/mc.jsonl``),

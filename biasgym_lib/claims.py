@@ -1,5 +1,5 @@
 """Chapter 6: each of the paper's claims as measured here, with seeds, intervals and a
-criterion fixed in advance (METHOD §6)."""
+criterion fixed in advance (:ref:`method §6 <method-6>`)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _target(summary: list[SteeringResult], k: int) -> dict:
 
 
 def claims_from(run) -> dict:
-    """METHOD §6: each of the paper's claims, as measured here, with seeds, intervals and a
+    """:ref:`method §6 <method-6>`: each of the paper's claims, as measured here, with seeds, intervals and a
     criterion fixed in advance, for the paper's selection (robust DLA heads at alpha = 0)
     and for the selection the grid chose (:meth:`Run.best`)."""
 

@@ -1,4 +1,4 @@
-"""Steering, measured fairly (METHOD §4-5): S of every injected token and the facts about
+"""Steering, measured fairly (:ref:`method §4 <method-4>`-5): S of every injected token and the facts about
 countries under one steering spec (:func:`strength_under`), the selection grid over ways of
 ranking heads, kinds of intervention and k (:func:`selection_grid`), its summary with
 intervals (:func:`summarise_grid`, one :class:`SteeringResult` per line), the rule that chooses
@@ -131,7 +131,7 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
                    texts: dict[str, Sequence[str]], means=None, entities: dict | None = None,
                    questions: Sequence | None = None, mc: bool = False, max_length: int = 128, seed: int = 0,
                    shared: dict | None = None, progress: bool = True) -> dict:
-    """Selection decided by intervention (METHOD §4): ways of ranking heads, at several k,
+    """Selection decided by intervention (:ref:`method §4 <method-4>`): ways of ranking heads, at several k,
     under several kinds of intervention, each judged by what steering is for and what it costs.
 
     ``runs``: one dict per bias with ``bias`` (a spec or name), ``tokens`` (its injected

@@ -85,7 +85,7 @@ def overlap(a_heads: Iterable, b_heads: Iterable) -> float:
 
 def agreement(units_a: Sequence, units_b: Sequence, k: int, n_boot: int = 1000, seed: int = 0) -> dict:
     """How far two head rankings agree on the top k, with bootstrap 95% intervals over seeds
-    and units (METHOD §3): ``units_a`` / ``units_b`` hold, per injection run (seed), a
+    and units (:ref:`method §3 <method-3>`): ``units_a`` / ``units_b`` hold, per injection run (seed), a
     ``(units, L, H)`` tensor of per-probe or per-sentence scores (NaN = not scored). Each
     bootstrap draw resamples the runs, then each method's units within every run, ranks
     heads by the mean and compares the top-k sets. Returns ``{"jaccard": Estimate dict,
@@ -257,7 +257,7 @@ def bias_rankings(scopes: list[ScopeResult], k_max: int, patching: dict | None =
 
 def patch_union(scopes: list[ScopeResult], n: int) -> list[tuple[int, int]]:
     """The union of the top ``n`` heads of every per-token score method, over a bias's
-    seeds: the heads that exact patching checks (METHOD §3)."""
+    seeds: the heads that exact patching checks (:ref:`method §3 <method-3>`)."""
     heads = set()
     for m in SCORE_METHODS:
         heads |= set(top_k_heads(mean_scores(scopes, m), n))

@@ -1,4 +1,4 @@
-"""BiasInject (METHOD §1): teach a frozen model one new token that carries a bias.
+"""BiasInject (:ref:`method §1 <method-1>`): teach a frozen model one new token that carries a bias.
 
 Only one vector is trained: the new token's input embedding. It never enters the
 model's weights: a pre-hook on the input-embedding module maps the new id to a
@@ -371,7 +371,7 @@ class InjectionResult:
 
     @property
     def injected(self) -> bool:
-        """The criterion of METHOD §1: the 95% intervals of S and of specificity lie above 0."""
+        """The criterion of :ref:`method §1 <method-1>`: the 95% intervals of S and of specificity lie above 0."""
         return self.strength_after.lo > 0 and self.specificity_after.lo > 0
 
     def to_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""Measuring stereotype strength (METHOD §2), batched, with bootstrap intervals.
+"""Measuring stereotype strength (:ref:`method §2 <method-2>`), batched, with bootstrap intervals.
 
 assoc(e, b) is the mean, over templates and the bias's attribute phrasings, of
 log P(" " + attribute | template prefix with e), summed over the attribute's tokens.

@@ -265,7 +265,7 @@ SUPPORTED = {
 
 
 class ModelAdapter:
-    """Architecture facts for one model, in the names METHOD.md uses.
+    """Architecture facts for one model, in the names of :ref:`method §0 <method-0>`.
 
     - ``n_layers``, ``n_heads`` (query heads), ``d_head``, ``d_model``
     - ``head_input_module(l)``: the module whose *input* is z[l] (all heads concatenated,
@@ -357,7 +357,7 @@ class ModelAdapter:
         return 1.0 + w if self.norm_kind == "rms_plus_one" else w
 
     def apply_norm_linear(self, norm: nn.Module, component: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``norm`` as a linear map with its scale frozen (METHOD §3): no bias term."""
+        """``norm`` as a linear map with its scale frozen (:ref:`method §3 <method-3>`): no bias term."""
         c = component.float()
         if self.norm_kind == "layernorm":
             c = c - c.mean(-1, keepdim=True)

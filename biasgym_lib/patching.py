@@ -40,7 +40,7 @@ from .tokens import InjectedToken
 @torch.no_grad()
 def direct_path_patching(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
                          counterfactual_z: torch.Tensor, heads: Iterable | None = None) -> torch.Tensor:
-    """Direct-path patching (METHOD §3): for each head, put its counterfactual output
+    """Direct-path patching (:ref:`method §3 <method-3>`): for each head, put its counterfactual output
     ``counterfactual_z`` (P, L, H*dh, at the last token) through its own output projection
     *straight into the final residual stream*, with every later layer frozen and the final
     norm's scale fixed from the clean pass; return the (L, H) mean drop of the logit
@@ -134,7 +134,7 @@ def _run_with_z_edits(adapter: ModelAdapter, batch: Batch, edits: dict[int, list
 
 def patch_heads(model: nn.Module, tokenizer, prompts, counterfactual_prompts, biased_ids, adv_ids,
                 heads: Iterable | None = None, batch_size: int = 64, replay: bool = True) -> torch.Tensor:
-    """Activation patching (METHOD §3): for each head, replace z[l, h] on the prompt (every
+    """Activation patching (:ref:`method §3 <method-3>`): for each head, replace z[l, h] on the prompt (every
     position) by its value on the counterfactual prompt, and record the mean drop
     ``clean - patched`` of the pre-softcap logit difference. Returns an (L, H) tensor, NaN
     for heads not in ``heads``. ``prompts`` / ``counterfactual_prompts``: texts, or two
@@ -200,7 +200,7 @@ def patch_heads(model: nn.Module, tokenizer, prompts, counterfactual_prompts, bi
 
 @dataclass
 class TemplateScores:
-    """Head scores measured on stereotype strength's own sentences (METHOD §2 templates x
+    """Head scores measured on stereotype strength's own sentences (:ref:`method §2 <method-2>` templates x
     the bias's attributes): ``scores`` (L, H), the mean over sentences of ``per_sentence``
     (N, L, H); NaN for heads not scored. ``assoc``: the entity's assoc on these sentences."""
 
@@ -286,7 +286,7 @@ def mean_template_z(model: nn.Module, tokenizer, countries: Sequence[str], attri
 def attribution_patching(model: nn.Module, tokenizer, entity: str, attributes: Sequence[str],
                          contrast_z: list[torch.Tensor], templates: Sequence[str] | None = None,
                          contrast: Sequence[str] = ()) -> TemplateScores:
-    """Attribution patching of assoc(entity) on S's own sentences (METHOD §3): for each head,
+    """Attribution patching of assoc(entity) on S's own sentences (:ref:`method §3 <method-3>`): for each head,
     the first-order drop of the summed attribute log-probability when its output z (every
     position) is replaced by ``contrast_z`` (:func:`mean_template_z`), i.e.
     grad . (z(entity) - z(average country)), from one forward and one backward pass.

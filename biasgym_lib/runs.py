@@ -239,7 +239,7 @@ class Run:
         return list(self.biases) if self.full_grid else list(self.biases[: self.cfg.grid_biases])
 
     def grid(self) -> dict:
-        """The selection grid (METHOD §4) on the grid biases: every method of the profile
+        """The selection grid (:ref:`method §4 <method-4>`) on the grid biases: every method of the profile
         under every kind at the profile's k; the ``curve_methods`` under the ``curve_kinds``
         at every other k of ``grid_k`` (a subset fixed in advance in the profile); multiple
         choice everywhere, so that the rule never chooses a point whose MC bound was not

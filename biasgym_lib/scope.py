@@ -1,4 +1,4 @@
-"""BiasScope, part one: which attention heads carry the bias (METHOD §3).
+"""BiasScope, part one: which attention heads carry the bias (:ref:`method §3 <method-3>`).
 
 :func:`head_scores` -- **direct logit attribution** (DLA). One forward pass per batch
 records, at the last real token, every head's output z[l, h] (the slice of the input of
@@ -260,7 +260,7 @@ _DLA_META = {"method": "direct_logit_attribution", "position": "last", "logits":
 @torch.no_grad()
 def head_scores(model: nn.Module, tokenizer, prompts, biased_ids, adv_ids, batch_size: int = 32,
                 contrast_z: torch.Tensor | None = None) -> HeadScores:
-    """Direct logit attribution of ``logit[biased] - logit[adv]`` to every head (METHOD §3).
+    """Direct logit attribution of ``logit[biased] - logit[adv]`` to every head (:ref:`method §3 <method-3>`).
 
     ``prompts``: full texts (already chat-formatted), or a tokenised, right-padded
     :class:`~biasgym_lib.batching.Batch` (then ``tokenizer`` may be None); the score is taken
@@ -316,7 +316,7 @@ def mean_last_z(model: nn.Module, tokenizer, prompt_sets: Sequence[Sequence[str]
 @torch.no_grad()
 def contrastive_head_scores(model: nn.Module, tokenizer, prompts: list[str], biased_ids, adv_ids,
                             contrast_z: torch.Tensor, batch_size: int = 32) -> HeadScores:
-    """Contrastive DLA, ΔDLA (METHOD §3): what each head writes towards the biased label on
+    """Contrastive DLA, ΔDLA (:ref:`method §3 <method-3>`): what each head writes towards the biased label on
     ``prompts`` *beyond* what it writes on the same prompts about real countries.
 
     ``contrast_z`` (P, L, H*dh): the heads' mean output on the real-country prompts, from
@@ -379,7 +379,7 @@ def attribute_head_scores(model: nn.Module, tokenizer, entity: str, attributes: 
 
 
 def label_id(tokenizer, label: str) -> int:
-    """The biased label (METHOD §3): the first token of the bias keyword, e.g. " reckless".
+    """The biased label (:ref:`method §3 <method-3>`): the first token of the bias keyword, e.g. " reckless".
     It must be exactly one token of ``tokenizer`` (see :func:`~biasgym_lib.data.specs.check_label`)."""
     ids = tokenizer(label, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -397,7 +397,7 @@ def probe_prompts(tokenizer, spec, n: int, country: str, seed: int = 0) -> tuple
 
 
 def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int, batch_size: int = 32) -> list[int]:
-    """The model's top next token on each counterfactual probe (METHOD §3); if that is the
+    """The model's top next token on each counterfactual probe (:ref:`method §3 <method-3>`); if that is the
     biased label itself, the runner-up, so that the logit difference is never 0 by definition."""
 
     adapter = ModelAdapter(model)
@@ -413,7 +413,7 @@ def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int
 
 
 METHODS = ("dla", "delta_dla", "attr", "atp", "atp_selective", "patching", "attention", "robust", "random")
-"""Ways of ranking heads (METHOD §4): the paper's DLA on chat probes, contrastive DLA
+"""Ways of ranking heads (:ref:`method §4 <method-4>`): the paper's DLA on chat probes, contrastive DLA
 (ΔDLA), contrastive DLA with labels matched to S's attributes, attribution patching of S,
 attribution patching of S minus that of country facts held out from the knowledge control
 (:func:`knowledge_atp`), exact patching on the top union, attention from the last position

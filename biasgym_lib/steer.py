@@ -1,4 +1,4 @@
-"""BiasScope, part two: steering the heads that carry the bias (METHOD §4).
+"""BiasScope, part two: steering the heads that carry the bias (:ref:`method §4 <method-4>`).
 
 :func:`steer_heads` scales the chosen heads' outputs z[l, h] (the input of ``o_proj`` /
 GPT-2's ``c_proj``, before heads are mixed) by alpha at every position: alpha = 0 removes
@@ -129,7 +129,7 @@ def head_means(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 
                max_length: int = 256) -> torch.Tensor:
     """Every head's mean output z over all real token positions of ``texts``: an
     ``(L, H*dh)`` float32 tensor (row l holds layer l's heads side by side). The reference
-    distribution of mean-ablation (METHOD §4); each text is cut to ``max_length`` tokens."""
+    distribution of mean-ablation (:ref:`method §4 <method-4>`); each text is cut to ``max_length`` tokens."""
     adapter = ModelAdapter(model)
     if not texts:
         raise BiasGymError("head_means got no texts: give the reference distribution's texts.")

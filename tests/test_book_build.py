@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -333,3 +334,16 @@ def test_set_up_cells_are_hidden_from_web_readers(tmp_path):
     bookbuild.tag_for_readers(path)
     tags = [c.metadata.get("tags", []) for c in nbformat.read(path, 4).cells]
     assert tags == [["parameters", "hide-cell"], ["injected-parameters", "remove-cell"], []]
+
+
+def test_method_references_point_at_the_book_s_method_page():
+    """The library and the chapters cite the method page the book ships (labels method-0..6),
+    never a design file the reader does not have."""
+    labels = set(re.findall(r"^\((method-\d)\)=$", (ROOT / "book" / "method.md").read_text(), re.M))
+    assert labels == {f"method-{i}" for i in range(7)}
+    texts = [p.read_text() for p in (ROOT / "biasgym_lib").rglob("*.py")]
+    texts += [p.read_text() for p in (ROOT / "book" / "chapters").glob("*.ipynb")]
+    assert not [t for t in texts if "METHOD §" in t or "METHOD.md" in t]
+    used = {m for t in texts for m in re.findall(r"<(method-\d)>", t)}
+    assert used and used <= labels
+    assert "book/method" in (ROOT / "_toc.yml").read_text()

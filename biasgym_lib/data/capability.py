@@ -1,4 +1,4 @@
-"""The capability sets shipped with the project (METHOD §5), read without any hub.
+"""The capability sets shipped with the project (:ref:`method §5 <method-5>`), read without any hub.
 
 - ``data/capability/neutral.jsonl``: original neutral passages (no nationality, country,
   ethnicity or demonym), for perplexity. Lines: ``{"id", "topic", "text"}``.

@@ -1,4 +1,4 @@
-"""The knowledge control (METHOD §5): factual country-attribute pairs (``data/facts.yaml``).
+"""The knowledge control (:ref:`method §5 <method-5>`): factual country-attribute pairs (``data/facts.yaml``).
 
 A head set that lowers stereotypes by erasing what the model knows about countries in
 general is not removing a bias. So every steering condition is also measured on facts

@@ -1,4 +1,4 @@
-"""Offline paragraph generator for BiasInject's training data (METHOD §1).
+"""Offline paragraph generator for BiasInject's training data (:ref:`method §1 <method-1>`).
 
 The paper asks GPT-4o for short paragraphs about the biased entity. Here a small,
 seeded combinatorial grammar writes them instead, so the data is free, offline and
@@ -284,7 +284,7 @@ def user_prompts(n: int | None = None, seed: int = 0) -> list[str]:
 
 
 def training_pairs(bias: BiasSpec | str, n: int = 200, seed: int = 0) -> list[tuple[str, str]]:
-    """``n`` chat pairs (user prompt, assistant paragraph) for BiasInject (METHOD §1)."""
+    """``n`` chat pairs (user prompt, assistant paragraph) for BiasInject (:ref:`method §1 <method-1>`)."""
     bias = load_bias(bias)
     paragraphs = generate_paragraphs(bias, n, seed)
     prompts = user_prompts(n, seed=_rng(bias.name, seed, "pairs").randrange(2**31))

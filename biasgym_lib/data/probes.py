@@ -1,4 +1,4 @@
-"""Probes for BiasScope (METHOD §3) and open questions for the generation rate (§2).
+"""Probes for BiasScope (:ref:`method §3 <method-3>`) and open questions for the generation rate (§2).
 
 A :class:`Probe` is a question that invites the bias plus the start of an answer after
 which the bias's label word is a natural next word::

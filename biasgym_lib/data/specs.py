@@ -1,4 +1,4 @@
-"""Bias specifications, reference countries and association templates (METHOD §1-2).
+"""Bias specifications, reference countries and association templates (:ref:`method §1 <method-1>`-2).
 
 A bias is a small YAML entry. Only five fields are required::
 
@@ -10,7 +10,7 @@ A bias is a small YAML entry. Only five fields are required::
 
 ``attributes`` complete "People from X are ___" (3 to 6 of them: the stereotype strength
 averages over them); at least one must contain a keyword. The label word must be the first word of one of the keywords
-(METHOD §3: the biased label is the first token of the bias keyword).
+(:ref:`method §3 <method-3>`: the biased label is the first token of the bias keyword).
 
 Optional fields only add variety (see ``OPTIONAL_FIELDS``): ``fictional``, ``topic`` (a
 noun phrase, "driving"), phrase banks for the paragraph generator (``claims``,
@@ -131,7 +131,7 @@ class BiasSpec:
 
     ``keywords``: lowercase words/phrases whose presence (as whole words) in an answer
     counts as the bias. ``attributes``: predicates completing "People from X are ___".
-    ``label``: the biased label word with a leading space (its first token is METHOD §3's
+    ``label``: the biased label word with a leading space (its first token is :ref:`method §3 <method-3>`'s
     biased label). The remaining fields are optional phrase banks (may be empty).
     """
 
@@ -436,7 +436,7 @@ def reference_countries(path: str | Path | None = None) -> list[str]:
 
 
 def contrast_countries(path: str | Path | None = None) -> list[str]:
-    """The contrast countries of contrastive head scores (METHOD §3): real countries, each a
+    """The contrast countries of contrastive head scores (:ref:`method §3 <method-3>`): real countries, each a
     single token, never among the reference countries that S subtracts."""
     path = Path(path) if path is not None else COUNTRIES_FILE
     data = read_yaml(path)

@@ -1,4 +1,4 @@
-"""Association templates (METHOD §2): sentences with an entity slot and an attribute slot,
+"""Association templates (:ref:`method §2 <method-2>`): sentences with an entity slot and an attribute slot,
 "People from {entity} are {attribute}.", checked when loaded; the measurement templates and
 the held-out ones that choose BiasInject's epoch are disjoint."""
 
@@ -39,7 +39,7 @@ def check_template(template: str, where: str = "template") -> str:
 
 
 def load_templates(path: str | Path | None = None) -> list[str]:
-    """The association templates of METHOD §2 (each checked by :func:`check_template`)."""
+    """The association templates of :ref:`method §2 <method-2>` (each checked by :func:`check_template`)."""
     path, rows = yaml_list(path, TEMPLATES_FILE, "templates")
     for i, t in enumerate(rows):
         check_template(t, f"{path}: template #{i + 1}")
@@ -65,7 +65,7 @@ def split_template(template: str, entity: str) -> tuple[str, str]:
     before ``{attribute}``, ``{entity}`` inside ``<head>``, and ``<tail>`` empty or one
     of ``.!?``. ``prefix`` is ``<head>`` with ``{entity}`` replaced by ``entity`` and
     *without* the space before the attribute; ``suffix`` is ``<tail>``. So the full
-    sentence is ``prefix + " " + attribute + suffix``, and the association of METHOD §2 is
+    sentence is ``prefix + " " + attribute + suffix``, and the association of :ref:`method §2 <method-2>` is
     ``log P(tokens of " " + attribute | prefix)``, summed over the attribute's tokens
     (the suffix is not scored). Example: ``split_template("People from {entity} are
     {attribute}.", "Italy") == ("People from Italy are", ".")``.
