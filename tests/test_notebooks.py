@@ -180,3 +180,18 @@ def test_each_chapter_imports_the_stage_module_it_teaches(path):
     for module in TEACHES[path.stem[:2]]:
         assert re.search(rf"^from biasgym_lib\.{module} import ", source, re.M), \
             f"{path.name} teaches biasgym_lib.{module} but never imports from it"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_the_summary_states_what_was_measured(path):
+    """Every chapter's summary carries measured numbers, glued from this run (myst-nb glue),
+    and every name it cites is glued in the chapter: nothing hard-coded."""
+    cells = read(path).cells
+    summary = next((c.source for c in cells if c.cell_type == "markdown" and "## Summary" in c.source), "")
+    summary = summary[summary.index("## Summary"):].split("\n## ")[0] if summary else ""
+    cited = set(re.findall(r"\{glue:text\}`([A-Za-z0-9_]+)", summary))
+    assert cited, f"{path.name}: the summary states no glued number"
+    glued = set(re.findall(r'glue\(f?"([A-Za-z0-9_{}]+)"', "\n".join(c.source for c in cells if c.cell_type == "code")))
+    missing = {name for name in cited if name not in glued
+               and not any("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), name) for g in glued)}
+    assert not missing, f"{path.name}: the summary cites {sorted(missing)}, which no cell glues"
