@@ -347,3 +347,10 @@ def test_method_references_point_at_the_book_s_method_page():
     used = {m for t in texts for m in re.findall(r"<(method-\d)>", t)}
     assert used and used <= labels
     assert "book/method" in (ROOT / "_toc.yml").read_text()
+
+
+def test_a_chapter_never_run_says_so_where_its_numbers_would_stand(tmp_path):
+    src = bookbuild.prepare_sources(tmp_path)  # nothing executed under tmp_path
+    nb = nbformat.read(src / "book" / "chapters" / "04_steering.ipynb", 4)
+    summary = next(c.source for c in nb.cells if c.cell_type == "markdown" and "## Summary" in c.source)
+    assert "{glue:" not in summary and "(not run in this build)" in summary

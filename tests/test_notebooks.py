@@ -195,3 +195,11 @@ def test_the_summary_states_what_was_measured(path):
     missing = {name for name in cited if name not in glued
                and not any("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), name) for g in glued)}
     assert not missing, f"{path.name}: the summary cites {sorted(missing)}, which no cell glues"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_each_chapter_asks_questions_to_discuss(path):
+    text = "\n".join(c.source for c in read(path).cells if c.cell_type == "markdown")
+    assert "## Discussion" in text, f"{path.name}: add a '## Discussion' section before the exercises"
+    section = text[text.index("## Discussion"):].split("\n## ")[0]
+    assert len(re.findall(r"^\d+\. .*\?", section, re.M)) >= 2, f"{path.name}: at least two discussion questions"
