@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.patches
 import matplotlib.ticker
 import numpy as np
 import pandas as pd
@@ -119,3 +120,28 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
         axes[0][0].figure.suptitle(title)
     axes[0][0].figure.tight_layout()
     return axes
+
+
+PIPELINE = (("BiasInject", "ch. 2", "train one new\ntoken's vector"),
+            ("measure", "ch. 1", "S, specificity,\nwith intervals"),
+            ("BiasScope", "ch. 3", "score every head\n(DLA, ΔDLA, patching)"),
+            ("steer", "ch. 4", "scale, mean-ablate\nor blind the top k"),
+            ("generalise", "ch. 5-6", "held-out biases,\nSeeGULL, the claims"))
+"""The book's stages, in the order the method runs them: (name, chapter, what it does)."""
+
+
+def pipeline_diagram(stages=PIPELINE, ax=None):
+    """The method as boxes and arrows, one box per stage of :data:`PIPELINE`, drawn at build time."""
+    ax = ax or plt.subplots(figsize=(2.3 * len(stages), 1.9))[1]
+    for i, (name, chapter, what) in enumerate(stages):
+        ax.add_patch(matplotlib.patches.FancyBboxPatch((i * 2.3, 0), 1.8, 1.2, boxstyle="round,pad=0.05",
+                                                       facecolor="#dbe9f6", edgecolor="#2b5b84"))
+        ax.text(i * 2.3 + 0.9, 0.92, name, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(i * 2.3 + 0.9, 0.45, f"{what}\n({chapter})", ha="center", va="center", fontsize=7.5)
+        if i:
+            ax.annotate("", xy=(i * 2.3 - 0.05, 0.6), xytext=(i * 2.3 - 0.45, 0.6),
+                        arrowprops={"arrowstyle": "->", "color": "#2b5b84", "lw": 1.5})
+    ax.set_xlim(-0.2, 2.3 * len(stages) - 0.3)
+    ax.set_ylim(-0.15, 1.35)
+    ax.axis("off")
+    return ax

@@ -354,3 +354,17 @@ def test_a_chapter_never_run_says_so_where_its_numbers_would_stand(tmp_path):
     nb = nbformat.read(src / "book" / "chapters" / "04_steering.ipynb", 4)
     summary = next(c.source for c in nb.cells if c.cell_type == "markdown" and "## Summary" in c.source)
     assert "{glue:" not in summary and "(not run in this build)" in summary
+
+
+@pytest.mark.slow
+def test_the_built_book_typesets_its_maths_and_draws_the_pipeline(built_book):
+    """The method page's formulas are math, not raw dollar signs; chapter 0 shows the diagram;
+    every summary shows numbers, not glue roles."""
+    html_dir = built_book / "html" / "book"
+    method = (html_dir / "method.html").read_text()
+    text = re.sub(r"<[^>]+>", "", method)
+    assert method.count('class="math') >= 5 and "$$" not in text and "\\frac" in method
+    setup = (html_dir / "chapters" / "00_setup.html").read_text()
+    assert "The way through the book" in setup and "<img" in setup[setup.index("The way through the book"):]
+    for page in (html_dir / "chapters").glob("*.html"):
+        assert "{glue:" not in re.sub(r"<[^>]+>", "", page.read_text()), page.name

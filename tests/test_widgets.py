@@ -155,3 +155,15 @@ def _spec():
     from biasgym_lib.data import load_bias
 
     return load_bias("reckless_driving")
+
+
+def test_the_pipeline_diagram_draws_every_stage_in_order():
+    import matplotlib.pyplot as plt
+
+    from biasgym_lib import plots
+
+    ax = plots.pipeline_diagram()
+    names = [t.get_text() for t in ax.texts if t.get_weight() == "bold"]
+    assert names == ["BiasInject", "measure", "BiasScope", "steer", "generalise"]
+    assert len(ax.patches) == 5 and len([c for c in ax.get_children() if type(c).__name__ == "Annotation"]) == 4
+    plt.close(ax.figure)
