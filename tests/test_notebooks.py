@@ -203,3 +203,11 @@ def test_each_chapter_asks_questions_to_discuss(path):
     assert "## Discussion" in text, f"{path.name}: add a '## Discussion' section before the exercises"
     section = text[text.index("## Discussion"):].split("\n## ")[0]
     assert len(re.findall(r"^\d+\. .*\?", section, re.M)) >= 2, f"{path.name}: at least two discussion questions"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_each_chapter_points_to_further_reading(path):
+    text = "\n".join(c.source for c in read(path).cells if c.cell_type == "markdown")
+    assert "## Further reading" in text, f"{path.name}: add a '## Further reading' section"
+    section = text[text.index("## Further reading"):].split("\n## ")[0]
+    assert re.search(r"\]\(https?://", section), f"{path.name}: further reading needs at least one link"
