@@ -84,7 +84,8 @@ def steer_token(model, tokenizer, injected, spec: SteeringSpec, references: Sequ
     """One injected token steered by ``spec`` (what ``biasgym steer`` reports): S before and
     after, its reduction, the same with ``n_random`` sets of as many random heads scaled by the
     same alpha (seeds 1000, 1001, ...), the facts' reduction and the perplexity change on ``texts``."""
-    n_layers, n_heads = ModelAdapter(model).n_layers, ModelAdapter(model).n_heads
+    adapter = ModelAdapter(model)
+    n_layers, n_heads = adapter.n_layers, adapter.n_heads
     before = strength_under(model, tokenizer, None, [injected], injected.spec, references, facts)
     after = strength_under(model, tokenizer, spec, [injected], injected.spec, references, facts)
     randoms = [SteeringSpec(heads=random_heads(n_layers, n_heads, len(spec.heads), 1000 + i), alpha=spec.alpha)
