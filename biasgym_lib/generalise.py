@@ -96,6 +96,15 @@ def pooled_rankings(run, biases: list[str], method: str) -> dict:
                          run.knowledge())
 
 
+def bias_splits(runs: list[tuple[str, int]]) -> dict[str, tuple[list, list]]:
+    """Leave one *bias* out: for each bias, ``(training runs, test runs)`` where the training
+    runs are every run (bias, seed) of the other biases and the test runs are every seed of
+    the held-out bias. Holding out one run instead would leak the bias's other seeds into
+    the ranking."""
+    biases = list(dict.fromkeys(b for b, _ in runs))
+    return {held: ([r for r in runs if r[0] != held], [r for r in runs if r[0] == held]) for held in biases}
+
+
 def leave_one_out(run) -> dict:
     """Generalisation to biases never injected: for each bias, heads ranked from all the
     *other* biases' tokens, steered on the held-out bias's tokens (chosen and paper's
@@ -108,8 +117,9 @@ def leave_one_out(run) -> dict:
     def compute():
         confirm = run.confirm()
         rows = []
-        for held in run.biases:
-            others = [b for b in run.biases if b != held]
+        splits = bias_splits([(b, s) for b in run.biases for s in run.cfg.seeds])
+        for held, (train, _) in splits.items():
+            others = list(dict.fromkeys(b for b, _ in train))
             steered = {"bias": run.specs[held], "tokens": run.tokens(held),
                        "rankings": pooled_rankings(run, others, best.method)}
             rows += run._grid_at([steered], mc=False, cost=False, random=False)["rows"]

@@ -42,6 +42,13 @@ def add_token(tokenizer, token: str = DEFAULT_TOKEN) -> int:
     return tokenizer.convert_tokens_to_ids(token)
 
 
+def place_vector(embeds: torch.Tensor, mask: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """``embeds`` (B, T, d) with ``vector`` (d,) written where ``mask`` (B, T) is true: a new
+    tensor, differentiable in ``vector`` (that is how BiasInject trains it), ``embeds`` untouched."""
+    vec = vector.to(device=embeds.device, dtype=embeds.dtype)
+    return torch.where(mask.unsqueeze(-1), vec.expand_as(embeds), embeds)
+
+
 class TokenHook:
     """Writes ``vector`` at every position whose input id is ``token_id``.
 
@@ -67,8 +74,7 @@ class TokenHook:
         mask, self._mask = self._mask, None
         if mask is None or not mask.any():
             return None
-        vec = self.vector.to(device=out.device, dtype=out.dtype)
-        return torch.where(mask.unsqueeze(-1), vec.expand_as(out), out)
+        return place_vector(out, mask, self.vector)
 
     def remove(self):
         self._hooks.remove()

@@ -211,3 +211,85 @@ def test_each_chapter_points_to_further_reading(path):
     assert "## Further reading" in text, f"{path.name}: add a '## Further reading' section"
     section = text[text.index("## Further reading"):].split("\n## ")[0]
     assert re.search(r"\]\(https?://", section), f"{path.name}: further reading needs at least one link"
+
+
+# ----------------------------------------------------------------------------- exercises and solutions
+
+REVEAL = re.compile(r"""reveal\(["'](ch\d\.\w+)["']\)""")
+BUILD_CHECK = re.compile(r"exercises\.(ch\d)\.check_(\w+)\((\w+)")
+
+
+def solution_problems(nb) -> list[str]:
+    """Why a reader could see a solution by accident: a solution must live in
+    ``biasgym_lib.solutions``, reached only from a commented cell tagged ``solution``."""
+    from biasgym_lib.solutions import solution
+
+    problems = []
+    for i, cell in enumerate(code_cells(nb)):
+        tags = cell.metadata.get("tags", [])
+        lines = [ln for ln in cell.source.splitlines() if ln.strip()]
+        if "solution" in tags:
+            if any(not ln.lstrip().startswith("#") for ln in lines):
+                problems.append(f"code cell {i}: a solution cell must be all comments (the reader runs it on purpose)")
+            names = REVEAL.findall(cell.source)
+            if not names:
+                problems.append(f"code cell {i}: a solution cell must name reveal(\"chN.function\")")
+            for name in names:
+                try:
+                    solution(name)
+                except Exception as exc:  # noqa: BLE001 - reported as a problem
+                    problems.append(f"code cell {i}: {exc}")
+        else:
+            live = "\n".join(ln for ln in lines if not ln.lstrip().startswith("#"))
+            if REVEAL.search(live) or re.search(r"\b(solution_\d|solutions\.ch\d)", live):
+                problems.append(f"code cell {i}: runs a solution without the reader asking for it")
+            if re.search(r"^#\s*solution", cell.source, re.I | re.M):
+                problems.append(f"code cell {i}: a solution written in the notebook")
+    return problems
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_no_solution_is_visible_in_the_notebook(path):
+    problems = solution_problems(read(path))
+    assert not problems, f"{path.name}: {problems}"
+    n_exercises = sum(1 for h in headings(read(path)) if re.match(r"Exercise \d", h))
+    n_solutions = sum(1 for c in code_cells(read(path)) if "solution" in c.metadata.get("tags", []))
+    assert n_solutions == n_exercises, f"{path.name}: {n_exercises} exercises but {n_solutions} solution cells"
+
+
+def test_solution_checks_can_fail():
+    new = nbformat.v4.new_code_cell
+    hidden = new("# Solution\nsolution_1 = 3", metadata={"tags": ["hide-cell"]})
+    live = new('f = reveal("ch1.continuation_logprob")', metadata={"tags": ["solution"]})
+    unknown = new('# f = reveal("ch1.nothing")', metadata={"tags": ["solution"]})
+    good = new('# f = reveal("ch1.continuation_logprob")', metadata={"tags": ["solution"]})
+    assert len(solution_problems(nbformat.v4.new_notebook(cells=[hidden]))) == 2
+    assert solution_problems(nbformat.v4.new_notebook(cells=[live]))
+    assert solution_problems(nbformat.v4.new_notebook(cells=[unknown]))
+    assert solution_problems(nbformat.v4.new_notebook(cells=[good])) == []
+
+
+@pytest.mark.parametrize("path", [p for p in CHAPTERS if p.stem[:2] in ("01", "02", "03", "04", "05")],
+                         ids=lambda p: p.stem)
+def test_chapters_1_to_5_have_a_build_exercise_with_a_stub_and_a_rating(path):
+    nb = read(path)
+    calls = [m for c in code_cells(nb) for m in BUILD_CHECK.findall(c.source)]
+    assert calls, f"{path.name}: no build exercise (a call of exercises.chN.check_<name>(fn, ...))"
+    for chapter, name, fn in calls:
+        assert chapter == f"ch{int(path.stem[:2])}", f"{path.name} calls chapter {chapter}'s check"
+        assert name == fn, f"{path.name}: check_{name} should check the reader's {name}"
+        stub = next((c.source for c in code_cells(nb) if c.source.startswith(f"def {fn}(")), "")
+        assert 'raise NotImplementedError("write this function")' in stub, f"{path.name}: {fn} needs an unfilled stub"
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for block in re.split(r"\n(?=### Exercise)", text)[1:]:
+        assert re.search(r"Difficulty \d/5 · Importance \d/5 · about \d+ minutes", block), \
+            f"{path.name}: every exercise states difficulty, importance and time: {block[:60]!r}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_each_chapter_asks_for_a_prediction_before_a_run(path):
+    cells = read(path).cells
+    at = [i for i, c in enumerate(cells) if c.cell_type == "markdown" and "**Predict, then run.**" in c.source]
+    assert at, f"{path.name}: add a 'Predict, then run' question before a cell whose output answers it"
+    assert all(i + 1 < len(cells) and cells[i + 1].cell_type == "code" for i in at), \
+        f"{path.name}: a prediction must come right before the code cell that answers it"

@@ -196,7 +196,33 @@ def prepare_sources(out: Path, root: Path = PROJECT_ROOT) -> Path:
         else:
             print(f"note: {nb.stem} has no executed copy; the book shows it without outputs.")
             _unglue(src / "book" / "chapters" / nb.name)
+        solutions_in_dropdowns(src / "book" / "chapters" / nb.name)
     return src
+
+
+_REVEAL = re.compile(r"""reveal\(["'](ch\d\.\w+)["']\)""")
+
+
+def solutions_in_dropdowns(notebook: Path) -> None:
+    """Each cell tagged ``solution`` (commented code that loads a reference solution when a
+    reader runs it on purpose) becomes, on the web page, a closed dropdown with the
+    solution's source from :mod:`biasgym_lib.solutions`."""
+    import nbformat
+
+    from ..solutions import source
+
+    nb = nbformat.read(notebook, 4)
+    for i, cell in enumerate(nb.cells):
+        if "solution" not in cell.metadata.get("tags", []):
+            continue
+        names = _REVEAL.findall(cell.source)
+        if not names:
+            raise BiasGymError(f"{notebook.name}: a cell tagged 'solution' names no reveal(\"chN.function\").")
+        body = "\n\n".join(f"```python\n{source(n).rstrip()}\n```" for n in names)
+        text = (f"````{{dropdown}} Solution\nThe reference solution, `{names[0]}` in `biasgym_lib/solutions/` "
+                f"(in the notebook: run the commented cell on purpose).\n\n{body}\n````")
+        nb.cells[i] = nbformat.v4.new_markdown_cell(text, id=cell.get("id"))
+    nbformat.write(nb, notebook)
 
 
 GLUE_ROLE = re.compile(r"\{glue:text\}`[^`]+`")
