@@ -293,3 +293,21 @@ def test_each_chapter_asks_for_a_prediction_before_a_run(path):
     assert at, f"{path.name}: add a 'Predict, then run' question before a cell whose output answers it"
     assert all(i + 1 < len(cells) and cells[i + 1].cell_type == "code" for i in at), \
         f"{path.name}: a prediction must come right before the code cell that answers it"
+
+
+def test_the_introduction_states_the_findings_glued_from_the_chapters():
+    """The introduction's findings are pasted from the chapters (cross-document glue), each
+    key glued by the chapter it names: no number in it is typed in."""
+    text = (ROOT / "book" / "intro.md").read_text()
+    assert "## What this build found" in text
+    section = text[text.index("## What this build found"):].split("\n## ")[0]
+    cited = re.findall(r"\{glue:text\}`chapters/([\w.]+\.ipynb)::([A-Za-z0-9_]+)", section)
+    assert {nb for nb, _ in cited} >= {"02_bias_inject.ipynb", "04_steering.ipynb", "05_generalisation.ipynb",
+                                       "06_reproducing_the_claims.ipynb"}
+    for nb, key in cited:
+        source = "\n".join(c.source for c in code_cells(read(ROOT / "book" / "chapters" / nb)))
+        glued = re.findall(r'glue\(f?"([A-Za-z0-9_{}]+)"', source)
+        assert any(g == key or ("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), key)) for g in glued), \
+            f"the introduction cites {key!r} from {nb}, which that chapter never glues"
+    assert not re.search(r"\d+(\.\d+)?\s*%", re.sub(r"\{glue:text\}`[^`]+`", "", section)), \
+        "a percentage is typed into the findings instead of glued"

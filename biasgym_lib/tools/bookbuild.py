@@ -189,6 +189,7 @@ def prepare_sources(out: Path, root: Path = PROJECT_ROOT) -> Path:
     (src / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     ignore = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "_build")
     shutil.copytree(root / "book", src / "book", ignore=ignore)
+    not_run: list[str] = []
     for nb in sorted((root / "book" / "chapters").glob("*.ipynb")):
         executed = executed_path(out, nb)
         if executed.is_file():
@@ -196,7 +197,13 @@ def prepare_sources(out: Path, root: Path = PROJECT_ROOT) -> Path:
         else:
             print(f"note: {nb.stem} has no executed copy; the book shows it without outputs.")
             _unglue(src / "book" / "chapters" / nb.name)
+            not_run.append(nb.name)
         solutions_in_dropdowns(src / "book" / "chapters" / nb.name)
+    for page in (src / "book").glob("*.md"):  # glued from a chapter: "chapters/NN.ipynb::key"
+        text = page.read_text()
+        for name in not_run:
+            text = re.sub(r"\{glue:text\}`chapters/" + re.escape(name) + r"::[^`]+`", NOT_RUN, text)
+        page.write_text(text)
     return src
 
 
@@ -226,6 +233,7 @@ def solutions_in_dropdowns(notebook: Path) -> None:
 
 
 GLUE_ROLE = re.compile(r"\{glue:text\}`[^`]+`")
+NOT_RUN = "*(not run in this build)*"
 
 
 def _unglue(notebook: Path) -> None:
@@ -236,7 +244,7 @@ def _unglue(notebook: Path) -> None:
     nb = nbformat.read(notebook, 4)
     for cell in nb.cells:
         if cell.cell_type == "markdown":
-            cell.source = GLUE_ROLE.sub("*(not run in this build)*", cell.source)
+            cell.source = GLUE_ROLE.sub(NOT_RUN, cell.source)
     nbformat.write(nb, notebook)
 
 
