@@ -302,6 +302,8 @@ def test_the_introduction_states_the_findings_glued_from_the_chapters():
     assert "## What this build found" in text
     section = text[text.index("## What this build found"):].split("\n## ")[0]
     cited = re.findall(r"\{glue:text\}`chapters/([\w.]+\.ipynb)::([A-Za-z0-9_]+)", section)
+    # myst-nb 1.4 splits the format off at the last ':', so "doc::key" without one loses its key
+    assert not re.search(r"\{glue:text\}`[^`]*::[A-Za-z0-9_]+`", section), "give every cross-document glue a format (:s, :d)"
     assert {nb for nb, _ in cited} >= {"02_bias_inject.ipynb", "04_steering.ipynb", "05_generalisation.ipynb",
                                        "06_reproducing_the_claims.ipynb"}
     for nb, key in cited:
