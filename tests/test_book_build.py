@@ -84,9 +84,16 @@ def test_prepare_sources_uses_executed_copies_and_turns_execution_off(tmp_path):
 
     executed = bookbuild.executed_path(tmp_path, CHAPTERS[0])
     executed.parent.mkdir(parents=True)
-    executed.write_text("executed copy")
+    nb = nbformat.read(CHAPTERS[0], 4)
+    nb.cells.append(new_code_cell("print('executed copy')"))
+    nbformat.write(nb, executed)
     src = bookbuild.prepare_sources(tmp_path)
-    assert (src / "book" / "chapters" / CHAPTERS[0].name).read_text() == "executed copy"
+    copied = nbformat.read(src / "book" / "chapters" / CHAPTERS[0].name, 4)
+    assert copied.cells[-1].source == "print('executed copy')"
+    # the solution cells became closed dropdowns holding the solution's source
+    assert not [c for c in copied.cells if "solution" in c.metadata.get("tags", [])]
+    dropdowns = [c.source for c in copied.cells if c.source.startswith("````{dropdown} Solution")]
+    assert dropdowns and all("def " in d for d in dropdowns)
     assert yaml.safe_load((src / "_config.yml").read_text())["execute"]["execute_notebooks"] == "off"
     assert (src / "_toc.yml").read_text() == (ROOT / "_toc.yml").read_text()
     assert (src / "book" / "references.bib").is_file()
