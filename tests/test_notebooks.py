@@ -313,3 +313,12 @@ def test_the_introduction_states_the_findings_glued_from_the_chapters():
             f"the introduction cites {key!r} from {nb}, which that chapter never glues"
     assert not re.search(r"\d+(\.\d+)?\s*%", re.sub(r"\{glue:text\}`[^`]+`", "", section)), \
         "a percentage is typed into the findings instead of glued"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_the_chapter_s_time_counts_its_exercises(path):
+    text = "\n".join(c.source for c in read(path).cells if c.cell_type == "markdown")
+    stated = re.search(r"Time: about \d+ minutes to read and run, plus about (\d+) for the exercises", text)
+    assert stated, f"{path.name}: state the time to read and run, and the time for the exercises"
+    exercises = sum(int(m) for m in re.findall(r"Difficulty \d/5 · Importance \d/5 · about (\d+) minutes", text))
+    assert int(stated.group(1)) == exercises, f"{path.name}: the exercises add up to {exercises} minutes"
