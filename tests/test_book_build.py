@@ -334,6 +334,36 @@ def test_unfilled_build_exercises_run_and_say_not_attempted(built_book):
             cell = next(c for c in nb.cells if c.cell_type == "code" and f".check_{name}({name}" in c.source)
             text = "".join(o.get("text", "") for o in cell.outputs)
             assert f"({name}): not attempted" in text, f"{nb_path.name}: {name}'s check printed {text!r}"
+        assert not [c for c in nb.cells if "reveal(" in "".join(o.get("text", "") for o in c.get("outputs", []))
+                    or bookbuild.SOLUTION_CHECK in c.metadata.get("tags", [])], \
+            f"{nb_path.name}: the solution checks must not stay in the executed copy"
+
+
+@pytest.mark.slow
+def test_every_reference_solution_passed_its_check_in_the_chapter_s_kernel(built_book):
+    timings = json.loads((built_book / "timings.json").read_text())
+    for nb_path, chapter in zip(CHAPTERS, timings["chapters"]):
+        n_exercises = sum(1 for c in nbformat.read(nb_path, 4).cells
+                          if c.cell_type == "markdown" and re.search(r"^### Exercise \d", c.source, re.M))
+        assert chapter["solutions"] == n_exercises >= 2, f"{nb_path.name}: {chapter['solutions']} solutions checked"
+
+
+def test_solution_checks_are_appended_one_per_exercise_and_fail_a_wrong_solution(tmp_path):
+    """The build's check of the solutions: one cell per exercise, loading the solution and
+    asserting its check; run here in-process on a tiny notebook whose 'check' fails."""
+    nb = new_notebook(cells=[new_code_cell("x = 1"), new_code_cell("exercises.ch5.check_held_out_splits(held_out_splits)"),
+                             new_code_cell('# held_out_splits = reveal("ch5.held_out_splits")', metadata={"tags": ["solution"]})])
+    assert bookbuild.with_solution_checks(nb) == 1
+    added = nb.cells[-1]
+    assert added.metadata["tags"] == [bookbuild.SOLUTION_CHECK]
+    assert added.source.startswith('held_out_splits = reveal("ch5.held_out_splits")\nassert exercises.ch5.check_held_out_splits(')
+    from biasgym_lib import exercises
+    from biasgym_lib.solutions import reveal
+
+    exec(added.source, {"exercises": exercises, "reveal": reveal})  # the solution passes
+    broken = added.source.replace('reveal("ch5.held_out_splits")', "(lambda runs: {})")
+    with pytest.raises(AssertionError, match="did not pass its check"):
+        exec(broken, {"exercises": exercises, "reveal": reveal})
 
 
 @pytest.mark.slow

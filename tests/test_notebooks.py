@@ -216,7 +216,7 @@ def test_each_chapter_points_to_further_reading(path):
 # ----------------------------------------------------------------------------- exercises and solutions
 
 REVEAL = re.compile(r"""reveal\(["'](ch\d\.\w+)["']\)""")
-BUILD_CHECK = re.compile(r"exercises\.(ch\d)\.check_(\w+)\((\w+)")
+BUILD_CHECK = re.compile(r"exercises\.(ch\d)\.check_(\w+)\((?!answer_)(\w+)")  # a reading check takes answer_N
 
 
 def solution_problems(nb) -> list[str]:
@@ -253,8 +253,15 @@ def test_no_solution_is_visible_in_the_notebook(path):
     problems = solution_problems(read(path))
     assert not problems, f"{path.name}: {problems}"
     n_exercises = sum(1 for h in headings(read(path)) if re.match(r"Exercise \d", h))
-    n_solutions = sum(1 for c in code_cells(read(path)) if "solution" in c.metadata.get("tags", []))
+    cells = code_cells(read(path))
+    n_solutions = sum(1 for c in cells if "solution" in c.metadata.get("tags", []))
     assert n_solutions == n_exercises, f"{path.name}: {n_exercises} exercises but {n_solutions} solution cells"
+    for i, cell in enumerate(cells):  # the check before each solution gives nothing away: one call
+        if "solution" in cell.metadata.get("tags", []):
+            check = cells[i - 1].source.strip()
+            tree = ast.parse(check)
+            assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) and check.startswith("exercises.ch"), \
+                f"{path.name}: the check before a solution must be one call of exercises.chN.check_*, got {check!r}"
 
 
 def test_solution_checks_can_fail():

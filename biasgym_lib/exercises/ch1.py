@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..measure import row_logprobs
+from ..measure import row_logprobs, stereotype_strength
 from ..models import ModelAdapter
-from . import Checked, as_tensor, call, diagnose, exercise_model, judge
+from . import Checked, as_tensor, call, check, diagnose, exercise_model, judge
 
 NAME = "Exercise 1 (continuation_logprob)"
 
@@ -63,3 +63,10 @@ def check_continuation_logprob(fn, model=None) -> Checked:
             "vocabulary, then for each continuation token t add the log-probability that position "
             "t - 1 gives to ids[t]."))
     return judge(NAME, trial, on_error="logits is (T, V), ids is (T,), n_prefix an int; index logits[t - 1, ids[t]].")
+
+
+def check_strength(answer, table, country: str, bias: str, countries: list[str]) -> Checked:
+    """Exercise 2: S(country, bias) computed by hand from ``table.assoc``."""
+    return check("Exercise 2", answer, stereotype_strength(table, country, bias, countries).value, tol=1e-6,
+                 hint="compute it from table.assoc (not from the rounded table): the country's assoc minus the "
+                      "mean assoc of the OTHER countries")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..tokens import place_vector
-from . import Checked, call, judge
+from . import Checked, call, check, judge
 
 NAME = "Exercise 1 (substitute)"
 
@@ -56,3 +56,9 @@ def check_substitute(fn) -> Checked:
                     ".data, or copy its numbers; build the output from vector itself.")
         return None
     return judge(NAME, trial, on_error="embeds is (B, T, d), ids (B, T), vector (d,); ids == token_id is the mask.")
+
+
+def check_specificity(answer, result) -> Checked:
+    """Exercise 2: the specificity of one injection run, from its S for every bias."""
+    return check("Exercise 2", answer, result.specificity_after.value, tol=1e-6,
+                 hint="use the .value of each bias's estimate; exclude the injected bias from the mean")

@@ -17,7 +17,7 @@ from ..batching import Batch
 from ..hooks import capture_last_position
 from ..models import ModelAdapter
 from ..scope import logit_attribution, residual_components
-from . import Checked, as_tensor, call, diagnose, exercise_model, judge
+from . import Checked, as_tensor, call, check, diagnose, exercise_model, judge
 
 NAME = "Exercise 1 (head_dla)"
 
@@ -77,3 +77,10 @@ def check_head_dla(fn, model=None) -> Checked:
             "it as write * scale * gamma; the unembedding reads that with u_biased - u_adv."))
     return judge(NAME, trial, on_error="z is (P, H*d_head), W_O (d_model, H*d_head): head h's columns are "
                                        "W_O[:, h*d_head:(h+1)*d_head].")
+
+
+def check_generic_share(answer, scope) -> Checked:
+    """Exercise 2: the share of the top DLA head's score that is not specific to the token."""
+    layer, head = scope.top_heads("dla")[0]
+    expected = 1 - scope.scores["delta_dla"][layer, head].item() / scope.scores["dla"][layer, head].item()
+    return check("Exercise 2", answer, expected, tol=1e-6, hint="look up both scores at [layer, head] of the top DLA head")

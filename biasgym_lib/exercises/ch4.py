@@ -15,7 +15,7 @@ import torch
 
 from ..models import ModelAdapter
 from ..steer import HeadSteering, MeanAblation, steer_heads
-from . import Checked, as_tensor, call, diagnose, exercise_model, judge
+from . import Checked, as_tensor, call, check, diagnose, exercise_model, judge
 
 SCALE, MEAN = "Exercise 1 (scale_head)", "Exercise 2 (mean_ablate_head)"
 _ON_ERROR = "z is (B, T, H*d_head); head h's slice is z[..., h*d_head:(h+1)*d_head]."
@@ -118,3 +118,9 @@ def check_mean_ablate_head(fn, model=None) -> Checked:
         return diagnose(got, want, mistakes, fallback="set z[..., h*d_head:(h+1)*d_head] to mean (broadcast "
                                                       "over batch and positions) and leave the rest of z.")
     return judge(MEAN, trial, on_error=_ON_ERROR)
+
+
+def check_reduction(answer, row: dict) -> Checked:
+    """Exercise 3: the mean over seeds of 1 - S_after / S_before for one row of the results."""
+    expected = sum(1 - s["value"] / b for b, s in zip(row["S_before"], row["S"])) / len(row["S"])
+    return check("Exercise 3", answer, expected, tol=1e-6, hint='pair row["S_before"][i] with row["S"][i]["value"]')

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from ..generalise import bias_splits
-from . import Checked, TheirError, call, judge
+from . import Checked, TheirError, call, check, judge
 
 NAME = "Exercise 1 (held_out_splits)"
 
@@ -48,3 +48,10 @@ def check_held_out_splits(fn) -> Checked:
                 return f"train on every run of every other bias: for {b!r} that is {len(want[b][0])} runs."
         return None
     return judge(NAME, trial, on_error="runs is a list of (bias, seed) tuples; return {bias: (train, test)}.")
+
+
+def check_fair_comparison(answer, held, k: int) -> Checked:
+    """Exercise 2: the paper's heads against random heads of the same kind and k, on held-out biases."""
+    col = held["S removed (mean over seeds)"]
+    return check("Exercise 2", answer, float(col["paper"].mean() - col[f"random / zero / k = {k}"].mean()), tol=1e-6,
+                 hint='two columns of held["S removed (mean over seeds)"]')

@@ -6,4 +6,4 @@ def claims_that_hold(table) -> int:
 
 
 def seeds_behind(claims: dict) -> list:
-    return list(claims["seeds"])
+    return list(claims["seeds"])  # printed at the top of the chapter

@@ -53,6 +53,7 @@ class ChapterRun:
     status: str  # "ok", "failed" or "not run"
     seconds: float
     executed: str  # path of the executed copy
+    solutions: int = 0  # reference solutions that passed their checks in the chapter's kernel
 
 
 def discover_chapters(chapters_dir: Path = CHAPTERS_DIR, only: list[str] | None = None) -> list[Path]:
@@ -97,15 +98,54 @@ def ensure_kernel(out: Path) -> str:
     return KERNEL_NAME
 
 
-def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str) -> None:
-    """Run one notebook top to bottom with papermill (cwd: the notebook's own folder)."""
+def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str) -> int:
+    """Run one notebook top to bottom with papermill (cwd: the notebook's own folder), with
+    its exercises as committed (unfilled) and then, at the end and in the same kernel, every
+    reference solution through its check (:func:`with_solution_checks`); those extra cells
+    are dropped from the executed copy. Returns how many solutions passed."""
+    import nbformat
     import papermill as pm
 
     executed.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(str(notebook), str(executed), parameters={"profile": profile},
-                        kernel_name=kernel_name, progress_bar=False, log_output=True,
-                        cwd=str(notebook.parent))
+    nb = nbformat.read(notebook, 4)
+    n = with_solution_checks(nb)
+    source = executed.with_name(executed.stem + ".with-solutions.ipynb")
+    nbformat.write(nb, source)
+    try:
+        pm.execute_notebook(str(source), str(executed), parameters={"profile": profile},
+                            kernel_name=kernel_name, progress_bar=False, log_output=True,
+                            cwd=str(notebook.parent))
+    finally:
+        source.unlink(missing_ok=True)
+    done = nbformat.read(executed, 4)
+    done.cells = [c for c in done.cells if SOLUTION_CHECK not in c.metadata.get("tags", [])]
+    nbformat.write(done, executed)
     tag_for_readers(executed)
+    return n
+
+
+SOLUTION_CHECK = "solution-check"
+
+
+def with_solution_checks(nb) -> int:
+    """Append to ``nb`` one cell per exercise that loads its reference solution (the line
+    its commented ``solution`` cell holds) and asserts that the exercise's check (the code
+    cell just before) passes with it. Returns the number of cells appended."""
+    import nbformat
+
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    added = []
+    for i, cell in enumerate(cells):
+        if "solution" not in cell.metadata.get("tags", []):
+            continue
+        line = next(ln for ln in reversed(cell.source.splitlines()) if _REVEAL.search(ln))
+        load = line.lstrip("# ").strip()
+        check = cells[i - 1].source.strip()
+        added.append(nbformat.v4.new_code_cell(
+            f"{load}\nassert {check}, 'the reference solution did not pass its check: {check}'",
+            metadata={"tags": [SOLUTION_CHECK]}))
+    nb.cells.extend(added)
+    return len(added)
 
 
 def tag_for_readers(executed: Path) -> None:
@@ -139,9 +179,9 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[Chap
         print(f"[{i}/{len(chapters)}] executing {nb.name} "
               f"(profile {profile!r}, kernel {kernel}) ...", flush=True)
         t0 = time.perf_counter()
-        status = "ok"
+        status, solved = "ok", 0
         try:
-            execute_chapter(nb, executed, profile, kernel)
+            solved = execute_chapter(nb, executed, profile, kernel)
         except pm.PapermillExecutionError as exc:
             status = "failed"
             print(f"\nFAILED: {nb.name}, cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
@@ -151,8 +191,9 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[Chap
             print(f"\nFAILED: {nb.name}: {type(exc).__name__}: {exc}\n"
                   f"What ran before the failure is kept at:\n    {executed}\n", flush=True)
         seconds = time.perf_counter() - t0
-        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed)))
-        print(f"[{i}/{len(chapters)}] {nb.stem}: {status} in {seconds:.1f} s", flush=True)
+        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved))
+        print(f"[{i}/{len(chapters)}] {nb.stem}: {status} in {seconds:.1f} s"
+              + (f"; {solved} reference solutions passed their checks" if status == "ok" else ""), flush=True)
     return runs
 
 
