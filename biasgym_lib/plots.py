@@ -145,3 +145,15 @@ def pipeline_diagram(stages=PIPELINE, ax=None):
     ax.set_ylim(-0.15, 1.35)
     ax.axis("off")
     return ax
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """myst-nb's ``glue`` (the web page puts ``value`` where the text cites ``name``), plus
+    one printed line ``name: value``: in Jupyter the text's ``{glue:text}`` roles are not
+    filled in, so a reader there sees the numbers the summary quotes in this cell's output
+    (the web page removes the cell)."""
+    from myst_nb import glue as myst_glue
+
+    myst_glue(name, value, display=display)
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    print(f"{name}: {shown}")

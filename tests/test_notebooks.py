@@ -329,3 +329,17 @@ def test_the_chapter_s_time_counts_its_exercises(path):
     assert stated, f"{path.name}: state the time to read and run, and the time for the exercises"
     exercises = sum(int(m) for m in re.findall(r"Difficulty \d/5 · Importance \d/5 · about (\d+) minutes", text))
     assert int(stated.group(1)) == exercises, f"{path.name}: the exercises add up to {exercises} minutes"
+
+
+def test_glue_prints_what_it_glues_for_readers_in_jupyter(capsys):
+    from biasgym_lib.plots import glue
+
+    glue("ch9_share", 0.123456, display=False)
+    glue("ch9_name", "atp / zero / k = 2", display=False)
+    assert capsys.readouterr().out == "ch9_share: 0.1235\nch9_name: atp / zero / k = 2\n"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapters_glue_with_the_printing_glue(path):
+    source = "\n".join(c.source for c in code_cells(read(path)))
+    assert "from biasgym_lib.plots import glue" in source and "from myst_nb import glue" not in source
