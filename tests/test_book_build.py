@@ -401,7 +401,7 @@ def test_set_up_cells_are_hidden_from_web_readers(tmp_path):
     nbformat.write(nb, path)
     bookbuild.tag_for_readers(path)
     tags = [c.metadata.get("tags", []) for c in nbformat.read(path, 4).cells]
-    assert tags == [["parameters", "hide-cell"], ["injected-parameters", "remove-cell"], []]
+    assert tags == [["parameters", "hide-cell"], ["injected-parameters", "hide-cell"], []]
 
 
 def test_method_references_point_at_the_book_s_method_page():

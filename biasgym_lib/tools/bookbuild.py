@@ -149,16 +149,16 @@ def with_solution_checks(nb) -> int:
 
 
 def tag_for_readers(executed: Path) -> None:
-    """Set-up a web reader does not need to read first: papermill's injected-parameters cell is
-    removed from the page (it repeats the profile it was built with, which the chapter prints)
-    and the parameters cell is collapsed; the Colab install cell carries ``remove-cell`` in the
-    committed notebook itself."""
+    """Set-up a web reader does not need to read first is collapsed: the parameters cell and
+    papermill's injected-parameters cell after it (kept, so that a reader who opens the first,
+    which says "teaching", also sees what this build ran with); the Colab install cell carries
+    ``remove-cell`` in the committed notebook itself."""
     import nbformat
 
     nb = nbformat.read(executed, 4)
     for cell in nb.cells:
         tags = cell.metadata.setdefault("tags", [])
-        extra = "remove-cell" if "injected-parameters" in tags else "hide-cell" if "parameters" in tags else None
+        extra = "hide-cell" if {"parameters", "injected-parameters"} & set(tags) else None
         if extra and extra not in tags:
             tags.append(extra)
     nbformat.write(nb, executed)
