@@ -387,6 +387,11 @@ def _interval(v: Estimate | None) -> str:
     return "-" if v is None else f"{v.value:+.0%} [{v.lo:+.0%}, {v.hi:+.0%}]"
 
 
+def _points(v: Estimate | None) -> str:
+    """An accuracy change in percentage points (the unit of the MC bound), not a relative %."""
+    return "-" if v is None else f"{100 * v.value:+.1f} [{100 * v.lo:+.1f}, {100 * v.hi:+.1f}]"
+
+
 def summary_frame(summary: Sequence[SteeringResult | dict]):
     """The lines of :func:`summarise_grid` as a table for the book: S removed, the facts'
     S lost, the perplexity change on each text set and the MC change, each with its 95%
@@ -399,7 +404,7 @@ def summary_frame(summary: Sequence[SteeringResult | dict]):
         row = {"method": x.method, "kind": x.kind, "k": x.k, "heads": round(x.mean_heads, 1),
                "S removed": _interval(x.reduction), "facts lost": _interval(x.facts_reduction)}
         row.update({f"perplexity ({n})": _interval(v) for n, v in x.perplexity.items()})
-        row["MC change"] = _interval(x.mc)
+        row["MC change (points)"] = _points(x.mc)
         ok = bool(x.facts_ok and x.perplexity_ok and x.mc_ok is not False)
         row["within bounds"] = "no" if not ok else "yes" if x.mc_ok else "yes (MC not measured)"
         rows.append(row)

@@ -73,8 +73,8 @@ def check_head_dla(fn, model=None) -> Checked:
             "write alone: the norm sees every component at once.": (w * own * gm) @ d,
         }
         return diagnose(got, want, mistakes, atol=1e-4, rtol=1e-3, fallback=(
-            "the head writes W_O[:, block] @ z[:, block] into the residual stream; the final norm reads "
-            "it as write * scale * gamma; the unembedding reads that with u_biased - u_adv."))
+            "go through the three steps of the exercise again: what the head writes into the residual "
+            "stream, how the final norm reads that write, and how the two unembedding rows read the result."))
     return judge(NAME, trial, on_error="z is (P, H*d_head), W_O (d_model, H*d_head): head h's columns are "
                                        "W_O[:, h*d_head:(h+1)*d_head].")
 
