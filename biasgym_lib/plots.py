@@ -75,8 +75,9 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
                        bounds=None, title: str = "", axes=None):
     """Selection decided by intervention: for each kind of intervention (a row of panels)
     and each cost (a column), the mean S reduction against that cost; one curve per way of
-    ranking heads, its points at increasing k; random heads as grey crosses. The green
-    corner is where a selection meets the bounds stated in advance. ``summary``: the
+    ranking heads, its points at increasing k (hollow markers, one shape per method, so that
+    curves that coincide stay visible); random heads as grey crosses. The green corner,
+    labelled in the legend, is the target stated in advance. ``summary``: the
     :class:`~biasgym_lib.evaluate.SteeringResult` lines of :func:`~biasgym_lib.evaluate.summarise_grid`."""
     from .evaluate import GRID_BOUNDS
 
@@ -90,6 +91,7 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
         fig, axes = plt.subplots(len(kinds), len(costs), figsize=(5.2 * len(costs), 3.6 * len(kinds)), squeeze=False)
     methods = [m for m in dict.fromkeys(df["method"]) if m != "random"]
     palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    markers = dict(zip(methods, "os^DvP*X"))  # curves that coincide stay distinguishable
     for i, kind in enumerate(kinds):
         for j, (col, label) in enumerate(costs):
             ax = axes[i][j]
@@ -100,7 +102,8 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
             for m in methods:
                 line = sub[sub.method == m].sort_values("k")
                 if len(line):
-                    ax.plot(line[col], line["reduction"], marker="o", ms=4, color=palette[m], label=m)
+                    ax.plot(line[col], line["reduction"], marker=markers.get(m, "o"), ms=5, mfc="none", color=palette[m],
+                            label=m)
                     last = line.iloc[-1]
                     ax.annotate(f"k={int(last.k)}", (last[col], last.reduction), fontsize=6, xytext=(3, 2),
                                 textcoords="offset points", color=palette[m])
@@ -108,7 +111,8 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
             ax.scatter(rnd[col], rnd["reduction"], marker="x", color="grey", label="random heads", zorder=3)
             bound = bounds["facts"] if col == "facts_reduction" else bounds["perplexity"]
             xmin = min(0.0, float(np.nanmin(sub[col])) if len(sub) else 0.0) - 0.02
-            ax.fill_between([xmin, bound], 0.5, 1.0, color="green", alpha=0.1)
+            ax.fill_between([xmin, bound], 0.5, 1.0, color="green", alpha=0.1,
+                            label="target: >= 50% removed, cost within its bound")
             ax.axhline(0, color="grey", lw=0.6)
             ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
             ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
