@@ -318,6 +318,13 @@ def test_the_introduction_states_the_findings_glued_from_the_chapters():
         glued = re.findall(r'glue\(f?"([A-Za-z0-9_{}]+)"', source)
         assert any(g == key or ("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), key)) for g in glued), \
             f"the introduction cites {key!r} from {nb}, which that chapter never glues"
+    keys = {key for _, key in cited}
+    for key in keys:  # every debiasing number with its random-heads baseline and its facts
+        base = key.removesuffix("_reduction")
+        if key.endswith("_reduction"):
+            assert {f"{base}_random", f"{base}_facts"} <= keys, f"{key} needs its random heads and facts"
+        if key.endswith("_seegull"):
+            assert {f"{key}_random", key.replace("_seegull", "_facts")} <= keys, f"{key} needs its random heads and facts"
     assert not re.search(r"\d+(\.\d+)?\s*%", re.sub(r"\{glue:text\}`[^`]+`", "", section)), \
         "a percentage is typed into the findings instead of glued"
 
