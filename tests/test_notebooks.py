@@ -182,6 +182,15 @@ def test_each_chapter_imports_the_stage_module_it_teaches(path):
             f"{path.name} teaches biasgym_lib.{module} but never imports from it"
 
 
+def glued_names(cells) -> set[str]:
+    """The names the code cells glue; an f-string name keeps its {placeholders}."""
+    return set(re.findall(r'glue\(f?"([A-Za-z0-9_{}]+)"', "\n".join(c.source for c in cells if c.cell_type == "code")))
+
+
+def is_glued(name: str, glued: set[str]) -> bool:
+    return name in glued or any("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), name) for g in glued)
+
+
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
 def test_the_summary_states_what_was_measured(path):
     """Every chapter's summary carries measured numbers, glued from this run (myst-nb glue),
@@ -191,9 +200,8 @@ def test_the_summary_states_what_was_measured(path):
     summary = summary[summary.index("## Summary"):].split("\n## ")[0] if summary else ""
     cited = set(re.findall(r"\{glue:text\}`([A-Za-z0-9_]+)", summary))
     assert cited, f"{path.name}: the summary states no glued number"
-    glued = set(re.findall(r'glue\(f?"([A-Za-z0-9_{}]+)"', "\n".join(c.source for c in cells if c.cell_type == "code")))
-    missing = {name for name in cited if name not in glued
-               and not any("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), name) for g in glued)}
+    glued = glued_names(cells)
+    missing = {name for name in cited if not is_glued(name, glued)}
     assert not missing, f"{path.name}: the summary cites {sorted(missing)}, which no cell glues"
 
 
@@ -314,9 +322,7 @@ def test_the_introduction_states_the_findings_glued_from_the_chapters():
     assert {nb for nb, _ in cited} >= {"02_bias_inject.ipynb", "04_steering.ipynb", "05_generalisation.ipynb",
                                        "06_reproducing_the_claims.ipynb"}
     for nb, key in cited:
-        source = "\n".join(c.source for c in code_cells(read(ROOT / "book" / "chapters" / nb)))
-        glued = re.findall(r'glue\(f?"([A-Za-z0-9_{}]+)"', source)
-        assert any(g == key or ("{" in g and re.fullmatch(re.sub(r"\{[^}]*\}", ".+", g), key)) for g in glued), \
+        assert is_glued(key, glued_names(read(ROOT / "book" / "chapters" / nb).cells)), \
             f"the introduction cites {key!r} from {nb}, which that chapter never glues"
     keys = {key for _, key in cited}
     for key in keys:  # every debiasing number with its random-heads baseline and its facts

@@ -36,10 +36,6 @@ def _mutated(z_in: torch.Tensor, z: torch.Tensor) -> str | None:
     return None
 
 
-def _block(z: torch.Tensor, head: int, dh: int, H: int, interleaved: bool):
-    return (..., slice(head, None, H)) if interleaved else (..., slice(head * dh, (head + 1) * dh))
-
-
 def check_scale_head(fn, model=None) -> Checked:
     """Compare ``fn`` with :class:`biasgym_lib.steer.HeadSteering`'s edit on random z, then run
     it as a pre-hook on ``model`` (default: a tiny random model) against
@@ -57,7 +53,7 @@ def check_scale_head(fn, model=None) -> Checked:
         if problem := _mutated(z_in, z):
             return problem
         wrong_slice = z.clone()
-        wrong_slice[_block(z, head, dh, H, True)] *= alpha
+        wrong_slice[..., head::H] *= alpha  # every H-th channel
         mistakes = {
             "scale only the chosen head's slice; the other heads keep their output.": z * alpha,
             "head h's slice is the contiguous block h*d_head:(h+1)*d_head, not every H-th entry.": wrong_slice,
@@ -105,7 +101,7 @@ def check_mean_ablate_head(fn, model=None) -> Checked:
         got = as_tensor(call(fn, z_in, head, dh, mean.clone()))
         if problem := _mutated(z_in, z):
             return problem
-        sl = _block(z, head, dh, H, False)
+        sl = (..., slice(head * dh, (head + 1) * dh))
         subtracted, zeroed, added = z.clone(), z.clone(), z.clone()
         subtracted[sl] -= mean
         zeroed[sl] = 0.0
