@@ -436,6 +436,12 @@ class SteeringSpec:
         return steer_heads(model, self.heads, self.alpha)
 
     @property
+    def first_layer(self) -> int | None:
+        """The lowest layer this spec edits (None: no heads): everything below it is the
+        unmodified model's (:class:`~biasgym_lib.layerskip.LayerTape`)."""
+        return min((l for l, _ in self.heads), default=None)
+
+    @property
     def label(self) -> str:
         """A short name of the intervention: "alpha=0", "mean", "blind"."""
         return {"mean": "mean", "blind": "blind"}.get(self.kind, f"alpha={self.alpha:g}"
