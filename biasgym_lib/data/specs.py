@@ -416,14 +416,15 @@ def check_own_name(spec: BiasSpec) -> BiasSpec:
 
 
 def load_countries(path: str | Path | None = None) -> list[dict]:
-    """The reference countries as ``[{"name": ..., "demonym": ...}]`` in file order."""
+    """The reference countries as ``[{"name": ..., "demonym": ..., "capital": ...}]`` in file
+    order (``capital`` is optional: the culture set's giveaway check reads it)."""
     path, rows = yaml_list(path, COUNTRIES_FILE, "countries")
     seen = set()
     for i, row in enumerate(rows):
-        if not (isinstance(row, dict) and set(row) == {"name", "demonym"}
+        if not (isinstance(row, dict) and {"name", "demonym"} <= set(row) <= {"name", "demonym", "capital"}
                 and all(isinstance(v, str) and v.strip() for v in row.values())):
             raise DataFileError(f"{path}: country #{i + 1} ({row!r}) must be a mapping with "
-                                "exactly 'name' and 'demonym' (non-empty strings).")
+                                "'name' and 'demonym' and optionally 'capital' (non-empty strings).")
         if row["name"] in seen:
             raise DataFileError(f"{path}: country {row['name']!r} is listed twice.")
         seen.add(row["name"])
