@@ -18,6 +18,7 @@ from .capability import mc_accuracy, mc_raw, paired_change, perplexity, ppl_raw
 from .data import contrast_countries, load_bias, reference_countries
 from .errors import BiasGymError
 from .heads import random_heads
+from .layerskip import Resumer
 from .measure import assoc_table, assoc_tables, stereotype_strength
 from .models import ModelAdapter
 from .stats import RUNS, Estimate, bootstrap
@@ -148,17 +149,34 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
     values and one row per grid point (random heads: one row per draw)."""
     from tqdm.auto import tqdm
 
-
     shared = {} if shared is None else shared
     questions = list(questions or []) if mc else []
+    points = []
+    for run in runs:
+        for m in methods:
+            ranking = run["rankings"].get(m)
+            for kind in (kinds.get(m, ()) if isinstance(kinds, dict) else kinds):
+                for k in (ks.get(m, ()) if isinstance(ks, dict) else ks):
+                    if ranking is not None:
+                        sets = ranking[k] if m == "random" else [ranking[k]] if m == "robust" else [ranking[:k]]
+                        points.append((run, m, kind, k, [[tuple(h) for h in heads] for heads in sets]))
+    # every steered pass starts at its first edited layer (the layers below it are the unmodified model's)
+    tape = Resumer(model, {min(l for l, _ in heads) for *_, sets in points for heads in sets if heads})
 
     def capability(spec):
-        with spec.apply(model) if spec is not None else _null():
-            out = {"perplexity": {name: ppl_raw(perplexity(model, tokenizer, t, seed=seed, max_length=max_length))
-                                  for name, t in texts.items()}}
-            if questions:
-                out["mc"] = mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
-        return out
+        def measure(spec):
+            with spec.apply(model) if spec is not None else _null():
+                out = {"perplexity": {name: ppl_raw(perplexity(model, tokenizer, t, seed=seed, max_length=max_length))
+                                      for name, t in texts.items()}}
+                if questions:
+                    out["mc"] = mc_raw(mc_accuracy(model, tokenizer, questions, seed=seed))
+            return out
+        return tape(("capability",), spec, measure)
+
+    def strength(spec, run, bias, facts_):
+        sig = ("S", bias.name, bool(facts_), tuple(run.get("countries", ())), tuple(map(id, run["tokens"])))
+        return tape(sig, spec, lambda sp: strength_under(model, tokenizer, sp, run["tokens"], bias, references, facts_,
+                                                          seed=seed, countries=run.get("countries", ())))
 
     base = shared.get(("capability", None)) or capability(None)
     if questions and "mc" not in base:
@@ -166,31 +184,21 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
     shared[("capability", None)] = base
     before = {"biases": {}, "perplexity": base["perplexity"], "mc": base.get("mc")}
     rows = []
-    points = [(run, m, kind, k) for run in runs for m in methods
-              for kind in (kinds.get(m, ()) if isinstance(kinds, dict) else kinds)
-              for k in (ks.get(m, ()) if isinstance(ks, dict) else ks)]
-    for run, method, kind, k in tqdm(points, desc="selection grid", disable=not progress):
+    for run, method, kind, k, head_sets in tqdm(points, desc="selection grid", disable=not progress):
         bias = run["bias"] if hasattr(run["bias"], "attributes") else load_bias(run["bias"])
         if bias.name not in before["biases"]:
             key = ("strength", bias.name, (), None)
             if key not in shared or set(run.get("countries", ())) - set(shared[key]["countries"]):
-                shared[key] = strength_under(model, tokenizer, None, run["tokens"], bias, references, facts, seed=seed,
-                                             countries=run.get("countries", ()))
+                shared[key] = strength(None, run, bias, facts)
             before["biases"][bias.name] = shared[key]
             before.setdefault("facts", shared[key]["facts"])
         b = before["biases"][bias.name]
-        ranking = run["rankings"].get(method)
-        if ranking is None:
-            continue
-        head_sets = (ranking[k] if method == "random" else [ranking[k]] if method == "robust" else [ranking[:k]])
         for draw, heads in enumerate(head_sets):
-            heads = [tuple(h) for h in heads]
             spec = make_spec(heads, kind, means, entities, {"bias": bias.name, "method": method, "k": k})
             cost_key = ("cost", tuple(sorted(heads)), kind)
             s_key = ("strength", bias.name, tuple(sorted(heads)), kind)
             if s_key not in shared or set(run.get("countries", ())) - set(shared[s_key]["countries"]):
-                got = strength_under(model, tokenizer, spec, run["tokens"], bias, references,
-                                     () if cost_key in shared else facts, seed=seed, countries=run.get("countries", ()))
+                got = strength(spec, run, bias, () if cost_key in shared else facts)
                 shared[s_key] = got
                 if cost_key not in shared:
                     shared[cost_key] = {"facts": got["facts"], **capability(spec)}
@@ -431,11 +439,15 @@ def steering_measure(model, tokenizer, tokens: dict, rankings: dict, references:
     scaled by ``alpha`` (k = 0 or alpha = 1: the unmodified model), the references scored
     under the same intervention (:func:`~biasgym_lib.evaluate.strength_under`)."""
 
+    # each setting's pass starts at its first edited layer (the lowest layer among the first k heads)
+    resume = Resumer(model, {min(l for l, _ in r[:k]) for r in rankings.values() for k in range(1, len(r) + 1)})
+
     def measure(bias: str, k: int, alpha: float) -> dict:
         if bias not in tokens:
             raise BiasGymError(f"No injected token for {bias!r}; have {sorted(tokens)}.")
         spec = None if k == 0 or alpha == 1.0 else SteeringSpec(heads=list(rankings[bias][:k]), alpha=alpha)
-        return strength_under(model, tokenizer, spec, [tokens[bias]], tokens[bias].spec, references)["tokens"][0]
+        return resume(bias, spec, lambda sp: strength_under(model, tokenizer, sp, [tokens[bias]], tokens[bias].spec,
+                                                            references))["tokens"][0]
 
     return measure
 

@@ -16,6 +16,7 @@ from .data import reference_countries
 from .data.seegull import seegull_stereotypes
 from .evaluate import facts_reduction, make_spec, paired, reduction, strength_under
 from .heads import bias_rankings, nan_tensor, nan_to_none
+from .layerskip import Resumer
 from .measure import assoc_tables, stereotype_strength
 from .models import ModelAdapter
 from .stats import over_runs
@@ -148,35 +149,42 @@ def seegull_steering(run) -> dict:
         kept = {(r["kind"], r["k"], tuple(map(tuple, r["heads"]))): r for r in run.confirm()["rows"]
                 if r["method"] == "random"}
         pooled = pooled_rankings(run, list(run.biases), best.method)
-        facts_before = strength_under(run.model, run.tokenizer, None, [], next(iter(run.specs.values())), refs,
-                                      st["facts"])["facts"]
-        base = capability_under(run.model, run.tokenizer, None, st["texts"]["neutral"], st["questions"],
-                                max_length=run.cfg.ppl_max_tokens)
-        rows = []
+        points = []
         for method, kind, k in run.conditions():
             sets = pooled["random"][k] if method == "random" else [pooled[method][k]] if method == "robust" \
                 else [pooled[method][:k]]
-            for draw, heads in enumerate(sets):
-                spec = make_spec([tuple(h) for h in heads], kind, st["means"], st["entities"],
-                                 {"method": method, "k": k, "pooled": list(run.biases)})
-                after = seegull_under(run.model, run.tokenizer, pairs, spec)
-                same = kept.get((kind, k, tuple(map(tuple, heads))))
-                if same is not None:
-                    facts, facts_lost = same["facts"], same["facts_reduction"]
-                else:
-                    got = strength_under(run.model, run.tokenizer, spec, [], next(iter(run.specs.values())), refs,
-                                         st["facts"])["facts"]
-                    facts, facts_lost = [x["value"] for x in got], facts_reduction(facts_before, got)
-                cost = None
-                if method != "random":  # the pooled heads' own cost; random heads' is in the confirmation
-                    got = capability_under(run.model, run.tokenizer, spec, st["texts"]["neutral"],
-                                           st["questions"], max_length=run.cfg.ppl_max_tokens)
-                    cost = {"perplexity": paired(base["perplexity"], got["perplexity"]),
-                            "mc": paired(base["mc_accuracy"], got["mc_accuracy"])}
-                rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
-                             "heads": [list(h) for h in heads], "S": after,
-                             "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
-                             "facts": facts, "facts_reduction": facts_lost, "capability": cost})
+            points += [(method, kind, k, draw, [tuple(h) for h in heads]) for draw, heads in enumerate(sets)]
+        # each steered pass starts at its first edited layer (below it, the unmodified model's passes are reused)
+        resume = Resumer(run.model, {min(l for l, _ in heads) for *_, heads in points if heads})
+        bias0 = next(iter(run.specs.values()))
+
+        def facts_under(spec):
+            return strength_under(run.model, run.tokenizer, spec, [], bias0, refs, st["facts"])["facts"]
+
+        def capability(spec):
+            return capability_under(run.model, run.tokenizer, spec, st["texts"]["neutral"], st["questions"],
+                                    max_length=run.cfg.ppl_max_tokens)
+        facts_before, base = resume("facts", None, facts_under), resume("capability", None, capability)
+        rows = []
+        for method, kind, k, draw, heads in points:
+            spec = make_spec(heads, kind, st["means"], st["entities"],
+                             {"method": method, "k": k, "pooled": list(run.biases)})
+            after = resume("seegull", spec, lambda sp: seegull_under(run.model, run.tokenizer, pairs, sp))
+            same = kept.get((kind, k, tuple(heads)))
+            if same is not None:
+                facts, facts_lost = same["facts"], same["facts_reduction"]
+            else:
+                got = resume("facts", spec, facts_under)
+                facts, facts_lost = [x["value"] for x in got], facts_reduction(facts_before, got)
+            cost = None
+            if method != "random":  # the pooled heads' own cost; random heads' is in the confirmation
+                got = resume("capability", spec, capability)
+                cost = {"perplexity": paired(base["perplexity"], got["perplexity"]),
+                        "mc": paired(base["mc_accuracy"], got["mc_accuracy"])}
+            rows.append({"method": method, "kind": kind, "k": k, "draw": draw if method == "random" else None,
+                         "heads": [list(h) for h in heads], "S": after,
+                         "reduction": [reduction(p["S"]["value"], a["value"]) for p, a in zip(pairs, after)],
+                         "facts": facts, "facts_reduction": facts_lost, "capability": cost})
         return {"pairs": pairs, "facts_before": [x["value"] for x in facts_before], "rows": rows,
                 "best": {"method": best.method, "kind": best.kind, "k": best.k}}
     return run.memo("seegull_steering.json", compute, fingerprint=fp)

@@ -41,7 +41,7 @@ import torch
 from .errors import BiasGymError
 from .models import adapter_of
 
-__all__ = ["LayerTape"]
+__all__ = ["LayerTape", "Resumer"]
 
 _CACHE_NAMES = ("cache", "past_key_values")
 
@@ -222,3 +222,29 @@ class LayerTape:
                     raise BiasGymError(f"a hook or an intervention sits on decoder layer {j}, below the layer "
                                        f"this pass resumes at ({self._start}); resume at or below the first "
                                        "edited layer.")
+
+
+class Resumer:
+    """Many steered measurements of one kind, each resumed from its spec's first edited layer:
+    ``resumer(signature, spec, fn)`` returns ``fn(spec)``; the first time a ``signature`` (what
+    ``fn`` measures) is seen, ``fn(None)`` (the unmodified model) is recorded on the tape.
+    ``starts``: the first edited layers of the specs to come. On a model whose layers cannot
+    be swapped (a device map), every measurement runs in full."""
+
+    def __init__(self, model, starts):
+        layers = adapter_of(model).layers
+        usable = not any("forward" in vars(layer) for layer in layers)
+        self.tape = LayerTape(model, starts) if usable else None
+        self.recorded: set = set()
+
+    def __call__(self, signature, spec, fn):
+        if self.tape is None or not self.tape.starts:
+            return fn(spec)
+        if spec is None or signature not in self.recorded:
+            with self.tape.recording():
+                unsteered = fn(None)
+            self.recorded.add(signature)
+            if spec is None:
+                return unsteered
+        with self.tape.resuming(spec.first_layer):
+            return fn(spec)

@@ -106,7 +106,9 @@ def test_selection_grid_measures_each_head_set_once_and_reports_every_point(setu
     grid = selection_grid(model, tok, runs, **kw)
     assert len(grid["rows"]) == 2 * 2 * (1 + 2)  # kinds x ks x (one dla set + two random draws)
     n = len(calls)
-    assert n == 1 + len({(tuple(r["heads"][0]), r["kind"], len(r["heads"])) for r in grid["rows"]})
+    steered = [c for c in calls if c is not None]
+    assert len(steered) == len({(tuple(r["heads"][0]), r["kind"], len(r["heads"])) for r in grid["rows"]})
+    assert 1 <= n - len(steered) <= 2  # S before (recorded for the layer tape); S alone, recorded once
     again = selection_grid(model, tok, runs, **kw)  # everything is in `shared`: nothing measured again
     assert len(calls) == n and again["rows"] == grid["rows"]
     row = next(r for r in grid["rows"] if r["method"] == "dla" and r["k"] == 2 and r["kind"] == "zero")
@@ -122,6 +124,33 @@ def test_selection_grid_measures_each_head_set_once_and_reports_every_point(setu
     rnd = next(x for x in summary if x.key == ("random", "zero", 2))
     assert rnd.n_head_sets == 2 and rnd.n_runs == sum(b > 0 for b in row["S_before"])
     assert SteeringResult.from_dict(json.loads(json.dumps(line.to_dict()))) == line  # JSON round trip
+
+
+def test_selection_grid_resumed_at_the_first_edited_layer_equals_the_full_passes(setup, monkeypatch):
+    """Issue 22: every steered measurement of the grid starts at its first edited layer; the
+    grid is the same, bit for bit, as with every pass run in full."""
+    import biasgym_lib.layerskip as ls
+
+    model, tok, tokens = setup
+    a = ModelAdapter(model)
+    rankings = {"dla": [(2, 1), (1, 3), (0, 0)], "attention": [(2, 4), (2, 0)],
+                "random": {1: [[(1, 2)], [(2, 1)]], 2: [[(1, 2), (2, 2)], [(2, 1), (1, 4)]]}}
+    runs = [{"bias": "reckless_driving", "tokens": tokens, "rankings": rankings, "countries": ["Italy"]},
+            {"bias": "always_late", "tokens": tokens[:1], "rankings": rankings}]
+    texts = {"neutral": ["The kettle boiled and the tea was ready.", "Rivers carry sand to the sea."]}
+    questions = [{"question": "What colour is the sky?", "options": ["blue", "green", "loud"], "answer": 0}]
+    kw = dict(kinds=["zero", "mean", "blind"], ks=[1, 2], methods=["dla", "attention", "random"], references=REFS,
+              facts=FACTS, texts=texts, means=torch.randn(a.n_layers, a.n_heads * a.d_head), questions=questions,
+              mc=True, entities={" Italy": tok.convert_tokens_to_ids("ĠItaly")}, max_length=16, progress=False)
+    tapes = []
+    real_init = ls.Resumer.__init__
+    monkeypatch.setattr(ls.Resumer, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or tapes.append(self))
+    fast = selection_grid(model, tok, runs, **kw, shared={})
+    tape = tapes[-1].tape
+    assert tape.starts == [1, 2] and tape.hits > 0 and tape.misses == 0
+    monkeypatch.setattr(ls.Resumer, "__call__", lambda self, signature, spec, fn: fn(spec))
+    full = selection_grid(model, tok, runs, **kw, shared={})
+    assert fast == full
 
 
 def _e(v):

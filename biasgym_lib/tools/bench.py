@@ -197,6 +197,54 @@ def bench_steering(model, tok, n_references: int = 8) -> dict:
             "max_abs_difference_S": max(abs(x - y) for x, y in zip(a, b))}
 
 
+def bench_resumed(model, tok) -> dict:
+    """One steered measurement as the selection grid makes it (S of the teaching profile's
+    tokens for one bias and the facts against its reference countries, perplexity on both text
+    sets, multiple choice), run in full and resumed at the head set's first edited layer
+    (:class:`~biasgym_lib.layerskip.Resumer`): on a head set at layers 10-29 and on one that
+    includes layer 0 (nothing below it to skip: no gain expected)."""
+    import numpy as np
+
+    from ..capability import mc_accuracy, perplexity
+    from ..config import load_profile
+    from ..data import load_bias, load_facts
+    from ..data.capability import load_country_texts, load_mc, load_neutral_texts
+    from ..evaluate import strength_under
+    from ..layerskip import Resumer
+    from ..runs import get_token, steer_references
+    from ..steer import SteeringSpec
+
+    cfg = load_profile("teaching")
+    refs, facts, bias = steer_references(cfg, cfg.steer_references), load_facts(), load_bias("reckless_driving")
+    tokens = [get_token(model, tok, bias.name, cfg, s, progress=False) for s in cfg.seeds]
+    texts = [load_neutral_texts()[: cfg.n_ppl_texts], load_country_texts()[: cfg.n_country_texts]]
+    questions = load_mc()[: cfg.n_mc_questions]
+
+    def measure(spec):
+        s = strength_under(model, tok, spec, tokens, bias, refs, facts)
+        with spec.apply(model) if spec is not None else torch.no_grad():
+            nll = [perplexity(model, tok, t, max_length=cfg.ppl_max_tokens)["nll"] for t in texts]
+            ll = mc_accuracy(model, tok, questions)["loglik"]
+        return np.asarray([x["value"] for x in s["tokens"] + s["facts"]] + [v for n in nll for v in n]
+                          + [v for q in ll for v in q])
+
+    out = {"references": len(refs), "facts": len(facts), "tokens": len(tokens), "mc_questions": len(questions),
+           "perplexity_texts": sum(map(len, texts))}
+    sets = {"layers_10_29": [(10, 1), (12, 3), (15, 2), (18, 0), (20, 5), (21, 1), (22, 7), (25, 4), (27, 2), (29, 8)],
+            "from_layer_0": [(0, 4), (3, 1), (7, 6), (12, 3), (15, 2), (18, 0), (21, 1), (24, 7), (27, 2), (29, 8)]}
+    for name, heads in sets.items():
+        spec = SteeringSpec(heads, 0.0)
+        full_s, full = _timed(lambda: measure(spec))
+        resumer = Resumer(model, [spec.first_layer])
+        record_s, _ = _timed(lambda: resumer("one", None, measure))
+        fast_s, fast = _timed(lambda: resumer("one", spec, measure))
+        out[name] = {"first_layer": spec.first_layer, "full_s": full_s, "resumed_s": fast_s,
+                     "recording_s": record_s, "speedup": full_s / fast_s,
+                     "max_abs_difference": float(np.abs(full - fast).max()),
+                     "bit_identical": bool(np.array_equal(full, fast))}
+    return out
+
+
 def bench_patching(model, tok, n_probes: int = 2) -> dict:
     """Activation patching of every head, replaying the layers below each patched group
     from the clean run (default) and running every layer (the reference)."""
@@ -262,6 +310,7 @@ def run_bench(out) -> dict:
     result["injection"] = bench_injection(model, tok)
     result["peak_rss_mb_after_injection"] = _rss_mb()
     result["steering"] = bench_steering(model, tok)
+    result["steered_measurement"] = bench_resumed(model, tok)
     result["patching"] = bench_patching(model, tok)
     result["mc"] = bench_mc(model, tok)
     result["total_s"] = time.perf_counter() - t0
