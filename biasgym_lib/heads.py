@@ -172,8 +172,52 @@ def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
     return sorted((i // n_heads, i % n_heads) for i in picks)
 
 
+def layer_matched_heads(heads: Iterable, n_heads: int, seed: int) -> list[Head]:
+    """Random heads with the same count per layer as ``heads`` (the layer-matched baseline:
+    a selection that sits in the upper layers is compared with random heads from the same
+    layers, not from all of them), drawn uniformly within each layer, sorted, reproducible."""
+    counts: dict[int, int] = {}
+    for layer, _ in (as_head(h) for h in heads):
+        counts[layer] = counts.get(layer, 0) + 1
+    rng = random.Random(seed)
+    out = []
+    for layer in sorted(counts):
+        if counts[layer] > n_heads:
+            raise BiasGymError(f"{counts[layer]} heads asked for in layer {layer}, which has {n_heads}.")
+        out += [(layer, h) for h in rng.sample(range(n_heads), counts[layer])]
+    return sorted(out)
+
+
+def matched_seed(heads: Iterable, draw: int) -> int:
+    """The seed of a layer-matched draw: from the selection's layer profile and the draw
+    number only, so that selections with the same profile share their draws."""
+    import hashlib
+
+    profile = sorted(as_head(h)[0] for h in heads)
+    digest = hashlib.sha256(repr((profile, draw)).encode()).hexdigest()
+    return 2000 + int(digest[:8], 16)
+
+
+def percentile(value: float, draws: Sequence[float]) -> float:
+    """Where ``value`` falls among ``draws``, in percent: the share of draws below it, ties
+    counted half (50 = the median draw; 100 = above every draw)."""
+    draws = [float(d) for d in draws]
+    if not draws:
+        raise BiasGymError("percentile needs at least one draw.")
+    below = sum(d < value for d in draws) + 0.5 * sum(d == value for d in draws)
+    return 100.0 * below / len(draws)
+
+
 SCORE_METHODS = ("dla", "delta_dla", "attr", "atp", "attention")
 """The head scores BiasScope computes for each injected token (see :func:`~biasgym_lib.scope.scope_run`)."""
+
+
+def method_needs(method: str) -> tuple[str, ...]:
+    """The per-token scores a way of ranking heads is built from: ``atp_selective`` from
+    ``atp``, the robust set from ``dla``, exact patching from the top heads of every score,
+    random heads from none."""
+    return {"atp_selective": ("atp",), "robust": ("dla",), "random": (),
+            "patching": SCORE_METHODS}.get(method, (method,))
 
 
 @dataclass(frozen=True)
@@ -239,9 +283,10 @@ def bias_rankings(scopes: list[ScopeResult], k_max: int, patching: dict | None =
     Returns ``{method: [heads, best first]}`` for the score methods, and for ``robust`` and
     ``random`` a mapping k -> heads (their sets are not nested in k)."""
     out = {}
-    for m in SCORE_METHODS:
+    scored = [m for m in SCORE_METHODS if all(m in r.scores for r in scopes)]
+    for m in scored:
         out[m] = top_k_heads(mean_scores(scopes, m), k_max)
-    if knowledge is not None:  # attribution patching of S minus that of held-out country facts
+    if knowledge is not None and "atp" in scored:  # attribution patching of S minus that of held-out country facts
         atp = mean_scores(scopes, "atp")
         out["atp_selective"] = top_k_heads(atp - torch.as_tensor(knowledge, dtype=atp.dtype), k_max)
     if patching is not None:

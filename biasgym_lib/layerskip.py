@@ -4,7 +4,7 @@ A steering spec that edits heads at layers >= l leaves everything below layer l 
 the unmodified model computes it: the residual stream entering layer l and the keys and
 values that layers 0 .. l-1 put into a cache. So for every text that a steered measurement
 shares with an unmodified one (S's sentences, the facts, the perplexity passages, the
-multiple-choice questions), that part can be computed once and reused:
+multiple-choice questions), that part can be computed once and reused::
 
     tape = LayerTape(model, starts=[10, 21])
     with tape.recording():                     # the unmodified model, as usual

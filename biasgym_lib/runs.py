@@ -26,7 +26,7 @@ from .evaluate import (
     summarise_grid,
 )
 from .generalise import leave_one_out, seegull_steering
-from .heads import ScopeResult, bias_rankings, patch_union
+from .heads import SCORE_METHODS, ScopeResult, bias_rankings, method_needs, patch_union
 from .inject import (
     TRAINER_VERSION,
     InjectionResult,
@@ -44,7 +44,7 @@ from .measure import (
 )
 from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
-from .scope import bias_contrast, scope_run
+from .scope import CONTRAST_NEEDS, bias_contrast, scope_run
 from .steer import head_means
 from .tokens import InjectedToken
 
@@ -120,7 +120,7 @@ class Run:
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         self.model, self.tokenizer = model, tokenizer
-        self._tokens, self._contrast, self._scopes, self._rankings, self._kept = {}, {}, {}, {}, {}
+        self._tokens, self._contrast, self._scoped, self._rankings, self._kept = {}, {}, {}, {}, {}
         self.shared: dict = {}  # measurements under one head set, reused across grid, confirmation and transfer
 
     # -- tokens and injection
@@ -171,25 +171,40 @@ class Run:
                 self.model, self.tokenizer, tok, tok.spec, self.cfg, ref=self.reference, start=self.start).to_dict(), tok))
 
     # -- BiasScope
-    def contrast(self, bias: str) -> dict:
-        if bias not in self._contrast:
-            self._contrast[bias] = bias_contrast(self.model, self.tokenizer, self.specs[bias], self.cfg)
+    def contrast(self, bias: str, parts=("probe_z", "template_z")) -> dict:
+        """:func:`bias_contrast` of ``bias``, kept for the run; only the ``parts`` asked for so far."""
+        self._contrast[bias] = bias_contrast(self.model, self.tokenizer, self.specs[bias], self.cfg, parts,
+                                             self._contrast.get(bias))
         return self._contrast[bias]
 
-    def scope(self, bias: str, seed: int) -> ScopeResult:
-        tok = self.token(bias, seed)
-        return ScopeResult.from_dict(self.memo(f"scope/{bias}_seed{seed}.json", lambda: scope_run(
-            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias)).to_dict(), tok))
+    def scope_methods(self, bias: str) -> tuple[str, ...]:
+        """The head scores computed for ``bias``'s tokens: every one for the grid biases (and
+        the full grid); for the others, what the steering after the grid uses: the paper's
+        DLA, attribution patching and what the chosen selection's ranking needs."""
+        if self.full_grid or bias in self.grid_biases:
+            return SCORE_METHODS
+        return tuple(m for m in SCORE_METHODS if m in {"dla", "atp", *method_needs(self.best().method)})
 
-    def scopes(self, bias: str) -> list[ScopeResult]:
-        return [self.scope(bias, s) for s in self.cfg.seeds]
+    def scope(self, bias: str, seed: int, methods=None) -> ScopeResult:
+        tok = self.token(bias, seed)
+        want = self._scoped.setdefault((bias, seed), set())
+        want |= set(methods or self.scope_methods(bias))
+        methods = tuple(m for m in SCORE_METHODS if m in want)
+        parts = [p for m in methods for p in CONTRAST_NEEDS.get(m, ())]
+        return ScopeResult.from_dict(self.memo(f"scope/{bias}_seed{seed}.json", lambda: scope_run(
+            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias, parts), methods).to_dict(), tok,
+            need=lambda r: set(methods) <= set(r["scores"])))
+
+    def scopes(self, bias: str, methods=None) -> list[ScopeResult]:
+        return [self.scope(bias, s, methods) for s in self.cfg.seeds]
 
     def patching(self, bias: str) -> dict:
         """Exact patching on S's sentences for the union of the methods' top heads
         (``patch_top`` of each), every token of ``bias``."""
-        heads = patch_union(self.scopes(bias), self.cfg.patch_top)
+        heads = patch_union(self.scopes(bias, SCORE_METHODS), self.cfg.patch_top)
         return self.memo(f"patching/{bias}.json",
-                     lambda: bias_patching(self.model, self.tokenizer, self.tokens(bias), heads, self.contrast(bias)),
+                     lambda: bias_patching(self.model, self.tokenizer, self.tokens(bias), heads,
+                                           self.contrast(bias, ("template_z",))),
                      fingerprint=self._fingerprint([bias]), need=lambda r: r["heads"] == [list(h) for h in heads])
 
     def knowledge(self) -> list:
@@ -198,7 +213,7 @@ class Run:
                      lambda: {"scores": knowledge_atp(self.model, self.tokenizer).tolist()})["scores"]
 
     def rankings(self, bias: str, with_patching: bool = False) -> dict:
-
+        """Every ranking of :func:`bias_rankings` that ``bias``'s scopes (:meth:`scope_methods`) allow."""
         key = (bias, with_patching)
         if key not in self._rankings:
             a = ModelAdapter(self.model)

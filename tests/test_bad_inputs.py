@@ -266,7 +266,7 @@ def _api_cases():
     from biasgym_lib.data.specs import check_label
     from biasgym_lib.tokens import InjectedToken
     from biasgym_lib.models import load_model
-    from biasgym_lib.scope import label_id
+    from biasgym_lib.probing import label_id
     from biasgym_lib.heads import top_k_heads
 
     def save_into(target):

@@ -83,7 +83,8 @@ def bench_heads(model, tok, n_probes: int = 40, n_loop_heads: int = 12) -> dict:
     from ..data import load_bias
     from ..models import ModelAdapter
     from ..patching import ablation_loop_scores
-    from ..scope import adversarial_labels, head_scores, label_id, probe_prompts
+    from ..probing import adversarial_labels, label_id, probe_prompts
+    from ..scope import head_scores
 
     spec = load_bias("reckless_driving")
     prompts, counter = probe_prompts(tok, spec, n_probes, "Italy")
@@ -251,7 +252,7 @@ def bench_patching(model, tok, n_probes: int = 2) -> dict:
     from ..batching import encode_batch
     from ..data import load_bias
     from ..patching import patch_heads
-    from ..scope import adversarial_labels, label_id, probe_prompts
+    from ..probing import adversarial_labels, label_id, probe_prompts
 
     spec = load_bias("reckless_driving")
     prompts, counter = probe_prompts(tok, spec, n_probes, "Italy")
