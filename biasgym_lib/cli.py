@@ -354,8 +354,11 @@ def cmd_book(args) -> int:
     from .tools import bookbuild
 
     _profile(args)  # checked here, before any chapter runs
+    if args.cell_timeout is not None and args.cell_timeout < 1:
+        raise BiasGymError(f"--cell-timeout must be at least 1 second, got {args.cell_timeout}.")
     argv = ["--profile", args.profile] + (["--only", *args.only] if args.only else []) + \
-        (["--no-browser"] if args.no_browser else [])
+        (["--no-browser"] if args.no_browser else []) + \
+        (["--cell-timeout", str(args.cell_timeout)] if args.cell_timeout is not None else [])
     return bookbuild.main(argv)
 
 
@@ -431,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("book", help="execute every chapter with papermill and build the HTML book")
     sp.add_argument("--only", nargs="*", default=None)
     sp.add_argument("--no-browser", action="store_true")
+    sp.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                    help="fail a chapter whose cell runs longer than this (default: the profile's cell_timeout)")
     sp.add_argument("--profile", default="teaching", help="profile in profiles.yaml (quick, teaching, paper)")
     sp.set_defaults(func=cmd_book)
 

@@ -14,6 +14,13 @@ does, in order:
 
 Timings go to ``<out>/timings.json``. Any failing cell stops the run with a non-zero exit
 status and the path of the failing notebook's executed copy.
+
+Nothing waits without a bound: each cell may run at most the profile's ``cell_timeout``
+seconds (``--cell-timeout`` overrides it), a kernel must start within :data:`START_TIMEOUT`,
+a cell's last output must follow its reply within :data:`IOPUB_TIMEOUT`, and Jupyter Book and
+the browser check are stopped after :data:`BUILD_TIMEOUT` / :data:`BROWSER_TIMEOUT`. A cell
+that never finishes (or whose completion never reaches the build) and a kernel that dies
+fail their chapter with a message that names the chapter and the cell.
 """
 
 from __future__ import annotations
@@ -24,15 +31,17 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from ..config import DEFAULT_PROFILE, PROJECT_ROOT, profile_names
+from ..config import DEFAULT_PROFILE, PROJECT_ROOT, load_profile, profile_names
 from ..errors import BiasGymError
 
 CHAPTERS_DIR = PROJECT_ROOT / "book" / "chapters"
@@ -43,6 +52,12 @@ BOOK_CONFIG_FILES = ("_config.yml", "_toc.yml")
 
 # Exit statuses of main(): one per stage, so that CI logs say which stage failed.
 EXIT_OK, EXIT_USAGE, EXIT_CHAPTER, EXIT_BUILD, EXIT_BROWSER = 0, 2, 3, 4, 5
+
+# Bounds on every wait of a build (seconds); the per-cell bound is the profile's cell_timeout.
+START_TIMEOUT = 300  # a kernel starting on a loaded machine
+IOPUB_TIMEOUT = 60  # a cell's last output after its reply (nbclient's default, 4 s, fails a loaded machine)
+BUILD_TIMEOUT = 1800  # jupyter-book build (about 15 s here)
+BROWSER_TIMEOUT = 600  # the headless-browser check (about 10 s here)
 
 
 @dataclass
@@ -98,23 +113,45 @@ def ensure_kernel(out: Path) -> str:
     return KERNEL_NAME
 
 
-def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str) -> int:
+class ChapterFailed(BiasGymError):
+    """A chapter did not run to its end: the message names the chapter, the cell and why."""
+
+
+def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str,
+                    cell_timeout: int | None = None) -> int:
     """Run one notebook top to bottom with papermill (cwd: the notebook's own folder), with
     its exercises as committed (unfilled) and then, at the end and in the same kernel, every
     reference solution through its check (:func:`with_solution_checks`); those extra cells
-    are dropped from the executed copy. Returns how many solutions passed."""
+    are dropped from the executed copy. Returns how many solutions passed.
+
+    ``cell_timeout`` (seconds; default: the profile's ``cell_timeout``) bounds every cell;
+    a cell that runs longer, or whose completion never arrives, and a kernel that dies or
+    never starts raise :class:`ChapterFailed` naming the chapter and the cell."""
     import nbformat
     import papermill as pm
 
+    if cell_timeout is None:
+        cell_timeout = load_profile(profile).cell_timeout
     executed.parent.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(notebook, 4)
     n = with_solution_checks(nb)
     source = executed.with_name(executed.stem + ".with-solutions.ipynb")
     nbformat.write(nb, source)
+    current: dict = {}
+
+    def on_cell_execute(cell, cell_index, **_):  # which cell is running, for the failure message
+        current.update(index=cell_index, source=cell.source)
+
     try:
         pm.execute_notebook(str(source), str(executed), parameters={"profile": profile},
                             kernel_name=kernel_name, progress_bar=False, log_output=True,
-                            cwd=str(notebook.parent))
+                            cwd=str(notebook.parent), execution_timeout=cell_timeout,
+                            start_timeout=START_TIMEOUT, iopub_timeout=IOPUB_TIMEOUT,
+                            on_cell_execute=on_cell_execute)
+    except pm.PapermillExecutionError:
+        raise
+    except Exception as exc:
+        raise ChapterFailed(_why(notebook.stem, current, exc, cell_timeout)) from exc
     finally:
         source.unlink(missing_ok=True)
     done = nbformat.read(executed, 4)
@@ -122,6 +159,30 @@ def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: s
     nbformat.write(done, executed)
     tag_for_readers(executed)
     return n
+
+
+def _why(chapter: str, current: dict, exc: Exception, cell_timeout: int) -> str:
+    """One line: which chapter and cell failed, and what to do, for a failure that is not an
+    error raised by the cell's own code (those are papermill's)."""
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    if "index" in current:
+        first = next((ln for ln in current["source"].splitlines() if ln.strip()), "")
+        where = f"{chapter}, cell {current['index']} ({first[:80]!r})"
+    else:
+        where = f"{chapter}, before its first cell"
+    if isinstance(exc, CellTimeoutError):
+        if "IOPub" in str(exc):
+            return (f"{where}: the kernel replied but the cell's last output did not arrive within "
+                    f"{IOPUB_TIMEOUT} s.")
+        return (f"{where}: no completion within the cell timeout of {cell_timeout} s (the cell ran longer, or "
+                "its completion never reached the build); if the cell is just slow here, raise the timeout with "
+                "`biasgym book --cell-timeout SECONDS` or the profile's cell_timeout in profiles.yaml.")
+    if isinstance(exc, DeadKernelError):
+        return f"{where}: the kernel died (killed, or out of memory?) while the cell ran."
+    if isinstance(exc, RuntimeError) and "didn't respond" in str(exc):
+        return f"{where}: the kernel did not start within {START_TIMEOUT} s."
+    return f"{where}: {type(exc).__name__}: {exc}"
 
 
 SOLUTION_CHECK = "solution-check"
@@ -164,12 +225,15 @@ def tag_for_readers(executed: Path) -> None:
     nbformat.write(nb, executed)
 
 
-def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[ChapterRun]:
-    """Execute the chapters in order; stop at the first failure (later ones: "not run")."""
+def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout: int | None = None) -> list[ChapterRun]:
+    """Execute the chapters in order; stop at the first failure (later ones: "not run").
+    ``cell_timeout``: seconds a cell may run (default: the profile's ``cell_timeout``)."""
     import papermill as pm
 
     _route_papermill_log()
     kernel = ensure_kernel(out)
+    if cell_timeout is None:
+        cell_timeout = load_profile(profile).cell_timeout
     runs: list[ChapterRun] = []
     for i, nb in enumerate(chapters, 1):
         executed = executed_path(out, nb)
@@ -177,16 +241,19 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[Chap
             runs.append(ChapterRun(nb.stem, "not run", 0.0, str(executed)))
             continue
         print(f"[{i}/{len(chapters)}] executing {nb.name} "
-              f"(profile {profile!r}, kernel {kernel}) ...", flush=True)
+              f"(profile {profile!r}, kernel {kernel}, at most {cell_timeout} s a cell) ...", flush=True)
         t0 = time.perf_counter()
         status, solved = "ok", 0
         try:
-            solved = execute_chapter(nb, executed, profile, kernel)
+            solved = execute_chapter(nb, executed, profile, kernel, cell_timeout)
         except pm.PapermillExecutionError as exc:
             status = "failed"
             print(f"\nFAILED: {nb.name}, cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
                   f"The executed copy, with the error in it, is kept at:\n    {executed}\n", flush=True)
-        except Exception as exc:  # the kernel died, a cell timed out, the notebook is unreadable
+        except ChapterFailed as exc:  # a cell timed out, the kernel died or never started
+            status = "failed"
+            print(f"\nFAILED: {exc}\nWhat ran before the failure is kept at:\n    {executed}\n", flush=True)
+        except Exception as exc:  # the notebook is unreadable
             status = "failed"
             print(f"\nFAILED: {nb.name}: {type(exc).__name__}: {exc}\n"
                   f"What ran before the failure is kept at:\n    {executed}\n", flush=True)
@@ -296,10 +363,17 @@ def build_html(out: Path, log_file: Path) -> int:
     print("$ " + " ".join(cmd), flush=True)
     with open(log_file, "w") as log, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+        watchdog = threading.Timer(BUILD_TIMEOUT, proc.kill)  # a build that hangs is stopped
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        finally:
+            watchdog.cancel()
     if proc.returncode != 0:
+        if proc.returncode == -signal.SIGKILL:
+            print(f"jupyter-book build did not finish within {BUILD_TIMEOUT} s and was stopped.", flush=True)
         return proc.returncode
     # Jupyter Book 1.0 writes to <path-output>/_build/html; the book lives at <out>/html.
     html = Path(out) / "html"
@@ -324,7 +398,11 @@ def browser_check(out: Path) -> int:
     cmd = [sys.executable, str(BROWSER_CHECK), "--html", str(Path(out) / "html"),
            "--screenshots", str(Path(out) / "screenshots")]
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd).returncode
+    try:
+        return subprocess.run(cmd, timeout=BROWSER_TIMEOUT).returncode
+    except subprocess.TimeoutExpired:
+        print(f"the browser check did not finish within {BROWSER_TIMEOUT} s and was stopped.", flush=True)
+        return 1
 
 
 def print_summary(runs: list[ChapterRun], stages: dict[str, float]) -> None:
@@ -356,6 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default _build).")
     p.add_argument("--no-browser", action="store_true", help="skip the headless-browser check.")
     p.add_argument("--no-build", action="store_true", help="execute the chapters only; build no HTML.")
+    p.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                   help="fail a chapter whose cell runs longer than this (default: the profile's cell_timeout "
+                        "in profiles.yaml).")
     p.add_argument("--chapters", type=Path, default=CHAPTERS_DIR, help=argparse.SUPPRESS)  # tests
     return p.parse_args(argv)
 
@@ -369,13 +450,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile not in profile_names():
             raise BiasGymError(f"unknown profile {args.profile!r}; profiles: {', '.join(profile_names())}.")
         chapters = discover_chapters(args.chapters, args.only)
+        if args.cell_timeout is not None and args.cell_timeout < 1:
+            raise BiasGymError(f"--cell-timeout must be at least 1 second, got {args.cell_timeout}.")
     except BiasGymError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    runs = execute_chapters(chapters, out, args.profile)
+    runs = execute_chapters(chapters, out, args.profile, args.cell_timeout)
     stages["execute (all chapters)"] = round(time.perf_counter() - t0, 2)
     status, code = "ok", EXIT_OK
     if any(r.status != "ok" for r in runs):
