@@ -132,6 +132,11 @@ def _check(values: dict, where: str) -> dict:
         raise BiasGymError(f"{where}: {exc}") from exc
     for key, cast in _TUPLES.items():
         v = values[key]
+        if isinstance(v, str) and (cast is not str or v.strip().startswith(("[", "("))):
+            eg = {"seeds": "[0, 1]", "biases": "[reckless_driving, always_late]"}.get(key, "[...]")
+            raise BiasGymError(f"{where}: {key} must be a list, got the string {v!r}: write it as YAML, e.g. "
+                               f"--set {key}={eg.replace(' ', '')}; papermill's -p passes text, so pass lists "
+                               f"with -y, e.g. -y \"{key}: {eg}\".")
         items = v if isinstance(v, (list, tuple)) else [v]
         if cast is int:
             items = [_int(x, where, f"{key}[{i}]", 0) for i, x in enumerate(items)]
