@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import BiasGymError
+from .errors import BiasGymError, report_internal_error
 
 ALPHA_MIN, ALPHA_MAX = 0.0, 2.0
 MAX_SEED = 2**32 - 1
@@ -72,15 +70,19 @@ def _sets(items) -> dict:
 
 
 def _profile(args, **overrides):
-    """The profile with ``--set``, ``--model``, ``--device`` and ``overrides`` applied (all checked)."""
+    """The profile with ``--set``, ``--model``, ``--device`` and ``overrides`` applied (all
+    checked), and the cache folder its model needs (:func:`~biasgym_lib.models.check_cache`)."""
     from .config import load_profile
+    from .models import check_cache
 
     sets = _sets(getattr(args, "set", None))
     for key in ("model", "device"):
         if getattr(args, key, None) is not None:
             sets[key] = getattr(args, key)
     sets.update({k: v for k, v in overrides.items() if v is not None})
-    return load_profile(args.profile, **sets)
+    cfg = load_profile(args.profile, **sets)
+    check_cache(cfg.model)  # a cache folder that cannot be used fails now, not after the model work
+    return cfg
 
 
 def _spec(arg: str):
@@ -446,30 +448,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def error_log_dir() -> Path:
-    """Where the full trace of an unexpected error is written (``$BIASGYM_ERROR_DIR`` or
-    ``<temp>/biasgym-errors``)."""
-    return Path(os.environ.get("BIASGYM_ERROR_DIR") or Path(tempfile.gettempdir()) / "biasgym-errors")
-
-
-def _internal_error(command: str, exc: BaseException) -> int:
-    import traceback
-
-    first = (str(exc).splitlines() or [""])[0][:200]
-    try:
-        folder = error_log_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
-        path.write_text("biasgym " + " ".join(sys.argv[1:]) + "\n\n"
-                        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        where = f"full trace in {path}"
-    except OSError as log_exc:
-        where = f"the trace could not be written ({log_exc})"
-    print(f"biasgym {command}: internal error: {type(exc).__name__}: {first} ({where}; please report it).",
-          file=sys.stderr)
-    return 1
-
-
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -486,7 +464,7 @@ def main(argv=None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the trace in a file
-        return _internal_error(args.command, exc)
+        return report_internal_error(args.command, exc)
     print(f"({args.command} took {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return rc
 

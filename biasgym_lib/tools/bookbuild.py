@@ -449,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.profile not in profile_names():
             raise BiasGymError(f"unknown profile {args.profile!r}; profiles: {', '.join(profile_names())}.")
+        from ..models import check_cache
+
+        check_cache(load_profile(args.profile).model)  # before any chapter loads a model
         chapters = discover_chapters(args.chapters, args.only)
         if args.cell_timeout is not None and args.cell_timeout < 1:
             raise BiasGymError(f"--cell-timeout must be at least 1 second, got {args.cell_timeout}.")
