@@ -9,8 +9,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from .artifacts import write_json
+from .artifacts import parse_json, write_json
 from .config import PROJECT_ROOT, Profile
+from .errors import BiasGymError
 from .tokens import InjectedToken
 
 
@@ -54,9 +55,9 @@ def memo(path: Path, compute, token: InjectedToken | None = None, need=None, fin
     if profile is not None:
         code += "-" + hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:10]
     if path.is_file():
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        try:  # a damaged entry (truncated, not UTF-8, not a JSON object) is computed again and replaced
+            value = parse_json(path.read_bytes(), path, "stage result")
+        except (OSError, BiasGymError):
             value = None
         if (value is not None and value.get("token_fingerprint") == fingerprint and value.get("code") == code
                 and (need is None or need(value))):

@@ -169,3 +169,39 @@ def test_internal_traces_go_to_a_folder_the_user_owns(cache_writable, tmp_path, 
     assert "ZeroDivisionError: a bug" in traces[0].read_text()
     if not cache_writable:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+# ----------------------------------------------------------------------------- case 2: damaged stage results
+
+
+@pytest.mark.parametrize("damage", [b"[]", b"42", b'"abc"', b"null", b"\xff\xfe{\x00", b'{"code": "', b""],
+                         ids=["list", "number", "string", "null", "not-utf8", "truncated", "empty"])
+def test_a_damaged_stage_result_is_computed_again(damage, tmp_path):
+    """The run cache never crashes on a damaged file (valid JSON that is not an object used to
+    be an AttributeError, non-UTF-8 bytes a UnicodeDecodeError): the stage is computed again
+    and the file replaced by a good one."""
+    from biasgym_lib.cache import memo
+
+    path = tmp_path / "runs" / "stage.json"
+    assert memo(path, lambda: {"v": 1})["v"] == 1
+    path.write_bytes(damage)
+    assert memo(path, lambda: {"v": 2})["v"] == 2
+    assert json.loads(path.read_text())["v"] == 2 and memo(path, lambda: {"v": 3})["v"] == 2
+
+
+def test_a_run_recomputes_a_damaged_kept_table(tmp_path, tiny_with_tokenizer, smol_tokenizer):
+    """The same through a Run: its kept reference table, damaged, is scored again, with the same numbers."""
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.runs import Run
+
+    cfg, model = load_profile("quick", biases=["reckless_driving"]), tiny_with_tokenizer()
+
+    def reference():
+        return Run(cfg, out=tmp_path / "run", model=model, tokenizer=smol_tokenizer, progress=False).reference
+
+    first = reference()
+    (tmp_path / "run" / "reference.json").write_bytes(b"[1, 2, 3]")
+    again = reference()
+    assert again.templates == first.templates and again.entities == first.entities
+    assert all((again.values[e][b] == first.values[e][b]).all() for e in first.values for b in first.values[e])
+    assert isinstance(json.loads((tmp_path / "run" / "reference.json").read_text()), dict)
