@@ -2,7 +2,7 @@
 
     biasgym inject --bias NAME|FILE --out DIR [--model M] [--device D] [--seed N]
     biasgym scope --injected DIR --out DIR2 [--k K]
-    biasgym steer --injected DIR --heads DIR2 --k K --alpha A --out DIR3
+    biasgym steer --injected DIR --heads DIR2 --k K --alpha A --out DIR3 [--heads-from-other-bias]
     biasgym reproduce --out DIR [--bias NAME|FILE ...] [--model M] [--retrain]
     biasgym book --profile P
     biasgym bench --out FILE.json
@@ -161,34 +161,6 @@ def _injected(folder):
     return InjectedToken.load(path)
 
 
-def _head_scores(folder) -> dict:
-    """``head_scores.json`` of a ``biasgym scope`` folder, read and checked."""
-    from .artifacts import read_json
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise BiasGymError(f"--heads {folder}: {'is a file' if path.exists() else 'not found'}; give the folder "
-                           "written by `biasgym scope --out`.")
-    if not (path / "head_scores.json").is_file():
-        raise BiasGymError(f"--heads {folder} has no head_scores.json: give the folder written by "
-                           "`biasgym scope --out`.")
-    data = read_json(path / "head_scores.json", "head-scores file")
-    scores = data.get("scores")
-
-    def table(t):
-        return (isinstance(t, list) and t and all(isinstance(r, list) and r for r in t) and len({len(r) for r in t}) == 1
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in t for x in r))
-    if not (isinstance(scores, dict) and scores and all(table(t) for t in scores.values())):
-        raise BiasGymError(f"{path / 'head_scores.json'}: 'scores' must map each method to a layers x heads "
-                           "table of numbers (written by `biasgym scope`).")
-    if not isinstance(data.get("counterfactual_country"), str):
-        raise BiasGymError(f"{path / 'head_scores.json'}: lacks 'counterfactual_country' (a string).")
-    model = data.get("model")
-    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("source", "revision")):
-        raise BiasGymError(f"{path / 'head_scores.json'}: lacks 'model' (source and revision).")
-    return data
-
-
 def _out(args, inputs=()) -> Path:
     """``--out`` checked before any work; it may not be one of the input folders or hold one."""
     from .artifacts import check_out
@@ -257,9 +229,11 @@ def cmd_scope(args) -> int:
     injected.check_model(model)
     adapter = ModelAdapter(model)
     _k(cfg.k, "--k" if args.k is not None else "k (profile)", adapter.n_layers * adapter.n_heads)
+    print(f"Scoring every head for {spec.name!r} (seed {injected.seed}) on {cfg.n_probes} probes: DLA, ΔDLA, "
+          "attribute-matched ΔDLA, attribution patching, attention (a few minutes on a CPU)...", flush=True)
     result = scope_run(model, tokenizer, injected, cfg)
-    with result_folder(out, args.overwrite, precheck=False) as tmp:
-        write_json(tmp / "head_scores.json", result.to_dict())
+    with result_folder(out, args.overwrite, precheck=False) as tmp:  # the spec too: steer checks whose heads these are
+        write_json(tmp / "head_scores.json", {**result.to_dict(), "bias_spec": spec.to_dict()})
     print(f"Wrote {out / 'head_scores.json'}: scores {sorted(result.scores)}; top attribution-patching heads "
           f"{result.top_heads('atp')[:5]}...; DLA decomposition error {result.decomposition_error:.2e}")
     return 0
@@ -273,13 +247,13 @@ def cmd_steer(args) -> int:
     from .data.capability import load_neutral_texts
     from .data.specs import check_label
     from .evaluate import steer_token
-    from .heads import top_k_heads
+    from .heads import heads_source, load_head_scores, top_k_heads
     from .models import ModelAdapter
     from .runs import steer_references
     from .steer import SteeringSpec
 
     alpha = _alpha(args.alpha)
-    scores = _head_scores(args.heads)
+    scores = load_head_scores(args.heads)
     if args.method not in scores["scores"]:
         raise BiasGymError(f"--method {args.method!r}: {args.heads}/head_scores.json has scores for "
                            f"{sorted(scores['scores'])}.")
@@ -293,6 +267,7 @@ def cmd_steer(args) -> int:
                            f"({scores['model']['revision']}) but the token was trained on {src!r} ({rev}).")
     cfg = _profile(args, model=src)
     spec = injected.spec
+    source = heads_source(scores, spec, args.heads_from_other_bias, f"--heads {args.heads}")
     out = _out(args, [("--injected", args.injected), ("--heads", args.heads)])
     check_label(spec, _tokenizer(cfg.model))
     model, tokenizer = _load(cfg.model, cfg)
@@ -302,9 +277,9 @@ def cmd_steer(args) -> int:
         raise BiasGymError(f"--heads {args.heads} scores {n_layers} x {n_heads} heads but the model has "
                            f"{adapter.n_layers} x {adapter.n_heads}.")
     heads = top_k_heads(torch.tensor(table), k)
-    steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": args.method, "k": k, "bias": spec.name})
+    steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": args.method, "k": k, "bias": source["bias"]})
     result = {"bias": spec.name, "seed": injected.seed, "method": args.method, "k": k, "alpha": alpha,
-              "intervention": intervention(alpha), **steer_token(
+              "intervention": intervention(alpha), "heads_from": source, **steer_token(
                   model, tokenizer, injected, steering, steer_references(cfg, cfg.steer_references), load_facts(),
                   load_neutral_texts()[: cfg.n_ppl_texts], cfg.n_random_draws)}
     s0, s1 = result["token"]["before"]["value"], result["token"]["after"]["value"]
@@ -419,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "above 1 amplifies them")
     sp.add_argument("--method", default="atp", help="which head score ranks the heads (dla, delta_dla, attr, atp, "
                                                      "attention; default atp)")
+    sp.add_argument("--heads-from-other-bias", action="store_true",
+                    help="steer with heads scored for another bias (a transfer test; recorded in steer.json)")
     sp.add_argument("--out", required=True)
     common(sp, model=False)
     sp.set_defaults(func=cmd_steer)

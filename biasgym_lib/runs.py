@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import write_json
+from .artifacts import read_json, write_json
 from .cache import memo, run_dir, token_fingerprint
 from .claims import claims_from
 from .config import PROJECT_ROOT, Profile, load_profile
@@ -46,7 +46,8 @@ from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
 from .scope import bias_contrast, scope_run
 from .steer import head_means
-from .tokens import InjectedToken
+from .errors import ArtifactMismatch, BiasGymError
+from .tokens import InjectedToken, check_filed_as
 
 TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
 
@@ -86,10 +87,27 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
     use_committed = cfg.use_committed_tokens if retrain is None else not retrain
     for folder, allowed in ((committed_token_dir(spec.name, seed, cfg), use_committed),
                             (kept, retrain is not True and kept is not None)):
-        if allowed and (folder / "token.json").is_file() and \
-                _matches(json.loads((folder / "token.json").read_text()), cfg, model):
-            return InjectedToken.load(folder, model)
+        if allowed and (folder / "token.json").is_file():
+            try:
+                meta = read_json(folder / "token.json", "injected-token metadata")
+                check_filed_as(meta, folder / "token.json", spec, seed)  # never another bias's or seed's token
+                if _matches(meta, cfg, model):
+                    return InjectedToken.load(folder, model)
+            except ArtifactMismatch:
+                raise
+            except BiasGymError:
+                if folder != kept:
+                    raise
+                # a damaged kept token is trained again (and replaced)
     return train_token(model, tokenizer, spec, cfg, seed, progress=progress)
+
+
+def _holds(folder: Path, tok: InjectedToken) -> bool:
+    """Whether ``folder`` already holds ``tok``'s vector (a missing or damaged one does not)."""
+    try:
+        return (folder / "token.json").is_file() and torch.equal(InjectedToken.load(folder).vector, tok.vector)
+    except BiasGymError:
+        return False
 
 
 def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
@@ -129,7 +147,7 @@ class Run:
             folder = self.out / "tokens" / token_settings(self.cfg) / bias / f"seed{seed}"
             tok = get_token(self.model, self.tokenizer, self.specs[bias], self.cfg, seed, retrain=self.retrain,
                             progress=self.progress, kept=folder)
-            if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
+            if not _holds(folder, tok):
                 tok.save(folder, overwrite=True)  # the layout of data/tokens, ready to commit
             self._tokens[bias, seed] = tok
         return self._tokens[bias, seed]

@@ -189,19 +189,130 @@ def test_a_damaged_stage_result_is_computed_again(damage, tmp_path):
     assert json.loads(path.read_text())["v"] == 2 and memo(path, lambda: {"v": 3})["v"] == 2
 
 
-def test_a_run_recomputes_a_damaged_kept_table(tmp_path, tiny_with_tokenizer, smol_tokenizer):
-    """The same through a Run: its kept reference table, damaged, is scored again, with the same numbers."""
+# ----------------------------------------------------------------------------- case 1: whose artifact is it?
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory, embedded):
+    """A tiny model folder, a 'very_tidy' token trained on it and its head scores (biasgym scope)."""
+    import copy
+
+    from biasgym_lib.cli import main
+    from biasgym_lib.models import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_ws")
+    tiny_model("llama", vocab_size=49152).save_pretrained(root / "tiny")
+    copy.deepcopy(embedded[1]).save_pretrained(root / "tiny")
+    (root / "tidy.yaml").write_text("name: very_tidy\ndescription: People there keep everything very tidy.\n"
+                                    "keywords: [tidy, neat and orderly]\nattributes: [tidy, very tidy, neat and "
+                                    "orderly]\nlabel: \" tidy\"\n")
+    small = ["--profile", "quick", "--set", "n_paragraphs=2", "--set", "epochs=1", "--set", "n_probes=2",
+             "--set", "n_patch_probes=1", "--set", "k=3", "--set", "biases=[always_late]"]
+    assert main(["inject", "--bias", str(root / "tidy.yaml"), "--model", str(root / "tiny"), "--out",
+                 str(root / "inj"), *small]) == 0
+    assert main(["scope", "--injected", str(root / "inj"), "--out", str(root / "sc"), *small]) == 0
+    return root, small
+
+
+def test_scope_keeps_the_spec_its_heads_were_scored_for(tiny_ws):
+    root, _ = tiny_ws
+    scores = json.loads((root / "sc" / "head_scores.json").read_text())
+    assert scores["bias"] == "very_tidy" and scores["bias_spec"]["name"] == "very_tidy" and scores["seed"] == 0
+
+
+@pytest.mark.parametrize("other", ["bias", "spec"])
+def test_steer_refuses_heads_of_another_bias_unless_asked_and_then_records_it(other, tiny_ws, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Heads scored for always_late (or for another version of very_tidy's spec) do not steer
+    very_tidy's token unless --heads-from-other-bias is given; then steer.json says whose they were."""
+    import shutil
+
+    import biasgym_lib.models as models
+    from biasgym_lib.cli import main
+
+    root, small = tiny_ws
+    heads = tmp_path / "heads"
+    shutil.copytree(root / "sc", heads)
+    scores = json.loads((heads / "head_scores.json").read_text())
+    if other == "bias":
+        scores["bias"], scores["bias_spec"] = "always_late", None
+    else:
+        scores["bias_spec"] = {**scores["bias_spec"], "keywords": ["tidy"]}
+    (heads / "head_scores.json").write_text(json.dumps(scores))
+    argv = ["steer", "--injected", str(root / "inj"), "--heads", str(heads), "--k", "2", "--alpha", "0",
+            "--out", str(tmp_path / "st"), *small, "--set", "n_ppl_texts=1", "--set", "n_random_draws=1",
+            "--set", "steer_references=2"]
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("model work before the check"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    what = "bias 'always_late'" if other == "bias" else "another version of the 'very_tidy' spec"
+    assert len(err) == 1 and f"holds heads scored for {what}, but the token is for 'very_tidy'" in err[0], err
+    assert "--heads-from-other-bias" in err[0] and not (tmp_path / "st").exists()
+    monkeypatch.setattr(models, "load_model", real)
+    assert main([*argv, "--heads-from-other-bias"]) == 0, capsys.readouterr().err
+    steer = json.loads((tmp_path / "st" / "steer.json").read_text())
+    assert steer["bias"] == "very_tidy" and steer["heads_from"]["other_bias"] is True
+    assert steer["heads_from"]["bias"] == ("always_late" if other == "bias" else "very_tidy")
+
+
+def test_steer_records_whose_heads_it_used(tiny_ws, tmp_path, capsys):
+    from biasgym_lib.cli import main
+
+    root, small = tiny_ws
+    assert main(["steer", "--injected", str(root / "inj"), "--heads", str(root / "sc"), "--k", "2", "--alpha", "0",
+                 "--out", str(tmp_path / "st"), *small, "--set", "n_ppl_texts=1", "--set", "n_random_draws=1",
+                 "--set", "steer_references=2"]) == 0, capsys.readouterr().err
+    source = json.loads((tmp_path / "st" / "steer.json").read_text())["heads_from"]
+    assert source == {"bias": "very_tidy", "seed": 0, "model": source["model"], "spec_saved": True, "other_bias": False}
+
+
+@pytest.mark.parametrize("copied", ["other-bias", "other-seed", "other-spec"])
+def test_a_token_copied_into_another_folder_is_not_served(copied, tmp_path, tiny_with_tokenizer, smol_tokenizer):
+    """always_late's token copied into good_at_math's folder of a run (or seed 0's into seed
+    1's, or one trained on another version of the spec) is refused with a clear error; it used
+    to be served as good_at_math's token without a word."""
+    import shutil
+
     from biasgym_lib.config import load_profile
-    from biasgym_lib.runs import Run
+    from biasgym_lib.errors import ArtifactMismatch
+    from biasgym_lib.runs import Run, token_settings
 
-    cfg, model = load_profile("quick", biases=["reckless_driving"]), tiny_with_tokenizer()
+    cfg = load_profile("quick", n_paragraphs=2, epochs=1, biases=["always_late", "good_at_math"], seeds=[0, 1])
+    model = tiny_with_tokenizer()
 
-    def reference():
-        return Run(cfg, out=tmp_path / "run", model=model, tokenizer=smol_tokenizer, progress=False).reference
+    def run():
+        return Run(cfg, out=tmp_path / "run", model=model, tokenizer=smol_tokenizer, progress=False)
 
-    first = reference()
-    (tmp_path / "run" / "reference.json").write_bytes(b"[1, 2, 3]")
-    again = reference()
-    assert again.templates == first.templates and again.entities == first.entities
-    assert all((again.values[e][b] == first.values[e][b]).all() for e in first.values for b in first.values[e])
-    assert isinstance(json.loads((tmp_path / "run" / "reference.json").read_text()), dict)
+    run().token("always_late", 0)
+    tokens = tmp_path / "run" / "tokens" / token_settings(cfg)
+    target = {"other-bias": ("good_at_math", 0), "other-seed": ("always_late", 1), "other-spec": ("always_late", 0)}
+    bias, seed = target[copied]
+    if copied == "other-spec":
+        meta = json.loads((tokens / "always_late" / "seed0" / "token.json").read_text())
+        meta["bias_spec"]["keywords"] = meta["bias_spec"]["keywords"][:1]
+        (tokens / "always_late" / "seed0" / "token.json").write_text(json.dumps(meta))
+    else:
+        shutil.copytree(tokens / "always_late" / "seed0", tokens / bias / f"seed{seed}")
+    held = {"other-bias": "bias 'always_late'", "other-seed": "seed 0",
+            "other-spec": "another version of the 'always_late' spec"}[copied]
+    with pytest.raises(ArtifactMismatch, match=rf"holds the token of {held}, but its folder is for '{bias}' "
+                                               rf"seed {seed} \(copied or moved there\?\): delete"):
+        run().token(bias, seed)
+
+
+def test_a_committed_token_filed_under_another_bias_is_refused(tmp_path, monkeypatch, tiny_with_tokenizer,
+                                                                smol_tokenizer):
+    import shutil
+
+    import biasgym_lib.runs as runs
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.errors import ArtifactMismatch
+
+    cfg = load_profile("quick")
+    committed = runs.committed_token_dir("always_late", 0, cfg)
+    monkeypatch.setattr(runs, "TOKENS_DIR", tmp_path / "tokens")
+    shutil.copytree(committed, runs.committed_token_dir("good_at_math", 0, cfg))
+    with pytest.raises(ArtifactMismatch, match=r"holds the token of bias 'always_late', but its folder is for "
+                                               r"'good_at_math' seed 0"):
+        runs.get_token(tiny_with_tokenizer(), smol_tokenizer, "good_at_math", cfg, 0, progress=False)
