@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -296,7 +298,7 @@ def cmd_steer(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .artifacts import result_folder
+    from .artifacts import resumable_folder
     from .data.specs import check_label
     from .runs import reproduce
 
@@ -317,8 +319,8 @@ def cmd_reproduce(args) -> int:
     tok = _tokenizer(cfg.model)
     for s in specs:
         check_label(s, tok)
-    with result_folder(out, args.overwrite, precheck=False) as tmp:
-        claims = reproduce(cfg, tmp, retrain=args.retrain, full_grid=args.full_grid)
+    with resumable_folder(out, args.overwrite) as work:  # kept if stopped: the same command continues from it
+        claims = reproduce(cfg, work, retrain=args.retrain, full_grid=args.full_grid)
     for c in claims["claims"]:
         holds = c["holds"] if isinstance(c["holds"], dict) else {"": c["holds"]}
         for name, ok in holds.items():
@@ -431,6 +433,10 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
     t0 = time.perf_counter()
+    # SIGTERM (what `timeout` and CI send) stops a command like Ctrl-C does: its clean-up runs
+    # (a temporary folder is removed, reproduce's finished stages are kept) and it exits 143.
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         rc = args.func(args)
     except BiasGymError as exc:
@@ -440,10 +446,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the trace in a file
         return report_internal_error(args.command, exc)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"({args.command} took {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return rc
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (not an Exception: nothing on the way may swallow it)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import read_json, write_json
-from .cache import memo, run_dir, token_fingerprint
+from .artifacts import read_json, sweep, write_json
+from .cache import announce, memo, run_dir, token_fingerprint
 from .claims import claims_from
 from .config import PROJECT_ROOT, Profile, load_profile
 from .config import full_grid as whole_grid
@@ -131,6 +131,7 @@ class Run:
             cfg = whole_grid(cfg)
         self.cfg, self.retrain, self.progress, self.full_grid = cfg, retrain, progress, full_grid
         self.out = Path(out) if out is not None else run_dir(cfg)
+        sweep(self.out, recursive=True)  # what a killed run left half-written here
 
         # the profile's biases by name: shipped names or a reader's own spec files
         self.specs = {s.name: s for s in map(load_bias, cfg.biases)}
@@ -335,15 +336,16 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
     computed); each result is saved under ``out`` as it is made and reused when present."""
     run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
-    for b in run.biases:
-        for s in cfg.seeds:
-            run.injection(b, s)
-            run.scope(b, s)
-    run.grid()
-    run.confirm()
-    if len(run.biases) > 1:
-        leave_one_out(run)
-    seegull_steering(run)
+    steps = [step for b in run.biases for s in cfg.seeds
+             for step in ((f"injection of {b} (seed {s})", run.injection, b, s),
+                          (f"BiasScope of {b} (seed {s})", run.scope, b, s))]
+    steps += [(f"selection grid on {', '.join(run.grid_biases)}", run.grid),
+              ("confirmation on every bias", run.confirm)]
+    steps += [("leave-one-bias-out transfer", leave_one_out, run)] if len(run.biases) > 1 else []
+    steps += [("SeeGULL stereotypes", seegull_steering, run)]
+    for i, (what, stage, *args) in enumerate(steps, 1):  # each kept in the run folder as soon as it is done
+        with announce(f"[{i}/{len(steps)}] {what}", progress):
+            stage(*args)
     return run
 
 
