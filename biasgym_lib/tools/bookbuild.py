@@ -16,11 +16,12 @@ Timings go to ``<out>/timings.json``. Any failing cell stops the run with a non-
 status and the path of the failing notebook's executed copy.
 
 Nothing waits without a bound: each cell may run at most the profile's ``cell_timeout``
-seconds (``--cell-timeout`` overrides it), a kernel must start within :data:`START_TIMEOUT`,
-a cell's last output must follow its reply within :data:`IOPUB_TIMEOUT`, and Jupyter Book and
-the browser check are stopped after :data:`BUILD_TIMEOUT` / :data:`BROWSER_TIMEOUT`. A cell
-that never finishes (or whose completion never reaches the build) and a kernel that dies
-fail their chapter with a message that names the chapter and the cell.
+seconds (``--cell-timeout`` overrides it), a kernel must start and a cell's last output
+follow its reply within the bounds of :mod:`~biasgym_lib.tools.nbexec` (which also nudges a
+kernel that went idle without its reply reaching the build), and Jupyter Book and the
+browser check are stopped after :data:`BUILD_TIMEOUT` / :data:`BROWSER_TIMEOUT`. A cell that
+never finishes (or whose completion never reaches the build) and a kernel that dies fail
+their chapter with a message that names the chapter and the cell.
 """
 
 from __future__ import annotations
@@ -53,9 +54,7 @@ BOOK_CONFIG_FILES = ("_config.yml", "_toc.yml")
 # Exit statuses of main(): one per stage, so that CI logs say which stage failed.
 EXIT_OK, EXIT_USAGE, EXIT_CHAPTER, EXIT_BUILD, EXIT_BROWSER = 0, 2, 3, 4, 5
 
-# Bounds on every wait of a build (seconds); the per-cell bound is the profile's cell_timeout.
-START_TIMEOUT = 300  # a kernel starting on a loaded machine
-IOPUB_TIMEOUT = 60  # a cell's last output after its reply (nbclient's default, 4 s, fails a loaded machine)
+# Bounds on the waits of a build beyond the chapters' (seconds; a cell's is the profile's cell_timeout).
 BUILD_TIMEOUT = 1800  # jupyter-book build (about 15 s here)
 BROWSER_TIMEOUT = 600  # the headless-browser check (about 10 s here)
 
@@ -69,6 +68,7 @@ class ChapterRun:
     seconds: float
     executed: str  # path of the executed copy
     solutions: int = 0  # reference solutions that passed their checks in the chapter's kernel
+    nudges: int = 0  # times an idle kernel was nudged for a reply that had not come (tools.nbexec)
 
 
 def discover_chapters(chapters_dir: Path = CHAPTERS_DIR, only: list[str] | None = None) -> list[Path]:
@@ -113,22 +113,21 @@ def ensure_kernel(out: Path) -> str:
     return KERNEL_NAME
 
 
-class ChapterFailed(BiasGymError):
-    """A chapter did not run to its end: the message names the chapter, the cell and why."""
-
-
 def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str,
-                    cell_timeout: int | None = None) -> int:
+                    cell_timeout: int | None = None) -> tuple[int, int]:
     """Run one notebook top to bottom with papermill (cwd: the notebook's own folder), with
     its exercises as committed (unfilled) and then, at the end and in the same kernel, every
     reference solution through its check (:func:`with_solution_checks`); those extra cells
-    are dropped from the executed copy. Returns how many solutions passed.
+    are dropped from the executed copy. Returns how many solutions passed and how many
+    times an idle kernel had to be nudged for a reply (:mod:`~biasgym_lib.tools.nbexec`).
 
     ``cell_timeout`` (seconds; default: the profile's ``cell_timeout``) bounds every cell;
     a cell that runs longer, or whose completion never arrives, and a kernel that dies or
-    never starts raise :class:`ChapterFailed` naming the chapter and the cell."""
+    never starts raise :class:`~biasgym_lib.tools.nbexec.ChapterFailed` naming the chapter
+    and the cell."""
     import nbformat
-    import papermill as pm
+
+    from .nbexec import run_notebook
 
     if cell_timeout is None:
         cell_timeout = load_profile(profile).cell_timeout
@@ -137,52 +136,16 @@ def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: s
     n = with_solution_checks(nb)
     source = executed.with_name(executed.stem + ".with-solutions.ipynb")
     nbformat.write(nb, source)
-    current: dict = {}
-
-    def on_cell_execute(cell, cell_index, **_):  # which cell is running, for the failure message
-        current.update(index=cell_index, source=cell.source)
-
     try:
-        pm.execute_notebook(str(source), str(executed), parameters={"profile": profile},
-                            kernel_name=kernel_name, progress_bar=False, log_output=True,
-                            cwd=str(notebook.parent), execution_timeout=cell_timeout,
-                            start_timeout=START_TIMEOUT, iopub_timeout=IOPUB_TIMEOUT,
-                            on_cell_execute=on_cell_execute)
-    except pm.PapermillExecutionError:
-        raise
-    except Exception as exc:
-        raise ChapterFailed(_why(notebook.stem, current, exc, cell_timeout)) from exc
+        nudged = run_notebook(source, executed, {"profile": profile}, kernel_name, notebook.parent, cell_timeout,
+                              notebook.stem)
     finally:
         source.unlink(missing_ok=True)
     done = nbformat.read(executed, 4)
     done.cells = [c for c in done.cells if SOLUTION_CHECK not in c.metadata.get("tags", [])]
     nbformat.write(done, executed)
     tag_for_readers(executed)
-    return n
-
-
-def _why(chapter: str, current: dict, exc: Exception, cell_timeout: int) -> str:
-    """One line: which chapter and cell failed, and what to do, for a failure that is not an
-    error raised by the cell's own code (those are papermill's)."""
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
-    if "index" in current:
-        first = next((ln for ln in current["source"].splitlines() if ln.strip()), "")
-        where = f"{chapter}, cell {current['index']} ({first[:80]!r})"
-    else:
-        where = f"{chapter}, before its first cell"
-    if isinstance(exc, CellTimeoutError):
-        if "IOPub" in str(exc):
-            return (f"{where}: the kernel replied but the cell's last output did not arrive within "
-                    f"{IOPUB_TIMEOUT} s.")
-        return (f"{where}: no completion within the cell timeout of {cell_timeout} s (the cell ran longer, or "
-                "its completion never reached the build); if the cell is just slow here, raise the timeout with "
-                "`biasgym book --cell-timeout SECONDS` or the profile's cell_timeout in profiles.yaml.")
-    if isinstance(exc, DeadKernelError):
-        return f"{where}: the kernel died (killed, or out of memory?) while the cell ran."
-    if isinstance(exc, RuntimeError) and "didn't respond" in str(exc):
-        return f"{where}: the kernel did not start within {START_TIMEOUT} s."
-    return f"{where}: {type(exc).__name__}: {exc}"
+    return n, len(nudged)
 
 
 SOLUTION_CHECK = "solution-check"
@@ -230,6 +193,8 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout
     ``cell_timeout``: seconds a cell may run (default: the profile's ``cell_timeout``)."""
     import papermill as pm
 
+    from .nbexec import ChapterFailed
+
     _route_papermill_log()
     kernel = ensure_kernel(out)
     if cell_timeout is None:
@@ -243,9 +208,9 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout
         print(f"[{i}/{len(chapters)}] executing {nb.name} "
               f"(profile {profile!r}, kernel {kernel}, at most {cell_timeout} s a cell) ...", flush=True)
         t0 = time.perf_counter()
-        status, solved = "ok", 0
+        status, solved, nudges = "ok", 0, 0
         try:
-            solved = execute_chapter(nb, executed, profile, kernel, cell_timeout)
+            solved, nudges = execute_chapter(nb, executed, profile, kernel, cell_timeout)
         except pm.PapermillExecutionError as exc:
             status = "failed"
             print(f"\nFAILED: {nb.name}, cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
@@ -258,9 +223,11 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout
             print(f"\nFAILED: {nb.name}: {type(exc).__name__}: {exc}\n"
                   f"What ran before the failure is kept at:\n    {executed}\n", flush=True)
         seconds = time.perf_counter() - t0
-        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved))
+        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved, nudges))
         print(f"[{i}/{len(chapters)}] {nb.stem}: {status} in {seconds:.1f} s"
-              + (f"; {solved} reference solutions passed their checks" if status == "ok" else ""), flush=True)
+              + (f"; {solved} reference solutions passed their checks" if status == "ok" else "")
+              + (f"; the idle kernel was nudged {nudges} times for a reply that had not come" if nudges else ""),
+              flush=True)
     return runs
 
 
