@@ -47,7 +47,7 @@ from .patching import bias_patching, knowledge_atp
 from .scope import bias_contrast, scope_run
 from .steer import head_means
 from .errors import ArtifactMismatch, BiasGymError
-from .tokens import InjectedToken, check_filed_as
+from .tokens import InjectedToken, StaleToken, check_filed_as
 
 TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
 
@@ -93,6 +93,10 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
                 check_filed_as(meta, folder / "token.json", spec, seed)  # never another bias's or seed's token
                 if _matches(meta, cfg, model):
                     return InjectedToken.load(folder, model)
+            except StaleToken:
+                if folder != kept:
+                    raise
+                # kept for an earlier version of the spec: trained again (and replaced)
             except ArtifactMismatch:
                 raise
             except BiasGymError:
@@ -103,11 +107,12 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
 
 
 def _holds(folder: Path, tok: InjectedToken) -> bool:
-    """Whether ``folder`` already holds ``tok``'s vector (a missing or damaged one does not)."""
+    """Whether ``folder`` already holds ``tok`` (its vector and spec; a missing or damaged one does not)."""
     try:
-        return (folder / "token.json").is_file() and torch.equal(InjectedToken.load(folder).vector, tok.vector)
+        kept = InjectedToken.load(folder) if (folder / "token.json").is_file() else None
     except BiasGymError:
         return False
+    return kept is not None and kept.bias_spec == tok.bias_spec and torch.equal(kept.vector, tok.vector)
 
 
 def steer_references(cfg: Profile, n: int | None = None) -> list[str]:

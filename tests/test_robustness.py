@@ -270,13 +270,15 @@ def test_steer_records_whose_heads_it_used(tiny_ws, tmp_path, capsys):
 @pytest.mark.parametrize("copied", ["other-bias", "other-seed", "other-spec"])
 def test_a_token_copied_into_another_folder_is_not_served(copied, tmp_path, tiny_with_tokenizer, smol_tokenizer):
     """always_late's token copied into good_at_math's folder of a run (or seed 0's into seed
-    1's, or one trained on another version of the spec) is refused with a clear error; it used
-    to be served as good_at_math's token without a word."""
+    1's) is refused with a clear error; it used to be served as good_at_math's token without a
+    word. One kept for an earlier version of the spec is trained again, never served."""
     import shutil
 
     from biasgym_lib.config import load_profile
+    from biasgym_lib.data import load_bias
     from biasgym_lib.errors import ArtifactMismatch
     from biasgym_lib.runs import Run, token_settings
+    from biasgym_lib.tokens import InjectedToken
 
     cfg = load_profile("quick", n_paragraphs=2, epochs=1, biases=["always_late", "good_at_math"], seeds=[0, 1])
     model = tiny_with_tokenizer()
@@ -294,8 +296,13 @@ def test_a_token_copied_into_another_folder_is_not_served(copied, tmp_path, tiny
         (tokens / "always_late" / "seed0" / "token.json").write_text(json.dumps(meta))
     else:
         shutil.copytree(tokens / "always_late" / "seed0", tokens / bias / f"seed{seed}")
-    held = {"other-bias": "bias 'always_late'", "other-seed": "seed 0",
-            "other-spec": "another version of the 'always_late' spec"}[copied]
+    if copied == "other-spec":
+        current = load_bias("always_late").to_dict()
+        assert InjectedToken.load(tokens / "always_late" / "seed0").bias_spec != current
+        assert run().token(bias, seed).bias_spec == current  # trained again, not served
+        assert InjectedToken.load(tokens / "always_late" / "seed0").bias_spec == current  # and replaced
+        return
+    held = {"other-bias": "bias 'always_late'", "other-seed": "seed 0"}[copied]
     with pytest.raises(ArtifactMismatch, match=rf"holds the token of {held}, but its folder is for '{bias}' "
                                                rf"seed {seed} \(copied or moved there\?\): delete"):
         run().token(bias, seed)
