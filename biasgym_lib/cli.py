@@ -435,8 +435,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     # SIGTERM (what `timeout` and CI send) stops a command like Ctrl-C does: its clean-up runs
     # (a temporary folder is removed, reproduce's finished stages are kept) and it exits 143.
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
-        else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         rc = args.func(args)
     except BiasGymError as exc:
@@ -452,8 +452,8 @@ def main(argv=None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the trace in a file
         return report_internal_error(args.command, exc)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main_thread:  # None: a handler not set from Python; the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(f"({args.command} took {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return rc
 
