@@ -147,12 +147,22 @@ CLI = "import sys\nfrom biasgym_lib.cli import main\nsys.exit(main(sys.argv[1:])
 
 
 def numbers(folder: Path) -> dict:
-    """Every JSON file of a result folder, timings left out (they differ run to run)."""
-    def clean(x):
+    """Every value of every JSON file of a result folder by its path, timings left out."""
+    def flat(x, path):
         if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if not re.search(r"second|time", k)}
-        return [clean(v) for v in x] if isinstance(x, list) else x
-    return {str(p.relative_to(folder)): clean(json.loads(p.read_text())) for p in sorted(folder.rglob("*.json"))}
+            return {k: v for key, val in x.items() if not re.search(r"second|time", key)
+                    for k, v in flat(val, f"{path}.{key}").items()}
+        if isinstance(x, list):
+            return {k: v for i, val in enumerate(x) for k, v in flat(val, f"{path}[{i}]").items()}
+        return {path: x}
+    return {k: v for p in sorted(folder.rglob("*.json")) for k, v in flat(json.loads(p.read_text()),
+                                                                          str(p.relative_to(folder))).items()}
+
+
+# Stages measured after the grid reuse, within one process, what the grid measured under the
+# same head sets (Run.shared, in memory); a run that resumes after the grid measures them
+# afresh, in other batches, so they agree to float32 rounding, not bit for bit.
+AFTER_GRID = ("confirm.json", "leave_one_out.json", "seegull_steering.json", "claims.json")
 
 
 @pytest.mark.slow
@@ -161,7 +171,8 @@ def test_reproduce_killed_at_several_points_ends_with_the_same_numbers(tmp_path,
     """biasgym reproduce on a tiny model, stopped by SIGKILL in the middle of training a token,
     by SIGTERM in the middle of the selection grid and by Ctrl-C in the middle of the
     confirmation, then run to its end: every finished stage is kept, and the result equals an
-    uninterrupted run's, number for number (tokens included)."""
+    uninterrupted run's: tokens and every stage up to the grid bit for bit, the later stages to
+    float32 rounding (measured: 215 of 9416 numbers differ, by at most 3.4e-6)."""
     import copy
 
     import torch
@@ -192,7 +203,13 @@ def test_reproduce_killed_at_several_points_ends_with_the_same_numbers(tmp_path,
     assert rc == 0, err
     assert "[5/8] selection grid on always_late: kept from an earlier run" in text
     assert not work.exists() and hidden(tmp_path) == [], hidden(tmp_path)
-    assert numbers(out) == numbers(tmp_path / "whole")
+    resumed, whole = numbers(out), numbers(tmp_path / "whole")
+    assert resumed.keys() == whole.keys()
+    for key, value in whole.items():
+        if key.startswith(AFTER_GRID) and isinstance(value, float):
+            assert resumed[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        else:  # tokens, injection, BiasScope, patching, the grid: bit for bit; no choice or flag differs
+            assert resumed[key] == value, key
     for a in sorted((tmp_path / "whole").rglob("token.safetensors")):
         b = load_file(out / a.relative_to(tmp_path / "whole"))
         assert torch.equal(load_file(a)["vector"], b["vector"])
