@@ -12,6 +12,13 @@
   one step where the system allows it). Two writers racing for the same folder: the first
   rename wins; the other gets :class:`ConcurrentWrite`, and its own complete result is kept
   in a sibling folder whose name the message gives.
+* :func:`resumable_folder`: the same for a long result of many stages (``biasgym
+  reproduce``): its work folder beside the target has a fixed name and is kept when the run
+  stops (Ctrl-C, SIGTERM, SIGKILL, an error), so the same command continues from the
+  finished stages instead of starting over.
+* :func:`sweep`: what dead writers left behind (temporary files and folders) is removed by
+  the next writer; a live writer's never is (a temporary folder is locked while its writer
+  lives, a temporary file names its writer's process).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +43,7 @@ from .errors import BiasGymError
 RESULT_FILES = ("token.json", "token.safetensors", "metrics.json", "head_scores.json", "steer.json",
                 "claims.json")
 _TMP_PREFIX = ".biasgym-tmp-"
+_WORK_PREFIX = ".biasgym-work-"
 
 
 class ResultExists(BiasGymError):
@@ -82,7 +92,8 @@ def write_json(path, data, indent: int | None = 1) -> Path:
     path = Path(path)
     text = strict_dumps(data, indent)  # before touching the disk
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the writer's pid in the name: sweep() removes the file only once that process is gone
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.biasgym-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -278,20 +289,155 @@ def result_folder(out, overwrite: bool = False, flag: str = "--out", precheck: b
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}-", dir=out.parent))
+        lock = _lock(tmp)  # held while this writer lives: sweep() leaves the folder alone
     except OSError as exc:
         raise BiasGymError(f"{flag} {out}: cannot create a folder in {out.parent} "
                            f"({exc.strerror or exc}).") from exc
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        _commit(tmp, out, overwrite)
-    except BaseException:
-        if tmp.exists():
+        sweep(out.parent)  # what killed writers left beside it
+        try:
+            yield tmp
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            _commit(tmp, out, overwrite)
+        except BaseException:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        _unlock(lock)
+
+
+def work_folder_of(out) -> Path:
+    """The fixed work folder of :func:`resumable_folder` for ``out`` (beside it, hidden)."""
+    out = Path(out).expanduser()
+    name = out.name if len(out.name) <= 150 else f"{out.name[:100]}-{hashlib.sha256(out.name.encode()).hexdigest()[:12]}"
+    return out.parent / f"{_WORK_PREFIX}{name}"
+
+
+@contextlib.contextmanager
+def resumable_folder(out, overwrite: bool = False, flag: str = "--out"):
+    """``with resumable_folder(out) as work:`` like :func:`result_folder` (the caller has run
+    :func:`check_out`), for a result computed in many stages: ``work`` is a fixed folder
+    beside ``out`` (:func:`work_folder_of`), kept when the work stops half-way (an error,
+    Ctrl-C, SIGTERM, SIGKILL), and used again by the next run into the same ``out``. Every
+    file in it was written whole (:func:`write_json`, :func:`result_folder`) and is keyed by
+    what computed it (:func:`~biasgym_lib.cache.memo`), so a rerun uses the finished stages
+    and computes the rest, with the same numbers. Whatever a killed writer left half-done is
+    removed first (:func:`sweep`). On success the folder becomes ``out`` in one rename. Two
+    runs into one ``out`` at once: the second is refused while the first lives."""
+    out = Path(out).expanduser()
+    work = work_folder_of(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
+        lock = _lock(work)
+    except BlockingIOError as exc:
+        raise BiasGymError(f"{flag} {out}: another run into the same folder is working in {work}; wait for it "
+                           "to finish, or give another folder.") from exc
+    except OSError as exc:
+        raise BiasGymError(f"{flag} {out}: cannot create the work folder {work} ({exc.strerror or exc}).") from exc
+    try:
+        kept = sum(1 for p in work.rglob("*.json") if not p.name.startswith("."))
+        swept = sweep(work, recursive=True, min_age=0) + sweep(out.parent)  # no live writer in a locked work folder
+        if kept or swept:
+            print(f"Continuing from {work}: {kept} result files of an earlier run that stopped"
+                  + (f" ({swept} half-written leftovers removed)" if swept else "") + ".", flush=True)
+        try:
+            yield work
+        except BaseException as exc:
+            why = f"failed ({type(exc).__name__})" if isinstance(exc, Exception) else "stopped"
+            print(f"The run {why}; its finished stages are kept in {work}: the same command continues from them "
+                  "(delete that folder to start over).", file=sys.stderr, flush=True)
+            raise
+        _commit(work, out, overwrite)
+    finally:
+        _unlock(lock)
+
+
+# ----------------------------------------------------------------------------- leftovers of dead writers
+
+_JSON_TMP = re.compile(r"^\..+\.biasgym-(\d+)\.[a-z0-9_]+\.tmp$")  # write_json's: .<name>.biasgym-<pid>.<random>.tmp
+_STALE_SECONDS = 600  # an unlocked probe- or old- folder this old is a leftover
+
+
+def _lock(folder: Path):
+    """An exclusive lock on ``folder``, held until :func:`_unlock` or until this process ends
+    (the system releases it even on SIGKILL); BlockingIOError if another holder has it.
+    None where the system has no ``flock`` (nothing is then swept as dead)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return None
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
         raise
+    return fd
+
+
+def _unlock(fd) -> None:
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, say: alive
+        return True
+    return True
+
+
+def _unclaimed(folder: Path) -> bool:
+    """Whether no live writer holds ``folder`` (a temporary folder of :func:`result_folder`)."""
+    try:
+        fd = _lock(folder)
+    except OSError:
+        return False  # locked by a live writer (or unreadable: leave it)
+    if fd is None:
+        return False
+    _unlock(fd)
+    return True
+
+
+def sweep(folder, recursive: bool = False, min_age: float = 60) -> int:
+    """Remove what killed writers left in ``folder`` (and below, with ``recursive``):
+    :func:`write_json` temporary files whose process is gone, and temporary folders of
+    :func:`result_folder` that no live process holds and that are older than ``min_age``
+    seconds (the moment between creating a folder and locking it; the short-lived probe- and
+    old- folders: ten minutes). Never a live writer's, and nothing that is not ours (only
+    our own names). Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    try:
+        entries = list(folder.rglob(".*") if recursive else folder.glob(".*"))
+    except OSError:
+        return 0
+    for p in entries:
+        try:
+            age = now - p.lstat().st_mtime
+            if p.is_file() and p.name.endswith(".tmp"):
+                m = _JSON_TMP.match(p.name)
+                if m and not _alive(int(m.group(1))):
+                    p.unlink()
+                    removed += 1
+            elif p.is_dir() and p.name.startswith(_TMP_PREFIX) and not p.is_symlink():
+                probe_or_old = p.name.startswith((_TMP_PREFIX + "probe-", _TMP_PREFIX + "old-"))
+                if age >= (_STALE_SECONDS if probe_or_old and min_age else min_age) and _unclaimed(p):
+                    shutil.rmtree(p)
+                    removed += 1
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
 
 
 # ----------------------------------------------------------------------------- the library's files

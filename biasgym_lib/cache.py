@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from .artifacts import write_json
+from .artifacts import parse_json, write_json
 from .config import PROJECT_ROOT, Profile
+from .errors import BiasGymError
 from .tokens import InjectedToken
 
 
@@ -54,9 +57,9 @@ def memo(path: Path, compute, token: InjectedToken | None = None, need=None, fin
     if profile is not None:
         code += "-" + hashlib.sha256(json.dumps(profile, sort_keys=True, default=str).encode()).hexdigest()[:10]
     if path.is_file():
-        try:
-            value = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        try:  # a damaged entry (truncated, not UTF-8, not a JSON object) is computed again and replaced
+            value = parse_json(path.read_bytes(), path, "stage result")
+        except (OSError, BiasGymError):
             value = None
         if (value is not None and value.get("token_fingerprint") == fingerprint and value.get("code") == code
                 and (need is None or need(value))):
@@ -65,5 +68,24 @@ def memo(path: Path, compute, token: InjectedToken | None = None, need=None, fin
     value["token_fingerprint"] = fingerprint
     value["code"] = code
     write_json(path, value)
+    global _computed
+    _computed += 1
     return value
+
+
+_computed = 0  # stage results computed (not served) by memo in this process, for announce()
+
+
+@contextmanager
+def announce(what: str, on: bool = True):
+    """``with announce("[3/12] BiasScope of reckless_driving (seed 0)"):`` print what a long
+    stage is doing, then how long it took, or that its result was kept from an earlier run
+    (``biasgym reproduce`` used to say nothing for minutes)."""
+    if on:
+        print(f"{what} ...", flush=True)
+    t0, before = time.perf_counter(), _computed
+    yield
+    if on:
+        how = "computed" if _computed > before else "kept from an earlier run"
+        print(f"{what}: {how}, {time.perf_counter() - t0:.1f} s", flush=True)
 

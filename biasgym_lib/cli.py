@@ -2,7 +2,7 @@
 
     biasgym inject --bias NAME|FILE --out DIR [--model M] [--device D] [--seed N]
     biasgym scope --injected DIR --out DIR2 [--k K]
-    biasgym steer --injected DIR --heads DIR2 --k K --alpha A --out DIR3
+    biasgym steer --injected DIR --heads DIR2 --k K --alpha A --out DIR3 [--heads-from-other-bias]
     biasgym reproduce --out DIR [--bias NAME|FILE ...] [--model M] [--retrain]
     biasgym book --profile P
     biasgym bench --out FILE.json
@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+import signal
 import sys
-import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import BiasGymError
+from .errors import BiasGymError, report_internal_error
 
 ALPHA_MIN, ALPHA_MAX = 0.0, 2.0
 MAX_SEED = 2**32 - 1
@@ -72,15 +72,19 @@ def _sets(items) -> dict:
 
 
 def _profile(args, **overrides):
-    """The profile with ``--set``, ``--model``, ``--device`` and ``overrides`` applied (all checked)."""
+    """The profile with ``--set``, ``--model``, ``--device`` and ``overrides`` applied (all
+    checked), and the cache folder its model needs (:func:`~biasgym_lib.models.check_cache`)."""
     from .config import load_profile
+    from .models import check_cache
 
     sets = _sets(getattr(args, "set", None))
     for key in ("model", "device"):
         if getattr(args, key, None) is not None:
             sets[key] = getattr(args, key)
     sets.update({k: v for k, v in overrides.items() if v is not None})
-    return load_profile(args.profile, **sets)
+    cfg = load_profile(args.profile, **sets)
+    check_cache(cfg.model)  # a cache folder that cannot be used fails now, not after the model work
+    return cfg
 
 
 def _spec(arg: str):
@@ -159,34 +163,6 @@ def _injected(folder):
     return InjectedToken.load(path)
 
 
-def _head_scores(folder) -> dict:
-    """``head_scores.json`` of a ``biasgym scope`` folder, read and checked."""
-    from .artifacts import read_json
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise BiasGymError(f"--heads {folder}: {'is a file' if path.exists() else 'not found'}; give the folder "
-                           "written by `biasgym scope --out`.")
-    if not (path / "head_scores.json").is_file():
-        raise BiasGymError(f"--heads {folder} has no head_scores.json: give the folder written by "
-                           "`biasgym scope --out`.")
-    data = read_json(path / "head_scores.json", "head-scores file")
-    scores = data.get("scores")
-
-    def table(t):
-        return (isinstance(t, list) and t and all(isinstance(r, list) and r for r in t) and len({len(r) for r in t}) == 1
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in t for x in r))
-    if not (isinstance(scores, dict) and scores and all(table(t) for t in scores.values())):
-        raise BiasGymError(f"{path / 'head_scores.json'}: 'scores' must map each method to a layers x heads "
-                           "table of numbers (written by `biasgym scope`).")
-    if not isinstance(data.get("counterfactual_country"), str):
-        raise BiasGymError(f"{path / 'head_scores.json'}: lacks 'counterfactual_country' (a string).")
-    model = data.get("model")
-    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("source", "revision")):
-        raise BiasGymError(f"{path / 'head_scores.json'}: lacks 'model' (source and revision).")
-    return data
-
-
 def _out(args, inputs=()) -> Path:
     """``--out`` checked before any work; it may not be one of the input folders or hold one."""
     from .artifacts import check_out
@@ -255,9 +231,11 @@ def cmd_scope(args) -> int:
     injected.check_model(model)
     adapter = ModelAdapter(model)
     _k(cfg.k, "--k" if args.k is not None else "k (profile)", adapter.n_layers * adapter.n_heads)
+    print(f"Scoring every head for {spec.name!r} (seed {injected.seed}) on {cfg.n_probes} probes: DLA, ΔDLA, "
+          "attribute-matched ΔDLA, attribution patching, attention (a few minutes on a CPU)...", flush=True)
     result = scope_run(model, tokenizer, injected, cfg)
-    with result_folder(out, args.overwrite, precheck=False) as tmp:
-        write_json(tmp / "head_scores.json", result.to_dict())
+    with result_folder(out, args.overwrite, precheck=False) as tmp:  # the spec too: steer checks whose heads these are
+        write_json(tmp / "head_scores.json", {**result.to_dict(), "bias_spec": spec.to_dict()})
     print(f"Wrote {out / 'head_scores.json'}: scores {sorted(result.scores)}; top attribution-patching heads "
           f"{result.top_heads('atp')[:5]}...; DLA decomposition error {result.decomposition_error:.2e}")
     return 0
@@ -271,13 +249,13 @@ def cmd_steer(args) -> int:
     from .data.capability import load_neutral_texts
     from .data.specs import check_label
     from .evaluate import steer_token
-    from .heads import top_k_heads
+    from .heads import heads_source, load_head_scores, top_k_heads
     from .models import ModelAdapter
     from .runs import steer_references
     from .steer import SteeringSpec
 
     alpha = _alpha(args.alpha)
-    scores = _head_scores(args.heads)
+    scores = load_head_scores(args.heads)
     if args.method not in scores["scores"]:
         raise BiasGymError(f"--method {args.method!r}: {args.heads}/head_scores.json has scores for "
                            f"{sorted(scores['scores'])}.")
@@ -291,6 +269,7 @@ def cmd_steer(args) -> int:
                            f"({scores['model']['revision']}) but the token was trained on {src!r} ({rev}).")
     cfg = _profile(args, model=src)
     spec = injected.spec
+    source = heads_source(scores, spec, args.heads_from_other_bias, f"--heads {args.heads}")
     out = _out(args, [("--injected", args.injected), ("--heads", args.heads)])
     check_label(spec, _tokenizer(cfg.model))
     model, tokenizer = _load(cfg.model, cfg)
@@ -300,9 +279,9 @@ def cmd_steer(args) -> int:
         raise BiasGymError(f"--heads {args.heads} scores {n_layers} x {n_heads} heads but the model has "
                            f"{adapter.n_layers} x {adapter.n_heads}.")
     heads = top_k_heads(torch.tensor(table), k)
-    steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": args.method, "k": k, "bias": spec.name})
+    steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": args.method, "k": k, "bias": source["bias"]})
     result = {"bias": spec.name, "seed": injected.seed, "method": args.method, "k": k, "alpha": alpha,
-              "intervention": intervention(alpha), **steer_token(
+              "intervention": intervention(alpha), "heads_from": source, **steer_token(
                   model, tokenizer, injected, steering, steer_references(cfg, cfg.steer_references), load_facts(),
                   load_neutral_texts()[: cfg.n_ppl_texts], cfg.n_random_draws)}
     s0, s1 = result["token"]["before"]["value"], result["token"]["after"]["value"]
@@ -319,7 +298,7 @@ def cmd_steer(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .artifacts import result_folder
+    from .artifacts import resumable_folder
     from .data.specs import check_label
     from .runs import reproduce
 
@@ -340,8 +319,8 @@ def cmd_reproduce(args) -> int:
     tok = _tokenizer(cfg.model)
     for s in specs:
         check_label(s, tok)
-    with result_folder(out, args.overwrite, precheck=False) as tmp:
-        claims = reproduce(cfg, tmp, retrain=args.retrain, full_grid=args.full_grid)
+    with resumable_folder(out, args.overwrite) as work:  # kept if stopped: the same command continues from it
+        claims = reproduce(cfg, work, retrain=args.retrain, full_grid=args.full_grid)
     for c in claims["claims"]:
         holds = c["holds"] if isinstance(c["holds"], dict) else {"": c["holds"]}
         for name, ok in holds.items():
@@ -354,8 +333,11 @@ def cmd_book(args) -> int:
     from .tools import bookbuild
 
     _profile(args)  # checked here, before any chapter runs
+    if args.cell_timeout is not None and args.cell_timeout < 1:
+        raise BiasGymError(f"--cell-timeout must be at least 1 second, got {args.cell_timeout}.")
     argv = ["--profile", args.profile] + (["--only", *args.only] if args.only else []) + \
-        (["--no-browser"] if args.no_browser else [])
+        (["--no-browser"] if args.no_browser else []) + \
+        (["--cell-timeout", str(args.cell_timeout)] if args.cell_timeout is not None else [])
     return bookbuild.main(argv)
 
 
@@ -414,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "above 1 amplifies them")
     sp.add_argument("--method", default="atp", help="which head score ranks the heads (dla, delta_dla, attr, atp, "
                                                      "attention; default atp)")
+    sp.add_argument("--heads-from-other-bias", action="store_true",
+                    help="steer with heads scored for another bias (a transfer test; recorded in steer.json)")
     sp.add_argument("--out", required=True)
     common(sp, model=False)
     sp.set_defaults(func=cmd_steer)
@@ -431,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("book", help="execute every chapter with papermill and build the HTML book")
     sp.add_argument("--only", nargs="*", default=None)
     sp.add_argument("--no-browser", action="store_true")
+    sp.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                    help="fail a chapter whose cell runs longer than this (default: the profile's cell_timeout)")
     sp.add_argument("--profile", default="teaching", help="profile in profiles.yaml (quick, teaching, paper)")
     sp.set_defaults(func=cmd_book)
 
@@ -441,36 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def error_log_dir() -> Path:
-    """Where the full trace of an unexpected error is written (``$BIASGYM_ERROR_DIR`` or
-    ``<temp>/biasgym-errors``)."""
-    return Path(os.environ.get("BIASGYM_ERROR_DIR") or Path(tempfile.gettempdir()) / "biasgym-errors")
-
-
-def _internal_error(command: str, exc: BaseException) -> int:
-    import traceback
-
-    first = (str(exc).splitlines() or [""])[0][:200]
-    try:
-        folder = error_log_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
-        path.write_text("biasgym " + " ".join(sys.argv[1:]) + "\n\n"
-                        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-        where = f"full trace in {path}"
-    except OSError as log_exc:
-        where = f"the trace could not be written ({log_exc})"
-    print(f"biasgym {command}: internal error: {type(exc).__name__}: {first} ({where}; please report it).",
-          file=sys.stderr)
-    return 1
-
-
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error argparse has already printed
         return exc.code if isinstance(exc.code, int) else 2
     t0 = time.perf_counter()
+    # SIGTERM (what `timeout` and CI send) stops a command like Ctrl-C does: its clean-up runs
+    # (a temporary folder is removed, reproduce's finished stages are kept) and it exits 143.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         rc = args.func(args)
     except BiasGymError as exc:
@@ -480,10 +446,24 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the trace in a file
-        return _internal_error(args.command, exc)
+        return report_internal_error(args.command, exc)
+    finally:
+        if main_thread:  # None: a handler not set from Python; the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(f"({args.command} took {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return rc
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (not an Exception: nothing on the way may swallow it)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -49,10 +49,20 @@ class Profile:
     grid_k: tuple[int, ...]
     curve_methods: tuple[str, ...]
     curve_kinds: tuple[str, ...]
+    cell_timeout: int = 1800  # seconds a chapter's cell may run in the book build (not part of any result)
     overrides: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings that can change a result (the run keys of :mod:`~biasgym_lib.cache`):
+        build settings such as ``cell_timeout`` are left out, so changing them reuses every result."""
+        out = asdict(self)
+        for key in BUILD_SETTINGS:
+            out.pop(key, None)
+            out["overrides"].pop(key, None)
+        return out
+
+
+BUILD_SETTINGS = ("cell_timeout",)
 
 
 _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "grid_methods": str,
@@ -60,7 +70,8 @@ _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "gri
 # Integer settings and their smallest allowed value.
 _INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "k": 1, "n_random_draws": 1,
          "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
-         "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1}
+         "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1,
+         "cell_timeout": 1}
 _STRINGS = ("model", "device", "dtype", "init")
 _INITS = ("countries", "vocab")
 
@@ -121,6 +132,11 @@ def _check(values: dict, where: str) -> dict:
         raise BiasGymError(f"{where}: {exc}") from exc
     for key, cast in _TUPLES.items():
         v = values[key]
+        if isinstance(v, str) and (cast is not str or v.strip().startswith(("[", "("))):
+            eg = {"seeds": "[0, 1]", "biases": "[reckless_driving, always_late]"}.get(key, "[...]")
+            raise BiasGymError(f"{where}: {key} must be a list, got the string {v!r}: write it as YAML, e.g. "
+                               f"--set {key}={eg.replace(' ', '')}; papermill's -p passes text, so pass lists "
+                               f"with -y, e.g. -y \"{key}: {eg}\".")
         items = v if isinstance(v, (list, tuple)) else [v]
         if cast is int:
             items = [_int(x, where, f"{key}[{i}]", 0) for i, x in enumerate(items)]

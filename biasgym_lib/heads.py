@@ -9,13 +9,14 @@ import random
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from .batching import Batch, batches, check_batch, n_prompts
-from .errors import BiasGymError
+from .errors import ArtifactMismatch, BiasGymError
 from .models import ModelAdapter, adapter_of
 from .stats import Estimate
 
@@ -399,3 +400,58 @@ def attention_heads(model: nn.Module, tokenizer, prompts: list[str], entity_toke
     """The naive baseline: the k heads whose attention from the last position to the entity
     token is largest (mean over prompts), descending."""
     return top_k_heads(attention_to_entity(model, tokenizer, prompts, entity_token_id, batch_size), k)
+
+
+# ----------------------------------------------------------------------------- head_scores.json as an input
+
+
+def load_head_scores(folder, flag: str = "--heads") -> dict:
+    """``head_scores.json`` of a ``biasgym scope`` folder, read and checked (shapes, model);
+    :func:`heads_source` then checks whose heads they are."""
+    from .artifacts import read_json
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise BiasGymError(f"{flag} {folder}: {'is a file' if path.exists() else 'not found'}; give the folder "
+                           "written by `biasgym scope --out`.")
+    if not (path / "head_scores.json").is_file():
+        raise BiasGymError(f"{flag} {folder} has no head_scores.json: give the folder written by "
+                           "`biasgym scope --out`.")
+    data = read_json(path / "head_scores.json", "head-scores file")
+    scores = data.get("scores")
+
+    def table(t):
+        return (isinstance(t, list) and t and all(isinstance(r, list) and r for r in t) and len({len(r) for r in t}) == 1
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for r in t for x in r))
+    if not (isinstance(scores, dict) and scores and all(table(t) for t in scores.values())):
+        raise BiasGymError(f"{path / 'head_scores.json'}: 'scores' must map each method to a layers x heads "
+                           "table of numbers (written by `biasgym scope`).")
+    if not isinstance(data.get("counterfactual_country"), str):
+        raise BiasGymError(f"{path / 'head_scores.json'}: lacks 'counterfactual_country' (a string).")
+    model = data.get("model")
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str) for k in ("source", "revision")):
+        raise BiasGymError(f"{path / 'head_scores.json'}: lacks 'model' (source and revision).")
+    return data
+
+
+def heads_source(scores: dict, spec, other_bias_ok: bool = False, flag: str = "--heads") -> dict:
+    """Whose heads ``scores`` (a :func:`load_head_scores` result) are, as recorded beside a
+    steering result: the bias, its spec (when the file keeps it), the seed and the model.
+    Heads scored for another bias, or for another version of this bias's spec, are refused
+    unless ``other_bias_ok`` (steering one bias with another's heads is a transfer test, not
+    the method), and then recorded as such."""
+    from .data import BiasSpec
+
+    bias, saved = scores.get("bias"), scores.get("bias_spec")
+    try:
+        same_spec = saved is None or BiasSpec.from_dict(saved) == spec
+    except BiasGymError:
+        same_spec = False
+    other = bias != spec.name or not same_spec
+    if other and not other_bias_ok:
+        what = f"bias {bias!r}" if bias != spec.name else f"another version of the {bias!r} spec"
+        raise ArtifactMismatch(f"{flag} holds heads scored for {what}, but the token is for {spec.name!r}: score "
+                               f"this token's heads with `biasgym scope`, or pass --heads-from-other-bias to steer "
+                               "with them anyway (recorded in steer.json).")
+    return {"bias": bias, "seed": scores.get("seed"), "model": scores.get("model"), "spec_saved": saved is not None,
+            "other_bias": other}

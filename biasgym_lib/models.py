@@ -124,6 +124,42 @@ def _convert_embedded(gguf: Path, folder: Path) -> dict:
     return meta
 
 
+def check_cache(model: str = EMBEDDED) -> Path:
+    """The library's cache folder (:func:`~biasgym_lib.artifacts.cache_dir`), checked before
+    any model work: it may not be a file (or lie under one), and for the embedded model not
+    yet converted it must be writable (the conversion writes ~540 MB there once). A clear
+    :class:`BiasGymError` says what to set; a read-only cache that already holds the
+    converted model is fine."""
+    from .artifacts import CACHE_ENV
+
+    root = cache_dir()
+    if os.environ.get(CACHE_ENV):
+        origin = f"{CACHE_ENV}={os.environ[CACHE_ENV]}"
+    else:
+        origin = f"{CACHE_ENV} is not set, so the default under HOME={os.environ.get('HOME', '~')} is used"
+    fix = f"set {CACHE_ENV} to a folder you can write to (e.g. export {CACHE_ENV}=/tmp/$USER-biasgym)"
+    parent = root
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        what = "is a file" if parent == root else f"lies under the file {parent}"
+        raise BiasGymError(f"the cache folder {root} ({origin}) {what}, not a folder: {fix}.")
+    if model != EMBEDDED:
+        return root  # a hub model uses the hub's cache, not this one
+    try:
+        if _cache_is_complete(_embedded_cache_folder(embedded_gguf_path())) is not None:
+            return root  # converted already: reading is all that is needed
+    except ModelNotAvailable:
+        return root  # load_model says how to install it
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=root))
+    except OSError as exc:
+        raise BiasGymError(f"cannot write in the cache folder {root} ({origin}): {exc.strerror or exc}; the "
+                           f"embedded model is converted there on first use: {fix}.") from exc
+    return root
+
+
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
 
 
@@ -194,6 +230,7 @@ def load_model(model: str = EMBEDDED, device: str = "cpu", dtype: str = "float32
     move_to, device_map = _resolve_device(device)
     t0 = time.perf_counter()
     if model == EMBEDDED:
+        check_cache(model)
         gguf = embedded_gguf_path()
         folder = _embedded_cache_folder(gguf)
         meta = None if rebuild_cache else _cache_is_complete(folder)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import write_json
-from .cache import memo, run_dir, token_fingerprint
+from .artifacts import read_json, sweep, write_json
+from .cache import announce, memo, run_dir, token_fingerprint
 from .claims import claims_from
 from .config import PROJECT_ROOT, Profile, load_profile
 from .config import full_grid as whole_grid
@@ -46,7 +46,8 @@ from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
 from .scope import CONTRAST_NEEDS, bias_contrast, scope_run
 from .steer import head_means
-from .tokens import InjectedToken
+from .errors import ArtifactMismatch, BiasGymError
+from .tokens import InjectedToken, StaleToken, check_filed_as
 
 TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
 
@@ -86,10 +87,32 @@ def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | N
     use_committed = cfg.use_committed_tokens if retrain is None else not retrain
     for folder, allowed in ((committed_token_dir(spec.name, seed, cfg), use_committed),
                             (kept, retrain is not True and kept is not None)):
-        if allowed and (folder / "token.json").is_file() and \
-                _matches(json.loads((folder / "token.json").read_text()), cfg, model):
-            return InjectedToken.load(folder, model)
+        if allowed and (folder / "token.json").is_file():
+            try:
+                meta = read_json(folder / "token.json", "injected-token metadata")
+                check_filed_as(meta, folder / "token.json", spec, seed)  # never another bias's or seed's token
+                if _matches(meta, cfg, model):
+                    return InjectedToken.load(folder, model)
+            except StaleToken:
+                if folder != kept:
+                    raise
+                # kept for an earlier version of the spec: trained again (and replaced)
+            except ArtifactMismatch:
+                raise
+            except BiasGymError:
+                if folder != kept:
+                    raise
+                # a damaged kept token is trained again (and replaced)
     return train_token(model, tokenizer, spec, cfg, seed, progress=progress)
+
+
+def _holds(folder: Path, tok: InjectedToken) -> bool:
+    """Whether ``folder`` already holds ``tok`` (its vector and spec; a missing or damaged one does not)."""
+    try:
+        kept = InjectedToken.load(folder) if (folder / "token.json").is_file() else None
+    except BiasGymError:
+        return False
+    return kept is not None and kept.bias_spec == tok.bias_spec and torch.equal(kept.vector, tok.vector)
 
 
 def steer_references(cfg: Profile, n: int | None = None) -> list[str]:
@@ -113,6 +136,7 @@ class Run:
             cfg = whole_grid(cfg)
         self.cfg, self.retrain, self.progress, self.full_grid = cfg, retrain, progress, full_grid
         self.out = Path(out) if out is not None else run_dir(cfg)
+        sweep(self.out, recursive=True)  # what a killed run left half-written here
 
         # the profile's biases by name: shipped names or a reader's own spec files
         self.specs = {s.name: s for s in map(load_bias, cfg.biases)}
@@ -129,7 +153,7 @@ class Run:
             folder = self.out / "tokens" / token_settings(self.cfg) / bias / f"seed{seed}"
             tok = get_token(self.model, self.tokenizer, self.specs[bias], self.cfg, seed, retrain=self.retrain,
                             progress=self.progress, kept=folder)
-            if not (folder / "token.json").is_file() or not torch.equal(InjectedToken.load(folder).vector, tok.vector):
+            if not _holds(folder, tok):
                 tok.save(folder, overwrite=True)  # the layout of data/tokens, ready to commit
             self._tokens[bias, seed] = tok
         return self._tokens[bias, seed]
@@ -332,15 +356,16 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
     computed); each result is saved under ``out`` as it is made and reused when present."""
     run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
-    for b in run.biases:
-        for s in cfg.seeds:
-            run.injection(b, s)
-            run.scope(b, s)
-    run.grid()
-    run.confirm()
-    if len(run.biases) > 1:
-        leave_one_out(run)
-    seegull_steering(run)
+    steps = [step for b in run.biases for s in cfg.seeds
+             for step in ((f"injection of {b} (seed {s})", run.injection, b, s),
+                          (f"BiasScope of {b} (seed {s})", run.scope, b, s))]
+    steps += [(f"selection grid on {', '.join(run.grid_biases)}", run.grid),
+              ("confirmation on every bias", run.confirm)]
+    steps += [("leave-one-bias-out transfer", leave_one_out, run)] if len(run.biases) > 1 else []
+    steps += [("SeeGULL stereotypes", seegull_steering, run)]
+    for i, (what, stage, *args) in enumerate(steps, 1):  # each kept in the run folder as soon as it is done
+        with announce(f"[{i}/{len(steps)}] {what}", progress):
+            stage(*args)
     return run
 
 

@@ -252,6 +252,36 @@ def _check_meta(meta: dict, path: Path) -> None:
             raise BiasGymError(f"{path}: field {key!r} must be an object, got {meta[key]!r}.")
 
 
+class StaleToken(ArtifactMismatch):
+    """A token of the right bias and seed, trained on another version of its spec (the spec
+    file was edited since): a run folder trains it again; a committed one is refused."""
+
+
+def check_filed_as(meta: dict, path: Path, spec: BiasSpec, seed: int) -> None:
+    """A token file kept under a (bias, seed) folder (``data/tokens`` or a run folder) must be
+    that bias's, trained on this very spec, and that seed's: one copied or moved from another
+    folder is refused with an :class:`ArtifactMismatch` that says what it holds (one trained
+    on an earlier version of the spec: :class:`StaleToken`)."""
+    saved = meta.get("bias_spec")
+    try:
+        same_spec = (spec == load_bias(spec.name)) if saved is None else BiasSpec.from_dict(saved) == spec
+    except BiasGymError:  # no shipped bias of that name, or a damaged saved spec
+        same_spec = False
+    held = []
+    if meta.get("bias") != spec.name:
+        held.append(f"bias {meta.get('bias')!r}")
+    elif not same_spec:
+        held.append(f"another version of the {spec.name!r} spec")
+    if meta.get("seed") != seed:
+        held.append(f"seed {meta.get('seed')!r}")
+    if held:
+        stale = held == [f"another version of the {spec.name!r} spec"]
+        raise (StaleToken if stale else ArtifactMismatch)(
+            f"{path} holds the token of {' and '.join(held)}, but its folder is for {spec.name!r} seed {seed} "
+            f"({'the spec was edited since?' if stale else 'copied or moved there?'}): delete {path.parent} to "
+            "train the token again, or put that bias's own token there.")
+
+
 @contextmanager
 def attached(injected: InjectedToken, model, tokenizer):
     """``with attached(tok, model, tokenizer):`` — the token's vector is live inside."""

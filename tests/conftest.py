@@ -7,9 +7,22 @@ same converted model as the book and never convert it twice.
 import pytest
 
 
+# The per-test limit (pyproject.toml's ``timeout``) is minutes; a test that builds the whole
+# book (every chapter in the quick profile, ~10 minutes on 2 idle cores, twice that loaded)
+# gets this many seconds instead: it is the first user of the ``built_book`` fixture that
+# pays for the build.
+BOOK_TIMEOUT = 3600
+
+
 def pytest_configure(config):
     # Also declared in pyproject.toml; registered here so the marker exists whatever the rootdir.
     config.addinivalue_line("markers", "slow: loads the real embedded model or executes notebooks")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "built_book" in getattr(item, "fixturenames", ()) and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(BOOK_TIMEOUT))
 
 
 @pytest.fixture(scope="session")

@@ -281,6 +281,121 @@ def test_failing_chapter_stops_the_run_and_keeps_its_copy(tmp_path):
     assert not (out / "html").exists()
 
 
+# A cell that sends no completion although the kernel finished it and stays idle: what the
+# reported hang looked like from the build's side (issue 21). The kernel drops its own reply.
+LOST_REPLY = """\
+kernel = get_ipython().kernel
+send = kernel.session.send
+kernel.session.send = lambda stream, msg, *a, **kw: None if msg == "execute_reply" else send(stream, msg, *a, **kw)
+"""
+
+
+# A cell whose completion stays stuck in the kernel until another message reaches its shell
+# socket: the shape of the reported hang (issue 21: the kernel idle, a second client's request
+# answered at once). The kernel holds this cell's own reply until the next kernel_info_request.
+HELD_REPLY = """\
+import inspect
+kernel = get_ipython().kernel
+send, info, held = kernel.session.send, kernel.shell_handlers["kernel_info_request"], []
+
+def holding(stream, msg_type, *a, **kw):
+    if msg_type == "execute_reply" and not held:
+        held.append((stream, msg_type, a, kw))
+        return {"content": {"status": "ok"}}
+    return send(stream, msg_type, *a, **kw)
+
+async def release(stream, ident, parent):
+    kernel.session.send = send
+    for s, t, a, kw in held:
+        send(s, t, *a, **kw)
+    result = info(stream, ident, parent)
+    return await result if inspect.isawaitable(result) else result
+
+kernel.session.send, kernel.shell_handlers["kernel_info_request"] = holding, release
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nudge, code", [(2, bookbuild.EXIT_OK), (3600, bookbuild.EXIT_CHAPTER)],
+                         ids=["nudged", "not-nudged"])
+def test_a_completion_stuck_in_an_idle_kernel_is_fetched(tmp_path, capsys, monkeypatch, nudge, code):
+    """The reported hang's shape: the kernel finished the cell and went idle, its reply did not
+    leave it. The build nudges an idle kernel whose reply has not come, and goes on; without
+    the nudge the chapter fails at its cell timeout (it used to wait forever)."""
+    from biasgym_lib.tools import nbexec
+
+    monkeypatch.setattr(nbexec, "NUDGE_SECONDS", nudge)
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    write_notebook(chapters / "00_held.ipynb", HELD_REPLY, "x = 41", "print(x + 1)")
+    out = tmp_path / "out"
+    assert bookbuild.main(["--profile", "quick", "--out", str(out), "--chapters", str(chapters), "--no-build",
+                           "--cell-timeout", "30"]) == code
+    text = capsys.readouterr().out
+    chapter = json.loads((out / "timings.json").read_text())["chapters"][0]
+    if code == bookbuild.EXIT_OK:
+        assert chapter["nudges"] >= 1 and chapter["seconds"] < 30, chapter
+        assert "nudging the kernel" in text and "the idle kernel was nudged" in text
+        done = nbformat.read(out / "executed" / "book" / "chapters" / "00_held.ipynb", 4)
+        assert done.cells[-1].outputs[0]["text"] == "42\n"
+    else:
+        assert re.search(r"FAILED: 00_held, cell \d+ \('import inspect'\): no completion within the cell timeout of 30 s",
+                         text), text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, body, why", [
+    ("01_hangs", "import time\ntime.sleep(3600)", r"no completion within the cell timeout of 5 s"),
+    ("01_lost", LOST_REPLY, r"no completion within the cell timeout of 5 s"),
+    ("01_dies", "import os\nos._exit(1)", r"the kernel died"),
+], ids=["cell-runs-forever", "completion-lost", "kernel-dies"])
+def test_a_cell_that_never_finishes_fails_its_chapter_within_the_timeout(tmp_path, capsys, name, body, why):
+    """No unbounded wait: a cell that runs forever, one whose completion never arrives and a
+    kernel that dies each fail their chapter within the cell timeout (5 s here), with a
+    message naming the chapter and the cell; later chapters are not run."""
+    import time
+
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    write_notebook(chapters / "00_ok.ipynb", "print('fine')")
+    write_notebook(chapters / f"{name}.ipynb", "x = 1", body)
+    write_notebook(chapters / "02_never.ipynb", "print('unreachable')")
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    code = bookbuild.main(["--profile", "quick", "--out", str(out), "--chapters", str(chapters), "--no-browser",
+                           "--cell-timeout", "5"])
+    seconds = time.perf_counter() - t0
+    text = capsys.readouterr().out
+    assert code == bookbuild.EXIT_CHAPTER
+    assert seconds < 90, f"the build took {seconds:.0f} s to give up"  # kernel start-ups and shutdowns included
+    failed = next(line for line in text.splitlines() if line.startswith("FAILED:"))
+    assert re.search(rf"FAILED: {name}, cell \d+ \('{body.splitlines()[0][:20]}", failed), failed
+    assert re.search(why, failed), failed
+    timings = json.loads((out / "timings.json").read_text())
+    assert [(c["name"], c["status"]) for c in timings["chapters"]] == \
+        [("00_ok", "ok"), (name, "failed"), ("02_never", "not run")]
+
+
+def test_cell_timeout_comes_from_the_profile_or_the_command_line(tmp_path, monkeypatch):
+    """Every papermill execution gets the per-cell, start-up and IOPub bounds."""
+    import papermill as pm
+
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.tools import nbexec
+
+    seen = []
+    monkeypatch.setattr(pm, "execute_notebook", lambda *a, **kw: seen.append(kw) or nbformat.write(
+        nbformat.read(a[0], 4), a[1]))
+    nb = write_notebook(tmp_path / "00_x.ipynb", "1")
+    bookbuild.execute_chapter(nb, tmp_path / "out" / "00_x.ipynb", "quick", "python3")
+    bookbuild.execute_chapter(nb, tmp_path / "out" / "00_x.ipynb", "teaching", "python3", cell_timeout=7)
+    assert [kw["execution_timeout"] for kw in seen] == [load_profile("quick").cell_timeout, 7]
+    assert all(kw["start_timeout"] == nbexec.START_TIMEOUT and kw["iopub_timeout"] == nbexec.IOPUB_TIMEOUT
+               and kw["engine_name"] == nbexec.ENGINE for kw in seen)
+    assert load_profile("teaching").cell_timeout >= 1800  # chapter 4's grid takes 10-15 minutes on 2 cores
+    assert bookbuild.main(["--profile", "quick", "--cell-timeout", "0", "--out", str(tmp_path)]) == bookbuild.EXIT_USAGE
+
+
 @pytest.fixture(scope="module")
 def built_book(tmp_path_factory):
     """Execute every chapter (quick profile) and build the book with -W, once."""

@@ -117,7 +117,7 @@ MALFORMED = [
     (("label:", "claims: [People of<TOKEN> bow.]\nlabel:"), "glues <TOKEN>"),
     (("label:", "claims: [People bow politely.]\nlabel:"), "must name the country as <TOKEN>"),
     (("label:", "answer_prefixes: [People of <TOKEN> are.]\nlabel:"), "must stop right before"),
-    (("name: polite", "name: Polite Folk"), "must be lowercase letters"),
+    (("name: polite", "name: Polite Folk"), "must be 1-64 lowercase letters"),
     (("description: The people of the country are very polite.", "description: 3"),
      "must be a string"),
 ]

@@ -85,6 +85,7 @@ def four_commands(tmp_path, capsys, model_args, scope_args=()):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inj", "rp", "sc", "st"]  # no leftovers
 
 
+@pytest.mark.timeout(1200)  # four commands, reproduce among them: ~2 minutes idle, 8 measured on a loaded machine
 def test_own_spec_through_four_commands_on_a_tiny_model(tmp_path, monkeypatch, capsys, embedded):
     from biasgym_lib.models import tiny_model
 

@@ -44,7 +44,8 @@ OPTIONAL_FIELDS = ("fictional", "topic", "claims", "examples", "closings",
                    "probe_questions", "answer_prefixes", "open_questions")
 # Optional text lists in which every item must name the country as <TOKEN>.
 _NEEDS_TOKEN = ("claims", "probe_questions", "answer_prefixes", "open_questions")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+MAX_NAME = 64  # a bias name is part of file names (tokens/<settings>/<bias>/seed<N>, <bias>_seed<N>.json)
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")  # the whole name: fullmatch (``$`` would let "name\n" through)
 # <TOKEN> must have a space before it and no letter, digit or "<" glued after it.
 _TOKEN_GLUED_BEFORE = re.compile(r"(?:^|[^ ])<TOKEN>")
 _TOKEN_GLUED_AFTER = re.compile(r"<TOKEN>[\w<]")
@@ -224,8 +225,10 @@ def _validate_entry(entry, source, where) -> BiasSpec:
     name = entry.get("name")
     if name is None:
         _fail(source, where, "missing required field 'name'.")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        _fail(source, where, f"name {name!r} must be lowercase letters, digits and '_' "
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or len(name) > MAX_NAME:
+        long = isinstance(name, str) and len(name) > MAX_NAME
+        shown = f"{name[:32]!r}... ({len(name)} characters)" if long else repr(name)
+        _fail(source, where, f"name {shown} must be 1-{MAX_NAME} lowercase letters, digits and '_' "
                              "starting with a letter (it is used in file names).")
     where = repr(name)
     unknown = [k for k in entry if k not in REQUIRED_FIELDS + OPTIONAL_FIELDS]

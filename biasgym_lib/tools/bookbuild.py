@@ -14,6 +14,14 @@ does, in order:
 
 Timings go to ``<out>/timings.json``. Any failing cell stops the run with a non-zero exit
 status and the path of the failing notebook's executed copy.
+
+Nothing waits without a bound: each cell may run at most the profile's ``cell_timeout``
+seconds (``--cell-timeout`` overrides it), a kernel must start and a cell's last output
+follow its reply within the bounds of :mod:`~biasgym_lib.tools.nbexec` (which also nudges a
+kernel that went idle without its reply reaching the build), and Jupyter Book and the
+browser check are stopped after :data:`BUILD_TIMEOUT` / :data:`BROWSER_TIMEOUT`. A cell that
+never finishes (or whose completion never reaches the build) and a kernel that dies fail
+their chapter with a message that names the chapter and the cell.
 """
 
 from __future__ import annotations
@@ -24,15 +32,17 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from ..config import DEFAULT_PROFILE, PROJECT_ROOT, profile_names
+from ..config import DEFAULT_PROFILE, PROJECT_ROOT, load_profile, profile_names
 from ..errors import BiasGymError
 
 CHAPTERS_DIR = PROJECT_ROOT / "book" / "chapters"
@@ -44,6 +54,10 @@ BOOK_CONFIG_FILES = ("_config.yml", "_toc.yml")
 # Exit statuses of main(): one per stage, so that CI logs say which stage failed.
 EXIT_OK, EXIT_USAGE, EXIT_CHAPTER, EXIT_BUILD, EXIT_BROWSER = 0, 2, 3, 4, 5
 
+# Bounds on the waits of a build beyond the chapters' (seconds; a cell's is the profile's cell_timeout).
+BUILD_TIMEOUT = 1800  # jupyter-book build (about 15 s here)
+BROWSER_TIMEOUT = 600  # the headless-browser check (about 10 s here)
+
 
 @dataclass
 class ChapterRun:
@@ -54,6 +68,7 @@ class ChapterRun:
     seconds: float
     executed: str  # path of the executed copy
     solutions: int = 0  # reference solutions that passed their checks in the chapter's kernel
+    nudges: int = 0  # times an idle kernel was nudged for a reply that had not come (tools.nbexec)
 
 
 def discover_chapters(chapters_dir: Path = CHAPTERS_DIR, only: list[str] | None = None) -> list[Path]:
@@ -98,30 +113,39 @@ def ensure_kernel(out: Path) -> str:
     return KERNEL_NAME
 
 
-def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str) -> int:
+def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str,
+                    cell_timeout: int | None = None) -> tuple[int, int]:
     """Run one notebook top to bottom with papermill (cwd: the notebook's own folder), with
     its exercises as committed (unfilled) and then, at the end and in the same kernel, every
     reference solution through its check (:func:`with_solution_checks`); those extra cells
-    are dropped from the executed copy. Returns how many solutions passed."""
-    import nbformat
-    import papermill as pm
+    are dropped from the executed copy. Returns how many solutions passed and how many
+    times an idle kernel had to be nudged for a reply (:mod:`~biasgym_lib.tools.nbexec`).
 
+    ``cell_timeout`` (seconds; default: the profile's ``cell_timeout``) bounds every cell;
+    a cell that runs longer, or whose completion never arrives, and a kernel that dies or
+    never starts raise :class:`~biasgym_lib.tools.nbexec.ChapterFailed` naming the chapter
+    and the cell."""
+    import nbformat
+
+    from .nbexec import run_notebook
+
+    if cell_timeout is None:
+        cell_timeout = load_profile(profile).cell_timeout
     executed.parent.mkdir(parents=True, exist_ok=True)
     nb = nbformat.read(notebook, 4)
     n = with_solution_checks(nb)
     source = executed.with_name(executed.stem + ".with-solutions.ipynb")
     nbformat.write(nb, source)
     try:
-        pm.execute_notebook(str(source), str(executed), parameters={"profile": profile},
-                            kernel_name=kernel_name, progress_bar=False, log_output=True,
-                            cwd=str(notebook.parent))
+        nudged = run_notebook(source, executed, {"profile": profile}, kernel_name, notebook.parent, cell_timeout,
+                              notebook.stem)
     finally:
         source.unlink(missing_ok=True)
     done = nbformat.read(executed, 4)
     done.cells = [c for c in done.cells if SOLUTION_CHECK not in c.metadata.get("tags", [])]
     nbformat.write(done, executed)
     tag_for_readers(executed)
-    return n
+    return n, len(nudged)
 
 
 SOLUTION_CHECK = "solution-check"
@@ -164,12 +188,17 @@ def tag_for_readers(executed: Path) -> None:
     nbformat.write(nb, executed)
 
 
-def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[ChapterRun]:
-    """Execute the chapters in order; stop at the first failure (later ones: "not run")."""
+def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout: int | None = None) -> list[ChapterRun]:
+    """Execute the chapters in order; stop at the first failure (later ones: "not run").
+    ``cell_timeout``: seconds a cell may run (default: the profile's ``cell_timeout``)."""
     import papermill as pm
+
+    from .nbexec import ChapterFailed
 
     _route_papermill_log()
     kernel = ensure_kernel(out)
+    if cell_timeout is None:
+        cell_timeout = load_profile(profile).cell_timeout
     runs: list[ChapterRun] = []
     for i, nb in enumerate(chapters, 1):
         executed = executed_path(out, nb)
@@ -177,23 +206,28 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str) -> list[Chap
             runs.append(ChapterRun(nb.stem, "not run", 0.0, str(executed)))
             continue
         print(f"[{i}/{len(chapters)}] executing {nb.name} "
-              f"(profile {profile!r}, kernel {kernel}) ...", flush=True)
+              f"(profile {profile!r}, kernel {kernel}, at most {cell_timeout} s a cell) ...", flush=True)
         t0 = time.perf_counter()
-        status, solved = "ok", 0
+        status, solved, nudges = "ok", 0, 0
         try:
-            solved = execute_chapter(nb, executed, profile, kernel)
+            solved, nudges = execute_chapter(nb, executed, profile, kernel, cell_timeout)
         except pm.PapermillExecutionError as exc:
             status = "failed"
             print(f"\nFAILED: {nb.name}, cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
                   f"The executed copy, with the error in it, is kept at:\n    {executed}\n", flush=True)
-        except Exception as exc:  # the kernel died, a cell timed out, the notebook is unreadable
+        except ChapterFailed as exc:  # a cell timed out, the kernel died or never started
+            status = "failed"
+            print(f"\nFAILED: {exc}\nWhat ran before the failure is kept at:\n    {executed}\n", flush=True)
+        except Exception as exc:  # the notebook is unreadable
             status = "failed"
             print(f"\nFAILED: {nb.name}: {type(exc).__name__}: {exc}\n"
                   f"What ran before the failure is kept at:\n    {executed}\n", flush=True)
         seconds = time.perf_counter() - t0
-        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved))
+        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved, nudges))
         print(f"[{i}/{len(chapters)}] {nb.stem}: {status} in {seconds:.1f} s"
-              + (f"; {solved} reference solutions passed their checks" if status == "ok" else ""), flush=True)
+              + (f"; {solved} reference solutions passed their checks" if status == "ok" else "")
+              + (f"; the idle kernel was nudged {nudges} times for a reply that had not come" if nudges else ""),
+              flush=True)
     return runs
 
 
@@ -296,10 +330,17 @@ def build_html(out: Path, log_file: Path) -> int:
     print("$ " + " ".join(cmd), flush=True)
     with open(log_file, "w") as log, subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out) as proc:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+        watchdog = threading.Timer(BUILD_TIMEOUT, proc.kill)  # a build that hangs is stopped
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+        finally:
+            watchdog.cancel()
     if proc.returncode != 0:
+        if proc.returncode == -signal.SIGKILL:
+            print(f"jupyter-book build did not finish within {BUILD_TIMEOUT} s and was stopped.", flush=True)
         return proc.returncode
     # Jupyter Book 1.0 writes to <path-output>/_build/html; the book lives at <out>/html.
     html = Path(out) / "html"
@@ -324,7 +365,11 @@ def browser_check(out: Path) -> int:
     cmd = [sys.executable, str(BROWSER_CHECK), "--html", str(Path(out) / "html"),
            "--screenshots", str(Path(out) / "screenshots")]
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd).returncode
+    try:
+        return subprocess.run(cmd, timeout=BROWSER_TIMEOUT).returncode
+    except subprocess.TimeoutExpired:
+        print(f"the browser check did not finish within {BROWSER_TIMEOUT} s and was stopped.", flush=True)
+        return 1
 
 
 def print_summary(runs: list[ChapterRun], stages: dict[str, float]) -> None:
@@ -356,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default _build).")
     p.add_argument("--no-browser", action="store_true", help="skip the headless-browser check.")
     p.add_argument("--no-build", action="store_true", help="execute the chapters only; build no HTML.")
+    p.add_argument("--cell-timeout", type=int, default=None, metavar="SECONDS",
+                   help="fail a chapter whose cell runs longer than this (default: the profile's cell_timeout "
+                        "in profiles.yaml).")
     p.add_argument("--chapters", type=Path, default=CHAPTERS_DIR, help=argparse.SUPPRESS)  # tests
     return p.parse_args(argv)
 
@@ -368,14 +416,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.profile not in profile_names():
             raise BiasGymError(f"unknown profile {args.profile!r}; profiles: {', '.join(profile_names())}.")
+        from ..models import check_cache
+
+        check_cache(load_profile(args.profile).model)  # before any chapter loads a model
         chapters = discover_chapters(args.chapters, args.only)
+        if args.cell_timeout is not None and args.cell_timeout < 1:
+            raise BiasGymError(f"--cell-timeout must be at least 1 second, got {args.cell_timeout}.")
     except BiasGymError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     t0 = time.perf_counter()
-    runs = execute_chapters(chapters, out, args.profile)
+    runs = execute_chapters(chapters, out, args.profile, args.cell_timeout)
     stages["execute (all chapters)"] = round(time.perf_counter() - t0, 2)
     status, code = "ok", EXIT_OK
     if any(r.status != "ok" for r in runs):
