@@ -206,7 +206,7 @@ class LayerTape:
             return
         self._check_no_hooks()
         entry = self.entries.get(key)
-        if entry is None or self._start == 0 or self._start not in entry.hidden:
+        if entry is None or self._start == 0 or self._start not in entry.hidden or _capturing():
             self._current = None
             self.misses += 1
         else:
@@ -216,12 +216,30 @@ class LayerTape:
     def _check_no_hooks(self) -> None:
         """Nothing may read or edit the skipped layers while they are skipped."""
         for j in range(self._start):
-            for module in self.adapter.layers[j].modules():
-                if (module._forward_hooks or module._forward_pre_hooks or getattr(module, "_biasgym_blind", None)
-                        is not None):
-                    raise BiasGymError(f"a hook or an intervention sits on decoder layer {j}, below the layer "
+            for name, module in self.adapter.layers[j].named_modules():
+                hooks = [h for h in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+                         if not _inert(h)]
+                if hooks or getattr(module, "_biasgym_blind", None) is not None:
+                    where = f"{name} of " if name else ""
+                    raise BiasGymError(f"a hook or an intervention sits on {where}decoder layer {j}, below the layer "
                                        f"this pass resumes at ({self._start}); resume at or below the first "
                                        "edited layer.")
+
+
+def _inert(hook) -> bool:
+    """transformers' output-capturing hooks: installed on the layers by the first call that
+    asks for hidden states or attentions and left there, they do nothing unless a call is
+    capturing (:func:`_capturing`; such a call runs in full)."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+def _capturing() -> bool:
+    """Whether the current call asked transformers for hidden states or attentions."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    return bool(_active_collector.get())
 
 
 class Resumer:

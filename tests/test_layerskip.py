@@ -126,3 +126,33 @@ def test_the_model_is_restored_and_blocks_do_not_nest(tok):
         raise RuntimeError("boom")
     assert not any("forward" in vars(layer) for layer in layers)
     assert LayerTape(model, starts=[0, 3, 9]).starts == []  # 0 and layers past the top skip nothing
+
+
+def test_transformers_capturing_hooks_do_not_stop_resuming(tok):
+    """The first call that asks for hidden states leaves transformers' (inert) capturing hooks on
+    every layer (the CI failure of stop 26: reproduce after scope refused to resume). Resumed
+    passes still equal full ones, and a call that captures hidden states runs in full."""
+    model = tiny_model("llama", vocab_size=49152)
+    bias = load_bias("reckless_driving")
+    ids = tok(["The weather in Italy is mild."], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(ids, output_hidden_states=True)  # installs the hooks
+    layer0 = ModelAdapter(model).layers[0]
+    assert layer0._forward_hooks, "this transformers installs no capturing hooks: the test tests nothing"
+    tape = LayerTape(model, starts=[2])
+    with tape.recording():
+        strength_under(model, tok, None, [], bias, REFS)
+        with torch.no_grad():
+            model(ids)
+    spec = SteeringSpec([(2, 0)], 0.0)
+    want = strength_under(model, tok, spec, [], bias, REFS)
+    with spec.apply(model), torch.no_grad():
+        want_hidden = model(ids, output_hidden_states=True).hidden_states
+    with tape.resuming(2):
+        got = strength_under(model, tok, spec, [], bias, REFS)
+        hits, misses = tape.hits, tape.misses
+        with spec.apply(model), torch.no_grad():
+            got_hidden = model(ids, output_hidden_states=True).hidden_states
+    assert got == want and hits > 0
+    assert tape.misses == misses + 1  # the capturing call ran in full
+    assert all(torch.equal(a, b) for a, b in zip(got_hidden, want_hidden))
