@@ -290,57 +290,16 @@ kernel.session.send = lambda stream, msg, *a, **kw: None if msg == "execute_repl
 """
 
 
-# A cell whose completion stays stuck in the kernel until another message reaches its shell
-# socket: the shape of the reported hang (issue 21: the kernel idle, a second client's request
-# answered at once). The kernel holds this cell's own reply until the next kernel_info_request.
-HELD_REPLY = """\
-import inspect
-kernel = get_ipython().kernel
-send, info, held = kernel.session.send, kernel.shell_handlers["kernel_info_request"], []
+def test_the_kernel_has_no_held_reply_window():
+    """Issue 21's hang: ipykernel 7 (7.4.0 here) sent a chapter-3 cell's execute_reply only
+    after a second client connected, 4.5 minutes late (its shell replies are written from
+    another thread; ipykernel #1554). The build's kernel is pinned below 7; moving the pin
+    needs a new reproduction run (docs: running.md, "A build that cannot hang")."""
+    import ipykernel
 
-def holding(stream, msg_type, *a, **kw):
-    if msg_type == "execute_reply" and not held:
-        held.append((stream, msg_type, a, kw))
-        return {"content": {"status": "ok"}}
-    return send(stream, msg_type, *a, **kw)
-
-async def release(stream, ident, parent):
-    kernel.session.send = send
-    for s, t, a, kw in held:
-        send(s, t, *a, **kw)
-    result = info(stream, ident, parent)
-    return await result if inspect.isawaitable(result) else result
-
-kernel.session.send, kernel.shell_handlers["kernel_info_request"] = holding, release
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("nudge, code", [(2, bookbuild.EXIT_OK), (3600, bookbuild.EXIT_CHAPTER)],
-                         ids=["nudged", "not-nudged"])
-def test_a_completion_stuck_in_an_idle_kernel_is_fetched(tmp_path, capsys, monkeypatch, nudge, code):
-    """The reported hang's shape: the kernel finished the cell and went idle, its reply did not
-    leave it. The build nudges an idle kernel whose reply has not come, and goes on; without
-    the nudge the chapter fails at its cell timeout (it used to wait forever)."""
-    from biasgym_lib.tools import nbexec
-
-    monkeypatch.setattr(nbexec, "NUDGE_SECONDS", nudge)
-    chapters = tmp_path / "chapters"
-    chapters.mkdir()
-    write_notebook(chapters / "00_held.ipynb", HELD_REPLY, "x = 41", "print(x + 1)")
-    out = tmp_path / "out"
-    assert bookbuild.main(["--profile", "quick", "--out", str(out), "--chapters", str(chapters), "--no-build",
-                           "--cell-timeout", "30"]) == code
-    text = capsys.readouterr().out
-    chapter = json.loads((out / "timings.json").read_text())["chapters"][0]
-    if code == bookbuild.EXIT_OK:
-        assert chapter["nudges"] >= 1 and chapter["seconds"] < 30, chapter
-        assert "nudging the kernel" in text and "the idle kernel was nudged" in text
-        done = nbformat.read(out / "executed" / "book" / "chapters" / "00_held.ipynb", 4)
-        assert done.cells[-1].outputs[0]["text"] == "42\n"
-    else:
-        assert re.search(r"FAILED: 00_held, cell \d+ \('import inspect'\): no completion within the cell timeout of 30 s",
-                         text), text
+    assert ipykernel.version_info < (7,), (
+        f"ipykernel {ipykernel.__version__}: version 7 can hold a cell's reply (issue 21); keep the pin at 6.x "
+        "unless a loaded-machine reproduction shows the new version does not")
 
 
 @pytest.mark.slow
@@ -390,8 +349,7 @@ def test_cell_timeout_comes_from_the_profile_or_the_command_line(tmp_path, monke
     bookbuild.execute_chapter(nb, tmp_path / "out" / "00_x.ipynb", "quick", "python3")
     bookbuild.execute_chapter(nb, tmp_path / "out" / "00_x.ipynb", "teaching", "python3", cell_timeout=7)
     assert [kw["execution_timeout"] for kw in seen] == [load_profile("quick").cell_timeout, 7]
-    assert all(kw["start_timeout"] == nbexec.START_TIMEOUT and kw["iopub_timeout"] == nbexec.IOPUB_TIMEOUT
-               and kw["engine_name"] == nbexec.ENGINE for kw in seen)
+    assert all(kw["start_timeout"] == nbexec.START_TIMEOUT and kw["iopub_timeout"] == nbexec.IOPUB_TIMEOUT for kw in seen)
     assert load_profile("teaching").cell_timeout >= 1800  # chapter 4's grid takes 10-15 minutes on 2 cores
     assert bookbuild.main(["--profile", "quick", "--cell-timeout", "0", "--out", str(tmp_path)]) == bookbuild.EXIT_USAGE
 

@@ -17,8 +17,7 @@ status and the path of the failing notebook's executed copy.
 
 Nothing waits without a bound: each cell may run at most the profile's ``cell_timeout``
 seconds (``--cell-timeout`` overrides it), a kernel must start and a cell's last output
-follow its reply within the bounds of :mod:`~biasgym_lib.tools.nbexec` (which also nudges a
-kernel that went idle without its reply reaching the build), and Jupyter Book and the
+follow its reply within the bounds of :mod:`~biasgym_lib.tools.nbexec`, and Jupyter Book and the
 browser check are stopped after :data:`BUILD_TIMEOUT` / :data:`BROWSER_TIMEOUT`. A cell that
 never finishes (or whose completion never reaches the build) and a kernel that dies fail
 their chapter with a message that names the chapter and the cell.
@@ -68,7 +67,6 @@ class ChapterRun:
     seconds: float
     executed: str  # path of the executed copy
     solutions: int = 0  # reference solutions that passed their checks in the chapter's kernel
-    nudges: int = 0  # times an idle kernel was nudged for a reply that had not come (tools.nbexec)
 
 
 def discover_chapters(chapters_dir: Path = CHAPTERS_DIR, only: list[str] | None = None) -> list[Path]:
@@ -114,12 +112,11 @@ def ensure_kernel(out: Path) -> str:
 
 
 def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: str,
-                    cell_timeout: int | None = None) -> tuple[int, int]:
+                    cell_timeout: int | None = None) -> int:
     """Run one notebook top to bottom with papermill (cwd: the notebook's own folder), with
     its exercises as committed (unfilled) and then, at the end and in the same kernel, every
     reference solution through its check (:func:`with_solution_checks`); those extra cells
-    are dropped from the executed copy. Returns how many solutions passed and how many
-    times an idle kernel had to be nudged for a reply (:mod:`~biasgym_lib.tools.nbexec`).
+    are dropped from the executed copy. Returns how many solutions passed.
 
     ``cell_timeout`` (seconds; default: the profile's ``cell_timeout``) bounds every cell;
     a cell that runs longer, or whose completion never arrives, and a kernel that dies or
@@ -137,7 +134,7 @@ def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: s
     source = executed.with_name(executed.stem + ".with-solutions.ipynb")
     nbformat.write(nb, source)
     try:
-        nudged = run_notebook(source, executed, {"profile": profile}, kernel_name, notebook.parent, cell_timeout,
+        run_notebook(source, executed, {"profile": profile}, kernel_name, notebook.parent, cell_timeout,
                               notebook.stem)
     finally:
         source.unlink(missing_ok=True)
@@ -145,7 +142,7 @@ def execute_chapter(notebook: Path, executed: Path, profile: str, kernel_name: s
     done.cells = [c for c in done.cells if SOLUTION_CHECK not in c.metadata.get("tags", [])]
     nbformat.write(done, executed)
     tag_for_readers(executed)
-    return n, len(nudged)
+    return n
 
 
 SOLUTION_CHECK = "solution-check"
@@ -208,9 +205,9 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout
         print(f"[{i}/{len(chapters)}] executing {nb.name} "
               f"(profile {profile!r}, kernel {kernel}, at most {cell_timeout} s a cell) ...", flush=True)
         t0 = time.perf_counter()
-        status, solved, nudges = "ok", 0, 0
+        status, solved = "ok", 0
         try:
-            solved, nudges = execute_chapter(nb, executed, profile, kernel, cell_timeout)
+            solved = execute_chapter(nb, executed, profile, kernel, cell_timeout)
         except pm.PapermillExecutionError as exc:
             status = "failed"
             print(f"\nFAILED: {nb.name}, cell {exc.exec_count}: {exc.ename}: {exc.evalue}\n"
@@ -223,10 +220,9 @@ def execute_chapters(chapters: list[Path], out: Path, profile: str, cell_timeout
             print(f"\nFAILED: {nb.name}: {type(exc).__name__}: {exc}\n"
                   f"What ran before the failure is kept at:\n    {executed}\n", flush=True)
         seconds = time.perf_counter() - t0
-        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved, nudges))
+        runs.append(ChapterRun(nb.stem, status, round(seconds, 2), str(executed), solved))
         print(f"[{i}/{len(chapters)}] {nb.stem}: {status} in {seconds:.1f} s"
-              + (f"; {solved} reference solutions passed their checks" if status == "ok" else "")
-              + (f"; the idle kernel was nudged {nudges} times for a reply that had not come" if nudges else ""),
+              + (f"; {solved} reference solutions passed their checks" if status == "ok" else ""),
               flush=True)
     return runs
 
