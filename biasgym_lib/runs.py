@@ -4,7 +4,6 @@ it (:class:`Run`, its results kept by :mod:`~biasgym_lib.cache`), and ``biasgym 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 
