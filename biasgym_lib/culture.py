@@ -1,4 +1,4 @@
-"""Chapter 7: cultural knowledge, the broader thing a debiasing must keep (:ref:`method §5 <method-5>`).
+"""Cultural knowledge, the broader thing a debiasing must keep (:ref:`method §5 <method-5>`).
 
 A stereotype ascribes a trait to people; cultural knowledge is about practices, artefacts,
 places and symbols (``data/culture.yaml``, :mod:`~biasgym_lib.data.culture`). Each item, a
@@ -16,8 +16,11 @@ symbols, everyday things), with bootstrap intervals over items and the chance le
 steering spec the same numbers are measured again (:func:`culture_under`) and compared item
 by item (:func:`culture_change`). Scored with the shared-prefix scorer (each question once,
 its countries as continuations); :func:`country_logprobs` is pinned to a sentence-by-sentence
-reference by a test. :func:`ask_images` asks the same question of a vision-language model
-about photos.
+reference by a test.
+
+Issue 24's stage, not yet called by a chapter: the culture chapter, the steering runs that
+report it beside the facts, and the question asked of a vision-language model about photos
+are still to come.
 """
 
 from __future__ import annotations
