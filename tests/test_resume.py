@@ -53,9 +53,15 @@ def _no_run_left_behind():
 STARTED: list = []
 
 
+def _as_in_a_terminal():
+    """Ctrl-C reaches the run as it does in a terminal: a test suite started in the background
+    (``make test &``, some CI runners) inherits SIGINT ignored, and so would the run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(script, *args, **kw):
     proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kw)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_as_in_a_terminal, **kw)
     STARTED.append(proc)
     return proc
 
