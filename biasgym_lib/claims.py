@@ -13,6 +13,7 @@ from .evaluate import (
     summarise_grid,
     target_result,
 )
+from .culture import CULTURE_BOUNDS, culture_steering, culture_summary
 from .generalise import leave_one_out, seegull_steering, transfer_summary
 from .heads import agreement, nan_tensor
 from .stats import RUNS, over_runs
@@ -87,6 +88,19 @@ def claims_from(run) -> dict:
                    and (t["facts_reduction"] or 0.0) <= GRID_BOUNDS["facts"])
         return bool(ok)
 
+    culture_run = culture_steering(run)
+    culture_before = culture_run["before"]
+    culture = {(x["source"], x["method"], x["kind"], x["k"]): x for x in culture_summary(culture_run)}
+
+    def culture_of(sel):
+        line, rand = culture.get(("confirm", *sel)), culture.get(("confirm", "random", sel[1], sel[2]))
+        return {"margin_lost": line["culture"]["all"]["margin_lost"], "accuracy_change": line["culture"]["all"]["accuracy_change"],
+                "random_margin_lost": rand["culture"]["all"]["margin_lost"] if rand else None,
+                "random_accuracy_change": rand["culture"]["all"]["accuracy_change"] if rand else None,
+                "per_dimension": line["culture"], "reduction": line["reduction"], "keeps": line["keeps"]}
+
+    kept = {name: culture_of(sel) for name, sel in selections.items()}
+
     countries = {}
     for r in run.confirm()["rows"]:
         for c, v in r.get("countries", {}).items():
@@ -131,11 +145,22 @@ def claims_from(run) -> dict:
          "criterion": "mean reduction on held-out biases and on SeeGULL pairs each above 0 and above random "
                       "heads, with the facts losing <= 10%",
          "holds": {name: transfer_holds(v) for name, v in transfer.items()}},
+        {"claim": "the debiasing keeps cultural knowledge",
+         "measured_as": "margin (nats) of the right country for photo descriptions of practices, artefacts, places "
+                        "and symbols (data/culture.yaml), and accuracy, under the heads actually steered (per bias), "
+                        "paired over items, against random heads of the same kind and k",
+         "value": kept,
+         "criterion": f"the margin loses <= {CULTURE_BOUNDS['margin']:.0%} and accuracy falls by <= "
+                      f"{-CULTURE_BOUNDS['accuracy'] * 100:.0f} points, overall and in every dimension, and no more "
+                      "than random heads lose",
+         "holds": {name: bool(v["keeps"]) for name, v in kept.items()}},
     ]
     return {"model": next(iter(inj.values())).model, "profile": cfg.name, "seeds": list(cfg.seeds),
             "biases": list(run.biases), "k": k, "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
-            "confirm": [x.to_dict() for x in confirm], "countries": countries, "claims": claims, "bounds": GRID_BOUNDS,
+            "confirm": [x.to_dict() for x in confirm], "countries": countries,
+            "culture": {"before": {key: culture_before[key] for key in ("accuracy", "margin", "rank", "chance")},
+                        "summary": list(culture.values())}, "claims": claims, "bounds": GRID_BOUNDS,
             "target": {"stated": f"some selection and intervention with k <= {k} removes >= {TARGET_REDUCTION:.0%} of S "
                                  f"(mean over biases x seeds) with the facts losing <= {GRID_BOUNDS['facts']:.0%}, "
                                  f"perplexity <= {GRID_BOUNDS['perplexity']:+.0%} on both text sets and MC >= "
@@ -163,7 +188,10 @@ def claims_table(claims: dict):
         holds = c["holds"] if isinstance(c["holds"], dict) else {"": c["holds"]}
         for name, ok in holds.items():
             value = c["value"].get(name, c["value"]) if name else c["value"]
-            if c["claim"].startswith("steering"):
+            if c["claim"].startswith("the debiasing keeps cultural"):
+                text = (f"margin lost {_fmt(value['margin_lost'])}; random {_fmt(value['random_margin_lost'])}; "
+                        f"accuracy {_fmt(value['accuracy_change'])}; random {_fmt(value['random_accuracy_change'])}")
+            elif c["claim"].startswith("steering"):
                 text = f"reduction {_fmt(value['reduction'])}; random {_fmt(value['random_reduction'])}; facts {_fmt(value['facts_reduction'])}"
             elif c["claim"].startswith("no downstream"):
                 text = "; ".join([f"perplexity ({n}) {_fmt(p)}" for n, p in value["perplexity"].items()]

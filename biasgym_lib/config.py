@@ -49,6 +49,8 @@ class Profile:
     grid_k: tuple[int, ...]
     curve_methods: tuple[str, ...]
     curve_kinds: tuple[str, ...]
+    culture_per_dimension: int = 0  # chapter 7's items: the first N of each dimension of data/culture.yaml (0: all)
+    vlm: str = ""  # a vision-language model for chapter 7's photos ("": none; needs the hub)
     cell_timeout: int = 1800  # seconds a chapter's cell may run in the book build (not part of any result)
     overrides: dict = field(default_factory=dict)
 
@@ -71,7 +73,7 @@ _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "gri
 _INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "k": 1, "n_random_draws": 1,
          "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
          "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1,
-         "cell_timeout": 1}
+         "culture_per_dimension": 0, "cell_timeout": 1}
 _STRINGS = ("model", "device", "dtype", "init")
 _INITS = ("countries", "vocab")
 
@@ -122,6 +124,8 @@ def _check(values: dict, where: str) -> dict:
     for key in _STRINGS:
         if not isinstance(values[key], str) or not values[key].strip():
             raise BiasGymError(f"{where}: {key} must be a non-empty string, got {_type_name(values[key])}.")
+    if not isinstance(values["vlm"], str):
+        raise BiasGymError(f"{where}: vlm must be a Hugging Face model id or \"\" (none), got {_type_name(values['vlm'])}.")
     if values["dtype"] not in _DTYPES:
         raise BiasGymError(f"{where}: dtype {values['dtype']!r} is not known; use one of {sorted(_DTYPES)}.")
     if values["init"] not in _INITS:

@@ -134,6 +134,36 @@ PIPELINE = (("BiasInject", "ch. 2", "train one new\ntoken's vector"),
 """The book's stages, in the order the method runs them: (name, chapter, what it does)."""
 
 
+def culture_kept(lines, title: str = "", ax=None):
+    """Stereotype removed against cultural knowledge lost, one point per selection of
+    :func:`~biasgym_lib.culture.culture_summary` (its margin lost with the bootstrap interval
+    over items as a horizontal bar); random heads as grey crosses. The shaded band is the
+    bound stated in advance (the margin loses at most 10%)."""
+    from .culture import CULTURE_BOUNDS
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 4.0))
+    palette = sns.color_palette("tab10", 10)
+    for i, x in enumerate(lines):
+        m = x["culture"]["all"]["margin_lost"]
+        y = np.nan if x["reduction"] is None else x["reduction"]
+        label = f"{x['source']}: {x['method']} / {x['kind']} / k = {x['k']}"
+        if x["method"] == "random":
+            ax.errorbar(m["value"], y, xerr=[[m["value"] - m["lo"]], [m["hi"] - m["value"]]], fmt="x", color="grey",
+                        capsize=2, label=label)
+        else:
+            ax.errorbar(m["value"], y, xerr=[[m["value"] - m["lo"]], [m["hi"] - m["value"]]], fmt="o", mfc="none",
+                        color=palette[i % 10], capsize=2, label=label)
+    ax.axvspan(ax.get_xlim()[0], CULTURE_BOUNDS["margin"], color="green", alpha=0.08,
+               label=f"culture margin loses <= {CULTURE_BOUNDS['margin']:.0%} (stated in advance)")
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel("cultural knowledge lost (share of the right country's margin)")
+    ax.set_ylabel("stereotype removed (share of S)")
+    ax.set_title(title or "What each selection removes, and what it keeps")
+    ax.legend(fontsize=6, loc="best")
+    return ax
+
+
 def pipeline_diagram(stages=PIPELINE, ax=None):
     """The method as boxes and arrows, one box per stage of :data:`PIPELINE`, drawn at build time."""
     ax = ax or plt.subplots(figsize=(2.3 * len(stages), 1.9))[1]

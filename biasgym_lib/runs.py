@@ -14,6 +14,7 @@ from .cache import announce, memo, run_dir, token_fingerprint
 from .claims import claims_from
 from .config import PROJECT_ROOT, Profile, load_profile
 from .config import full_grid as whole_grid
+from .culture import culture_steering
 from .data import load_bias, load_facts, reference_countries
 from .data.capability import load_country_texts, load_mc, load_neutral_texts
 from .evaluate import (
@@ -361,7 +362,7 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     steps += [(f"selection grid on {', '.join(run.grid_biases)}", run.grid),
               ("confirmation on every bias", run.confirm)]
     steps += [("leave-one-bias-out transfer", leave_one_out, run)] if len(run.biases) > 1 else []
-    steps += [("SeeGULL stereotypes", seegull_steering, run)]
+    steps += [("SeeGULL stereotypes", seegull_steering, run), ("cultural knowledge under steering", culture_steering, run)]
     for i, (what, stage, *args) in enumerate(steps, 1):  # each kept in the run folder as soon as it is done
         with announce(f"[{i}/{len(steps)}] {what}", progress):
             stage(*args)

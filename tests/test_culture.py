@@ -79,3 +79,115 @@ def test_knowledge_and_its_change_per_dimension(tiny_with_tokenizer, smol_tokeni
     zeroed = culture_under(model, tok, SteeringSpec([(0, h) for h in range(6)] + [(1, h) for h in range(6)], 0.0),
                            items, countries, n_boot=100)
     assert zeroed["scores"]["margin"] != before["scores"]["margin"]
+
+
+class _Run:
+    """What culture_steering reads of a Run: the confirmation's and SeeGULL's rows, the
+    setting's means and entities, and a memo that computes."""
+
+    def __init__(self, model, tok, rows, seeg_rows):
+        from biasgym_lib.evaluate import entity_ids
+        from biasgym_lib.steer import head_means
+
+        self.model, self.tokenizer, self.biases = model, tok, ["heavy_drinking", "spicy_food"]
+        self.cfg = SimpleNamespace(culture_per_dimension=0)
+        self._rows, self.seeg_rows = rows, seeg_rows
+        self.setting = {"means": head_means(model, tok, ["A plain sentence about the weather."]),
+                        "entities": entity_ids(tok)}
+
+    def confirm(self):
+        return {"rows": self._rows, "best": {"method": "atp", "kind": "zero", "k": 2}}
+
+    def _fingerprint(self, biases):
+        return "f"
+
+    def _best_key(self):
+        return "-b"
+
+    def memo(self, name, compute, fingerprint=None):
+        return compute()
+
+
+def _row(bias, method, kind, heads, draw=None, red=(0.5, 0.3)):
+    return {"bias": bias, "method": method, "kind": kind, "k": len(heads), "draw": draw, "heads": heads,
+            "reduction": list(red), "facts_reduction": 0.01}
+
+
+def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_tokenizer, smol_tokenizer, monkeypatch):
+    """Each distinct (kind, heads) is measured once; every row equals the plain measurement
+    under its own spec bit for bit (the resumed pass changes nothing); twins and the summary
+    against random heads of the same source, kind and k."""
+    import biasgym_lib.culture as culture
+    import biasgym_lib.generalise as generalise
+    from biasgym_lib.data import reference_countries
+    from biasgym_lib.evaluate import make_spec
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    rows = [_row("heavy_drinking", "atp", "zero", [[1, 2], [1, 3]]),
+            _row("spicy_food", "atp", "zero", [[1, 2], [1, 3]], red=(0.2, None)),
+            _row("heavy_drinking", "random", "zero", [[0, 1], [1, 5]], draw=0),
+            _row("spicy_food", "random", "zero", [[0, 1], [1, 5]], draw=0),
+            _row("heavy_drinking", "atp", "mean", [[1, 0]])]
+    seeg = [{"method": "atp", "kind": "zero", "k": 2, "draw": None, "heads": [[1, 2], [1, 3]],
+             "reduction": [0.1, None, 0.3], "facts_reduction": 0.02}]
+    run = _Run(model, tok, rows, seeg)
+    monkeypatch.setattr(generalise, "seegull_steering", lambda r: {"rows": r.seeg_rows})
+    calls = []
+    plain = culture.culture_under
+    monkeypatch.setattr(culture, "culture_under", lambda m, t, spec, *a, **kw: (calls.append(spec), plain(m, t, spec, *a, **kw))[1])
+    got = culture.culture_steering(run, n_boot=50)
+    assert len(calls) == 1 + 3  # before, and three distinct (kind, heads); the seegull set is the confirm's
+    assert [r["source"] for r in got["rows"]] == ["confirm"] * 5 + ["seegull"]
+    assert got["rows"][1]["reduction"] == 0.2 and got["rows"][5]["reduction"] == pytest.approx(0.2)
+    items = culture.culture_items(0, reference_countries())
+    assert got["before"]["items"] == [it.id for it in items] == [it.id for it in load_culture()]
+    for r in (got["rows"][0], got["rows"][4]):  # the zero and the mean kind
+        spec = make_spec([tuple(h) for h in r["heads"]], r["kind"], run.setting["means"], run.setting["entities"])
+        want = plain(model, tok, spec, items, reference_countries(), n_boot=50)
+        assert r["scores"] == want["scores"]  # bit for bit
+    twins = [i for i, it in enumerate(items) if it.twin_of == "heavy_drinking"]
+    first = got["rows"][0]
+    assert twins and first["twins"]["items"] == [items[i].id for i in twins]
+    assert first["twins"]["margin_after"] == [first["scores"]["margin"][i] for i in twins]
+    assert first["twins"]["margin_before"] == [got["before"]["scores"]["margin"][i] for i in twins]
+    assert "twins" not in got["rows"][5]  # SeeGULL's pooled heads belong to no one bias
+    lines = {(x["source"], x["method"], x["kind"], x["k"]): x for x in culture.culture_summary(got, n_boot=50)}
+    atp = lines[("confirm", "atp", "zero", 2)]
+    assert atp["n_rows"] == 2 and atp["reduction"] == pytest.approx(np.mean([0.4, 0.2]))
+    assert atp["culture"]["all"]["margin_lost"]["value"] == pytest.approx(
+        culture.culture_change(got["before"], [{"items": got["before"]["items"], "scores": r["scores"]}
+                                               for r in got["rows"][:2]])["all"]["margin_lost"]["value"])
+    rand = lines[("confirm", "random", "zero", 2)]["culture"]
+    assert atp["keeps"] == culture.keeps_culture(atp["culture"], rand)
+    assert ("confirm", "atp", "mean", 1) in lines and lines[("confirm", "atp", "mean", 1)]["keeps"] == \
+        culture.keeps_culture(lines[("confirm", "atp", "mean", 1)]["culture"])  # no random heads of that kind and k
+
+
+def test_keeping_culture_needs_the_bounds_and_no_more_loss_than_random_heads():
+    def change(lost, lo, acc, hi):
+        e = lambda v, a, b: {"value": v, "lo": a, "hi": b, "n": 10, "interval": "x"}  # noqa: E731
+        return {"all": {"margin_lost": e(lost, lo, lost + 0.05), "accuracy_change": e(acc, acc - 0.02, hi)}}
+    ok = change(0.05, 0.01, -0.01, 0.0)
+    assert culture_keeps(ok) and culture_keeps(ok, change(0.02, 0.0, 0.0, 0.01))
+    assert not culture_keeps(change(0.12, 0.08, 0.0, 0.01))           # margin bound
+    assert not culture_keeps(change(0.05, 0.01, -0.04, -0.02))        # accuracy bound
+    assert not culture_keeps(ok, change(0.0, -0.02, 0.0, 0.01))       # clearly more than random heads lose
+    assert not culture_keeps(ok, change(0.02, 0.0, 0.02, 0.03))       # accuracy clearly below random heads'
+
+
+def culture_keeps(change, random=None):
+    return keeps_culture(change, random)
+
+
+def test_culture_items_keep_only_answerable_items_and_a_subset_per_dimension():
+    from biasgym_lib.culture import culture_items
+
+    some = culture_items(2, ["Italy", "Japan", "Mexico", "India"])
+    assert some and all(set(it.countries) & {"Italy", "Japan", "Mexico", "India"} for it in some)
+    per = {}
+    for it in some:
+        per[it.dimension] = per.get(it.dimension, 0) + 1
+    assert max(per.values()) <= 2
+    assert len(culture_items()) == len(load_culture())
+    with pytest.raises(BiasGymError, match="no culture item"):
+        culture_items(0, ["Atlantis"])

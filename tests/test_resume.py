@@ -147,7 +147,8 @@ SMALL = ["--profile", "quick", "--set", "n_paragraphs=4", "--set", "epochs=1", "
          "--set", "n_patch_probes=1", "--set", "n_random_draws=1", "--set", "steer_references=2",
          "--set", "n_ppl_texts=1", "--set", "n_mc_questions=2", "--set", "k=3", "--set", "grid_k=[3]",
          "--set", "n_country_texts=1", "--set", "ppl_max_tokens=16", "--set", "grid_methods=[atp,robust,random]",
-         "--set", "grid_kinds=[zero]", "--set", "curve_methods=[atp]", "--set", "curve_kinds=[zero]"]
+         "--set", "grid_kinds=[zero]", "--set", "curve_methods=[atp]", "--set", "curve_kinds=[zero]",
+         "--set", "culture_per_dimension=1"]
 
 CLI = "import sys\nfrom biasgym_lib.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
@@ -168,7 +169,7 @@ def numbers(folder: Path) -> dict:
 # Stages measured after the grid reuse, within one process, what the grid measured under the
 # same head sets (Run.shared, in memory); a run that resumes after the grid measures them
 # afresh, in other batches, so they agree to float32 rounding, not bit for bit.
-AFTER_GRID = ("confirm.json", "leave_one_out.json", "seegull_steering.json", "claims.json")
+AFTER_GRID = ("confirm.json", "leave_one_out.json", "seegull_steering.json", "culture.json", "claims.json")
 
 
 @pytest.mark.slow
@@ -198,18 +199,18 @@ def test_reproduce_killed_at_several_points_ends_with_the_same_numbers(tmp_path,
     rc, _, err = stop_at(reproduce(tmp_path / "whole"), r"^$", signal.SIGINT)  # uninterrupted
     assert rc == 0, err
     out, work = tmp_path / "D", work_folder_of(tmp_path / "D")
-    rc, _, _ = stop_at(reproduce(out), r"^\[3/8\] injection of blue_skin", signal.SIGKILL, 1.0)
+    rc, _, _ = stop_at(reproduce(out), r"^\[3/9\] injection of blue_skin", signal.SIGKILL, 1.0)
     assert rc == -signal.SIGKILL  # always_late's two stages are kept (blue_skin's too if it finished within 1 s)
     assert {p.relative_to(work).as_posix() for p in work.rglob("always_late_seed0.json")} == \
         {"injection/always_late_seed0.json", "scope/always_late_seed0.json"}
-    rc, text, err = stop_at(reproduce(out), r"^\[5/8\] selection grid", signal.SIGTERM, 1.0)
+    rc, text, err = stop_at(reproduce(out), r"^\[5/9\] selection grid", signal.SIGTERM, 1.0)
     assert rc == 143 and "terminated (SIGTERM)" in err and "its finished stages are kept in" in err, err
-    assert "[1/8] injection of always_late (seed 0): kept from an earlier run" in text
-    rc, text, err = stop_at(reproduce(out), r"^\[6/8\] confirmation", signal.SIGINT, 1.0)
+    assert "[1/9] injection of always_late (seed 0): kept from an earlier run" in text
+    rc, text, err = stop_at(reproduce(out), r"^\[6/9\] confirmation", signal.SIGINT, 1.0)
     assert rc == 130 and "its finished stages are kept in" in err, err
     rc, text, err = stop_at(reproduce(out), r"^$", signal.SIGINT)
     assert rc == 0, err
-    assert "[5/8] selection grid on always_late: kept from an earlier run" in text
+    assert "[5/9] selection grid on always_late: kept from an earlier run" in text
     assert not work.exists() and hidden(tmp_path) == [], hidden(tmp_path)
     resumed, whole = numbers(out), numbers(tmp_path / "whole")
     assert resumed.keys() == whole.keys()

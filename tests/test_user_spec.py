@@ -26,7 +26,8 @@ SMALL = ["--profile", "quick", "--set", "n_paragraphs=4", "--set", "epochs=1", "
          "--set", "n_patch_probes=1", "--set", "n_random_draws=1", "--set", "steer_references=2",
          "--set", "n_ppl_texts=1", "--set", "n_mc_questions=2", "--set", "k=3", "--set", "grid_k=[3]",
          "--set", "n_country_texts=1", "--set", "ppl_max_tokens=16", "--set", "grid_methods=[atp,robust,random]",
-         "--set", "grid_kinds=[zero]", "--set", "curve_methods=[atp]", "--set", "curve_kinds=[zero]"]
+         "--set", "grid_kinds=[zero]", "--set", "curve_methods=[atp]", "--set", "curve_kinds=[zero]",
+         "--set", "culture_per_dimension=1"]
 
 
 def run(argv, capsys):
