@@ -15,6 +15,7 @@ CHECKS = {  # solution name -> the check a chapter calls
     "ch4.scale_head": ex.ch4.check_scale_head,
     "ch4.mean_ablate_head": ex.ch4.check_mean_ablate_head,
     "ch5.held_out_splits": ex.ch5.check_held_out_splits,
+    "ch7.culture_margin": ex.ch7.check_culture_margin,
 }
 
 
@@ -175,6 +176,31 @@ def ch5_too_little_training(runs):
     return {b: ([r for r in runs if r[0] != b][1:], [r for r in runs if r[0] == b]) for b, _ in runs}
 
 
+def ch7_first_phrasing(logp, right):
+    others = [i for i in range(logp.shape[1]) if i not in right]
+    return max(logp[0, i] for i in right) - logp[0, others].mean()
+
+
+def ch7_right_among_others(logp, right):
+    mean = logp.mean(0)
+    return mean[right].max() - mean.mean()
+
+
+def ch7_mean_of_right(logp, right):
+    mean = logp.mean(0)
+    return mean[right].mean() - mean[[i for i in range(len(mean)) if i not in right]].mean()
+
+
+def ch7_max_of_others(logp, right):
+    mean = logp.mean(0)
+    return mean[right].max() - mean[[i for i in range(len(mean)) if i not in right]].max()
+
+
+def ch7_probabilities(logp, right):
+    p = logp.mean(0).exp()
+    return p[right].max() - p[[i for i in range(len(p)) if i not in right]].mean()
+
+
 WRONG = [
     ("ch1.continuation_logprob", ch1_off_by_one, "predicts token t + 1"),
     ("ch1.continuation_logprob", ch1_raw_logits, "logits are not log-probabilities"),
@@ -201,6 +227,11 @@ WRONG = [
     ("ch5.held_out_splits", ch5_one_run_out, "Hold out the bias, not one run"),
     ("ch5.held_out_splits", ch5_one_test_seed, "every seed of"),
     ("ch5.held_out_splits", ch5_too_little_training, "every run of every other bias"),
+    ("ch7.culture_margin", ch7_first_phrasing, "average over the phrasings first"),
+    ("ch7.culture_margin", ch7_right_among_others, "leave the right ones out"),
+    ("ch7.culture_margin", ch7_mean_of_right, "not the mean of the right ones"),
+    ("ch7.culture_margin", ch7_max_of_others, "not their maximum"),
+    ("ch7.culture_margin", ch7_probabilities, "not of probabilities"),
 ]
 
 
@@ -238,8 +269,27 @@ def test_reveal_prints_the_source_and_returns_the_function(capsys):
     assert out == source("ch5.held_out_splits") + "\n" and out.startswith("def held_out_splits(")
 
 
-@pytest.mark.parametrize("bad, says", [("ch9.x", "N from 0 to 6"), ("ch1.nothing", "chapter 1 has"),
+@pytest.mark.parametrize("bad, says", [("ch9.x", "N from 0 to 7"), ("ch1.nothing", "chapter 1 has"),
                                        ("continuation_logprob", "chN.function")])
 def test_an_unknown_solution_name_says_what_exists(bad, says):
     with pytest.raises(BiasGymError, match=says):
         solution(bad)
+
+
+def _culture_lines(paper, rand, k=10):
+    def line(method, lost):
+        return {"source": "confirm", "method": method, "kind": "zero", "k": k,
+                "culture": {"all": {"margin_lost": {"value": lost}}}}
+    return [line("robust", paper), line("random", rand), {**line("robust", 0.9), "source": "seegull"}]
+
+
+def test_chapter_7_reading_checks_pass_the_solutions_and_fail_plausible_misreadings(capsys):
+    before = {"margin": {"all": {"value": 2.0}, "symbols": {"value": 1.0}, "built_natural": {"value": 1.5}}}
+    assert ex.ch7.check_best_dimension(solution("ch7.best_dimension")(before), before)
+    assert not ex.ch7.check_best_dimension("all", before) and "not a dimension" in capsys.readouterr().out
+    lines = _culture_lines(0.123, 0.05)
+    assert ex.ch7.check_paper_against_random(solution("ch7.paper_against_random")(lines, 10), lines, 10)
+    assert ex.ch7.check_paper_against_random(7.3, lines, 10)  # as read off the table, rounded
+    assert not ex.ch7.check_paper_against_random(0.073, lines, 10)  # a share, not points
+    assert not ex.ch7.check_paper_against_random(12.3, lines, 10)  # the paper's loss alone
+    assert not ex.ch7.check_paper_against_random(85.0, lines, 10)  # SeeGULL's pooled heads

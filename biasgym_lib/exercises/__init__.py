@@ -177,6 +177,6 @@ def exercise_model(seed: int = 0):
     return model.eval()
 
 
-from . import ch0, ch1, ch2, ch3, ch4, ch5, ch6  # noqa: E402  (the chapters' checks use the helpers above)
+from . import ch0, ch1, ch2, ch3, ch4, ch5, ch6, ch7  # noqa: E402  (the chapters' checks use the helpers above)
 
 __all__ = ["Checked", "check", "judge", "call", "ch0", "ch1", "ch2", "ch3", "ch4", "ch5", "ch6"]

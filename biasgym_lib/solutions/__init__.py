@@ -16,14 +16,14 @@ import inspect
 
 from ..errors import BiasGymError
 
-CHAPTERS = ("ch0", "ch1", "ch2", "ch3", "ch4", "ch5", "ch6")
+CHAPTERS = ("ch0", "ch1", "ch2", "ch3", "ch4", "ch5", "ch6", "ch7")
 
 
 def solution(name: str):
     """The solution function ``"chN.name"``, without printing it."""
     chapter, _, func = name.partition(".")
     if chapter not in CHAPTERS or not func:
-        raise BiasGymError(f"no solution {name!r}: use 'chN.function', N from 0 to 6 (e.g. 'ch1.continuation_logprob').")
+        raise BiasGymError(f"no solution {name!r}: use 'chN.function', N from 0 to 7 (e.g. 'ch1.continuation_logprob').")
     module = importlib.import_module(f"{__name__}.{chapter}")
     if not hasattr(module, func):
         names = [n for n, f in vars(module).items() if inspect.isfunction(f) and f.__module__ == module.__name__]
