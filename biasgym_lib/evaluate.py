@@ -160,8 +160,10 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
                     if ranking is not None:
                         sets = ranking[k] if m == "random" else [ranking[k]] if m == "robust" else [ranking[:k]]
                         points.append((run, m, kind, k, [[tuple(h) for h in heads] for heads in sets]))
-    # every steered pass starts at its first edited layer (the layers below it are the unmodified model's)
-    tape = Resumer(model, {min(l for l, _ in heads) for *_, sets in points for heads in sets if heads})
+    # every steered pass starts at its first edited layer (the layers below it are the unmodified model's),
+    # where recording the unmodified pass pays for itself (_strength_plan)
+    tape = Resumer(model, {min(l for l, _ in heads) for *_, sets in points for heads in sets if heads},
+                   plan=_strength_plan(points, shared, facts))
 
     def capability(spec):
         def measure(spec):
@@ -174,7 +176,7 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
         return tape(("capability",), spec, measure)
 
     def strength(spec, run, bias, facts_):
-        sig = ("S", bias.name, bool(facts_), tuple(run.get("countries", ())), tuple(map(id, run["tokens"])))
+        sig = _strength_signature(run, bias.name, bool(facts_))
         return tape(sig, spec, lambda sp: strength_under(model, tokenizer, sp, run["tokens"], bias, references, facts_,
                                                           seed=seed, countries=run.get("countries", ())))
 
@@ -219,6 +221,39 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
                 "perplexity": {name: p for name, p in cost["perplexity"].items()},
                 "mc": cost.get("mc")})
     return {"before": before, "rows": rows}
+
+
+def _strength_signature(run: dict, bias: str, with_facts: bool) -> tuple:
+    return ("S", bias, with_facts, tuple(run.get("countries", ())), tuple(map(id, run["tokens"])))
+
+
+def _strength_plan(points, shared: dict, facts) -> dict:
+    """For :class:`~biasgym_lib.layerskip.Resumer`: the first edited layer of every steered S
+    measurement :func:`selection_grid` will make, per signature, found by walking its points
+    as it will (a head set's facts are measured with its first S only; what ``shared`` holds
+    is not measured again). A signature whose unmodified pass is measured in this call anyway
+    (the bias's S before steering) is left out: its recording is free."""
+    plan: dict = {}
+    costs = {k for k in shared if k[0] == "cost"}
+    strengths = {k: set(v["countries"]) for k, v in shared.items() if k[0] == "strength"}
+    free = set()
+    for run, _, kind, _, head_sets in points:
+        name = run["bias"].name if hasattr(run["bias"], "attributes") else str(run["bias"])
+        countries = set(run.get("countries", ()))
+        before = ("strength", name, (), None)
+        if before not in strengths or countries - strengths[before]:
+            free.add(_strength_signature(run, name, bool(facts)))
+            strengths[before] = countries
+        for heads in head_sets:
+            cost_key, s_key = ("cost", tuple(sorted(heads)), kind), ("strength", name, tuple(sorted(heads)), kind)
+            if s_key in strengths and not countries - strengths[s_key]:
+                continue
+            sig = _strength_signature(run, name, bool(facts) and cost_key not in costs)
+            strengths[s_key] = countries
+            costs.add(cost_key)
+            if heads:
+                plan.setdefault(sig, []).append(min(l for l, _ in heads))
+    return {sig: starts for sig, starts in plan.items() if sig not in free}
 
 
 def _null():

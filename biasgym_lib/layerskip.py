@@ -247,16 +247,34 @@ class Resumer:
     ``resumer(signature, spec, fn)`` returns ``fn(spec)``; the first time a ``signature`` (what
     ``fn`` measures) is seen, ``fn(None)`` (the unmodified model) is recorded on the tape.
     ``starts``: the first edited layers of the specs to come. On a model whose layers cannot
-    be swapped (a device map), every measurement runs in full."""
+    be swapped (a device map), every measurement runs in full.
 
-    def __init__(self, model, starts):
+    ``plan`` (optional): signature -> the first edited layers of every steered measurement of
+    it to come. Recording costs one full pass and a resumed pass saves the layers below its
+    start, so a signature whose first steered measurement comes before any unsteered one is
+    recorded only if its measurements save more than one pass (sum of start / n_layers > 1);
+    otherwise they run in full. Either way the numbers are the same, bit for bit."""
+
+    def __init__(self, model, starts, plan: dict | None = None):
         layers = adapter_of(model).layers
         usable = not any("forward" in vars(layer) for layer in layers)
         self.tape = LayerTape(model, starts) if usable else None
         self.recorded: set = set()
+        self.n_layers = len(layers)
+        self.plan = plan
+        self.full: set = set()  # signatures whose steered measurements run in full (recording would not pay)
+
+    def pays(self, signature) -> bool:
+        """Whether recording ``signature`` for its planned steered measurements saves time."""
+        if self.plan is None or signature not in self.plan:
+            return True
+        return sum(self.tape.start_for(s) for s in self.plan[signature]) / self.n_layers > 1
 
     def __call__(self, signature, spec, fn):
-        if self.tape is None or not self.tape.starts:
+        if self.tape is None or not self.tape.starts or signature in self.full:
+            return fn(spec)
+        if spec is not None and signature not in self.recorded and not self.pays(signature):
+            self.full.add(signature)
             return fn(spec)
         if spec is None or signature not in self.recorded:
             with self.tape.recording():

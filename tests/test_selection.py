@@ -153,6 +153,39 @@ def test_selection_grid_resumed_at_the_first_edited_layer_equals_the_full_passes
     assert fast == full
 
 
+def test_a_second_grid_call_records_the_unmodified_pass_only_where_it_pays(setup, monkeypatch):
+    """Issue 22: after a first call (the grid) has measured each bias before steering, a second
+    one (the confirmation) would pay a full unmodified pass to record it; it does only for the
+    signatures whose resumed passes save more than that, and runs the others in full. The
+    numbers are the same, bit for bit, as with every pass in full."""
+    import biasgym_lib.layerskip as ls
+
+    model, tok, tokens = setup
+    a = ModelAdapter(model)
+    rankings = {"dla": [(2, 1), (2, 3)], "attention": [(2, 4), (2, 0)],
+                "random": {1: [[(1, 2)], [(2, 1)]], 2: [[(1, 2), (2, 2)], [(2, 1), (1, 4)]]}}
+    runs = [{"bias": "reckless_driving", "tokens": tokens, "rankings": rankings}]
+    kw = dict(kinds=["zero"], references=REFS, facts=FACTS, texts={},
+              means=torch.randn(a.n_layers, a.n_heads * a.d_head), progress=False)
+    calls = [dict(ks=[1], methods=["dla", "attention", "random"]),  # the grid: measures S before steering
+             dict(ks=[2], methods=["random"]),                      # two passes from layer 1 of 3: not worth a recording
+             dict(ks=[2], methods=["dla", "attention"])]            # two from layer 2: worth one
+    made = []
+    real_init = ls.Resumer.__init__
+    monkeypatch.setattr(ls.Resumer, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or made.append(self))
+    shared = {}
+    fast = [selection_grid(model, tok, runs, shared=shared, **kw, **c) for c in calls]
+    low, high = made[1], made[2]
+    assert low.plan and low.full == set(low.plan) and not low.recorded & set(low.plan)
+    assert high.plan and not high.full and high.recorded >= set(high.plan) and high.tape.hits > 0
+    for r in (low, high):
+        for sig, starts in r.plan.items():
+            assert (sig in r.full) == (sum(starts) / r.n_layers <= 1), (sig, starts)
+    monkeypatch.setattr(ls.Resumer, "__call__", lambda self, signature, spec, fn: fn(spec))
+    shared = {}
+    assert fast == [selection_grid(model, tok, runs, shared=shared, **kw, **c) for c in calls]
+
+
 def _e(v):
     return Estimate(v, v - 0.05, v + 0.05, 10)
 
