@@ -53,7 +53,14 @@ answers' few tokens run per phrasing."""
 CULTURE_BOUNDS = {"margin": 0.10, "accuracy": -0.03}
 """Stated in advance (issue 24): a debiasing keeps cultural knowledge if the mean margin loses
 at most 10% and accuracy falls by at most 3 points, in every dimension and overall, and no
-more than layer-matched random heads of the same kind and k lose."""
+more than random heads of the same kind and k lose.
+
+Revised after the first teaching results, and said so wherever it is used: the bounds are
+judged on all items only (:func:`keeps_culture`). A dimension holds 8 to 35 items, so one item
+changing its answer moves accuracy by 3 to 12 points, and the margin's interval per dimension
+spans more than +-50%: the per-dimension part could not resolve its own bound (random heads
+failed it too). Per-dimension changes are reported, not judged; the verdict as first stated is
+kept beside the revised one (``keeps_as_stated``)."""
 
 
 def question_prefix(phrasing: str, description: str) -> str:
@@ -314,13 +321,14 @@ def culture_change(before: dict, after, n_boot: int = 1000, seed: int = 0) -> di
     return out
 
 
-def keeps_culture(change: dict, random: dict | None = None) -> bool:
-    """:data:`CULTURE_BOUNDS` hold overall and in every dimension, and, given the ``random``
-    heads' change (same kind and k), the selection is not clearly worse than them overall:
-    the lower end of its margin-lost interval is at most random heads' margin lost, and the
-    upper end of its accuracy change at least theirs (stated in advance, issue 24)."""
+def keeps_culture(change: dict, random: dict | None = None, per_dimension: bool = False) -> bool:
+    """:data:`CULTURE_BOUNDS` hold on all items (``per_dimension``: in every dimension too, the
+    criterion as first stated), and, given the ``random`` heads' change (same kind and k), the
+    selection is not clearly worse than them: the lower end of its margin-lost interval is at
+    most random heads' margin lost, and the upper end of its accuracy change at least theirs."""
+    judged = change.values() if per_dimension else [change["all"]]
     within = all(v["margin_lost"]["value"] <= CULTURE_BOUNDS["margin"]
-                 and v["accuracy_change"]["value"] >= CULTURE_BOUNDS["accuracy"] for v in change.values())
+                 and v["accuracy_change"]["value"] >= CULTURE_BOUNDS["accuracy"] for v in judged)
     if random is None:
         return bool(within)
     s, r = change["all"], random["all"]
@@ -399,7 +407,8 @@ def culture_summary(result: dict, n_boot: int = 1000) -> list[dict]:
     """One line per selection (source, method, kind, k) of :func:`culture_steering`: the mean
     stereotype reduction and facts' reduction over its rows (biases, or random draws), and the
     culture change averaged over them with a paired bootstrap over items, per dimension;
-    ``keeps``: :func:`keeps_culture` against the random heads of the same source, kind and k."""
+    ``keeps``: :func:`keeps_culture` against the random heads of the same source, kind and k
+    (on all items); ``keeps_as_stated``: the same with the per-dimension bounds as first stated."""
     groups: dict = {}
     for r in result["rows"]:
         groups.setdefault((r["source"], r["method"], r["kind"], r["k"]), []).append(r)
@@ -413,7 +422,9 @@ def culture_summary(result: dict, n_boot: int = 1000) -> list[dict]:
                     "culture": culture_change(before, afters, n_boot=n_boot)}
     for key, line in out.items():
         rand = out.get((key[0], "random", key[2], key[3]))
-        line["keeps"] = keeps_culture(line["culture"], None if key[1] == "random" or rand is None else rand["culture"])
+        against = None if key[1] == "random" or rand is None else rand["culture"]
+        line["keeps"] = keeps_culture(line["culture"], against)
+        line["keeps_as_stated"] = keeps_culture(line["culture"], against, per_dimension=True)
     return list(out.values())
 
 
@@ -433,7 +444,8 @@ def culture_frame(lines: list[dict]):
         "facts' S lost": None if x["facts_reduction"] is None else round(x["facts_reduction"], 3),
         "culture margin lost, % [95%]": _ci(x["culture"]["all"]["margin_lost"]),
         "culture accuracy change, points [95%]": _ci(x["culture"]["all"]["accuracy_change"]),
-        "keeps culture": "yes" if x["keeps"] else "no"} for x in lines])
+        "keeps culture": "yes" if x["keeps"] else "no",
+        "as first stated (per dimension too)": "yes" if x["keeps_as_stated"] else "no"} for x in lines])
 
 
 def knowledge_frame(before: dict):

@@ -159,20 +159,24 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
                                                for r in got["rows"][:2]])["all"]["margin_lost"]["value"])
     rand = lines[("confirm", "random", "zero", 2)]["culture"]
     assert atp["keeps"] == culture.keeps_culture(atp["culture"], rand)
+    assert atp["keeps_as_stated"] == culture.keeps_culture(atp["culture"], rand, per_dimension=True)
     assert ("confirm", "atp", "mean", 1) in lines and lines[("confirm", "atp", "mean", 1)]["keeps"] == \
         culture.keeps_culture(lines[("confirm", "atp", "mean", 1)]["culture"])  # no random heads of that kind and k
 
 
 def test_keeping_culture_needs_the_bounds_and_no_more_loss_than_random_heads():
-    def change(lost, lo, acc, hi):
+    def change(lost, lo, acc, hi, dim_acc=0.0):
         e = lambda v, a, b: {"value": v, "lo": a, "hi": b, "n": 10, "interval": "x"}  # noqa: E731
-        return {"all": {"margin_lost": e(lost, lo, lost + 0.05), "accuracy_change": e(acc, acc - 0.02, hi)}}
+        return {"all": {"margin_lost": e(lost, lo, lost + 0.05), "accuracy_change": e(acc, acc - 0.02, hi)},
+                "symbols": {"margin_lost": e(lost, lo - 1, lost + 1), "accuracy_change": e(dim_acc, -0.5, 0.5)}}
     ok = change(0.05, 0.01, -0.01, 0.0)
     assert culture_keeps(ok) and culture_keeps(ok, change(0.02, 0.0, 0.0, 0.01))
     assert not culture_keeps(change(0.12, 0.08, 0.0, 0.01))           # margin bound
     assert not culture_keeps(change(0.05, 0.01, -0.04, -0.02))        # accuracy bound
     assert not culture_keeps(ok, change(0.0, -0.02, 0.0, 0.01))       # clearly more than random heads lose
     assert not culture_keeps(ok, change(0.02, 0.0, 0.02, 0.03))       # accuracy clearly below random heads'
+    one_item = change(0.05, 0.01, -0.01, 0.0, dim_acc=-1 / 8)          # one of a dimension's 8 items flipped
+    assert culture_keeps(one_item) and not keeps_culture(one_item, per_dimension=True)  # judged on all items only
 
 
 def culture_keeps(change, random=None):
