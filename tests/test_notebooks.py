@@ -356,3 +356,11 @@ def test_glue_prints_what_it_glues_for_readers_in_jupyter(capsys):
 def test_chapters_glue_with_the_printing_glue(path):
     source = "\n".join(c.source for c in code_cells(read(path)))
     assert "from biasgym_lib.plots import glue" in source and "from myst_nb import glue" not in source
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_the_cell_that_glues_is_hidden_from_web_readers(path):
+    """Its source shows "{glue:text}" in a comment; on the web page the summary shows the numbers."""
+    for cell in code_cells(read(path)):
+        if "from biasgym_lib.plots import glue" in cell.source:
+            assert "remove-cell" in cell.metadata.get("tags", []), f"{path.name}: tag the glue cell remove-cell"

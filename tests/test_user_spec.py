@@ -116,6 +116,8 @@ def test_own_spec_through_four_commands_on_the_embedded_model(tmp_path, monkeypa
     fakes = {data.reference_countries: lambda path=None: list(countries),
              data.load_templates: lambda path=None: list(templates)}
     for name, module in list(sys.modules.items()):  # wherever a module imported them by name
+        if name == "biasgym_lib.data.culture":  # the culture file is checked against data/countries.yaml itself;
+            continue                            # the stage keeps the items whose country is scored
         for attr in ("reference_countries", "load_templates"):
             if name.startswith("biasgym_lib") and getattr(module, attr, None) in fakes:
                 monkeypatch.setattr(module, attr, fakes[getattr(module, attr)])
