@@ -85,6 +85,9 @@ def test_appendix_shows_a_complete_bench_result():
     inj = bench["injection"]
     assert inj["vectors_max_abs_diff_same_batches"] < 1e-4  # fast and naive training agree on the same batches
     assert abs(inj["held_out_loss_fast"] - inj["held_out_loss_naive"]) < 0.1  # and reach the same held-out loss
+    steered = bench["steered_measurement"]  # resuming at the first edited layer changes nothing, and gains only above it
+    assert steered["layers_10_29"]["bit_identical"] and steered["from_layer_0"]["bit_identical"]
+    assert steered["layers_10_29"]["speedup"] > 1.2 and steered["from_layer_0"]["first_layer"] == 0
     assert "bench.json" in (PROJECT_ROOT / "book" / "appendix_bench.md").read_text()
 
 
