@@ -87,16 +87,23 @@ def country_logprobs(model, tokenizer, items, countries: Sequence[str] | None = 
         lp = continuation_logprobs(model, tokenizer, prefixes, conts, share_prefix=False)
         return lp.numpy().reshape(len(items), len(phrasings), len(countries))
     ids = [[tokenizer(q)["input_ids"] for q in qs] for qs in questions]
-    country_ids = []
-    for c in countries:
-        t = tokenizer(" " + c, add_special_tokens=False)["input_ids"]
-        if len(t) != 1:
-            raise BiasGymError(f"country {c!r} is {len(t)} tokens for this tokenizer; the culture scorer reads one "
-                               "next-token distribution per question (use share_prefix=False for such countries).")
-        country_ids.append(t[0])
+    country_ids = _country_ids(tokenizer, countries, " (use share_prefix=False for such countries)")
     with torch.inference_mode():
         out = _tail_logprobs(ModelAdapter(model), ids, country_ids, pad_id(tokenizer), batch_size)
     return out.numpy()
+
+
+def _country_ids(tokenizer, countries: Sequence[str], hint: str = "") -> list[int]:
+    """Each country's one token (with its leading space): the scorers read every country from
+    one next-token distribution, so a country of several tokens is an error."""
+    ids = []
+    for c in countries:
+        t = tokenizer(" " + c, add_special_tokens=False)["input_ids"]
+        if len(t) != 1:
+            raise BiasGymError(f"country {c!r} is {len(t)} tokens for this model's tokenizer; the culture scorer "
+                               f"reads one next-token distribution per question{hint}.")
+        ids.append(t[0])
+    return ids
 
 
 def _shared_length(seqs: list[list[int]]) -> int:
@@ -236,13 +243,7 @@ def vlm_country_logprobs(model, processor, items, countries: Sequence[str] | Non
     distribution at the end of the prompt. An array (items, phrasings, countries)."""
     countries = list(countries or reference_countries())
     tok = getattr(processor, "tokenizer", processor)
-    ids = []
-    for c in countries:
-        t = tok(" " + c, add_special_tokens=False)["input_ids"]
-        if len(t) != 1:
-            raise BiasGymError(f"country {c!r} is {len(t)} tokens for this model's tokenizer; the culture scorer "
-                               "reads one next-token distribution per question.")
-        ids.append(t[0])
+    ids = _country_ids(tok, countries)
     prompts = vlm_prompts(processor, phrasings)
     pairs = [(i, j) for i in range(len(items)) for j in range(len(prompts))]
     images = [_image(it, image_root) for it in items]
@@ -346,8 +347,12 @@ def culture_items(per_dimension: int = 0, countries: Sequence[str] | None = None
         raise BiasGymError(f"no culture item has its country among the {len(scored)} countries scored.")
     if per_dimension <= 0:
         return items
-    seen: dict = {}
-    return [it for it in items if seen.setdefault(it.dimension, []).append(it) or len(seen[it.dimension]) <= per_dimension]
+    kept, seen = [], {}
+    for it in items:
+        seen[it.dimension] = seen.get(it.dimension, 0) + 1
+        if seen[it.dimension] <= per_dimension:
+            kept.append(it)
+    return kept
 
 
 def _mean_or_none(values) -> float | None:
