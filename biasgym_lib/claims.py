@@ -10,6 +10,7 @@ from .evaluate import (
     PAPER,
     TARGET_REDUCTION,
     SteeringResult,
+    at_equal_k,
     summarise_grid,
     target_result,
 )
@@ -21,6 +22,32 @@ from .stats import RUNS, over_runs
 
 def _line(summary: list[SteeringResult], method: str, kind: str, k: int) -> SteeringResult | None:
     return next((x for x in summary if x.key == (method, kind, k)), None)
+
+
+def patching_agrees(precision: dict, n_patched: int, k: int) -> tuple[float, bool]:
+    """Does exact patching agree with a score's top k? Patching ranks only the ``n_patched``
+    heads of its union, which holds the score's top k, so k heads drawn at random from that
+    union would have a top-k precision of k / n_patched by chance. Returns that chance level
+    and whether the precision's 95% interval (an :class:`~biasgym_lib.stats.Estimate` dict)
+    lies above it."""
+    chance = min(1.0, k / max(1, n_patched))
+    return chance, bool(precision["lo"] > chance)
+
+
+def few_heads_holds(shares, agrees: dict) -> bool:
+    """"The bias is carried by few heads": the top k carry >= 25% of the positive DLA
+    attribution on average *and* exact patching agrees with DLA's top k on every grid bias
+    (:func:`patching_agrees`); with no patching measured, the agreement is not shown and the
+    claim does not hold."""
+    return bool(np.mean(shares) >= 0.25 and agrees and all(agrees.values()))
+
+
+def equal_k_json(rows: list[dict]) -> list[dict]:
+    """:func:`~biasgym_lib.evaluate.at_equal_k`'s rows with their estimates as dicts (for ``claims.json``)."""
+    def est(e):
+        return None if e is None else e.to_dict()
+    return [{**r, "reduction": [est(e) for e in r["reduction"]], "facts_reduction": [est(e) for e in r["facts_reduction"]],
+             "random_reduction": est(r["random_reduction"])} for r in rows]
 
 
 def _target(summary: list[SteeringResult], k: int) -> dict:
@@ -45,7 +72,7 @@ def claims_from(run) -> dict:
     n_heads = scopes[runs[0]].scores["dla"].numel()
 
     shares = [r.share_top_k for r in scopes.values()]
-    agree = {}
+    agree, chance_precision, dla_agrees = {}, {}, {}
     for b in run.grid_biases:
         if "patching" in cfg.grid_methods:
             p = run.patching(b)
@@ -53,6 +80,10 @@ def claims_from(run) -> dict:
             for m in ("dla", "delta_dla", "atp"):
                 mu = [r.units[m] for r in run.scopes(b)]
                 agree[f"{b}: {m} vs patching"] = agreement(mu, units, k)
+            # exact patching ranks only its union of heads, which holds DLA's top k: k heads drawn at
+            # random from that union would share k / |union| of patching's top k by chance
+            chance_precision[b], dla_agrees[b] = patching_agrees(agree[f"{b}: dla vs patching"]["precision"],
+                                                                len(p["heads"]), k)
 
     selections = {f"paper (robust DLA, alpha = 0, k = {k})": (*PAPER, k),
                   f"chosen ({chosen[0]}, {chosen[1]}, k = {chosen[2]})": chosen}
@@ -121,9 +152,15 @@ def claims_from(run) -> dict:
         {"claim": "the bias is carried by few heads",
          "measured_as": f"share of the positive DLA attribution in the top {k} of {n_heads} heads; top-{k} agreement "
                         "of the scores with exact patching on S's sentences (bootstrap over seeds and sentences)",
-         "value": {"share_top_k": over_runs(shares), "agreement": agree},
-         "criterion": f"the top {k} heads carry >= 25% of the positive attribution on average",
-         "holds": bool(np.mean(shares) >= 0.25)},
+         "value": {"share_top_k": over_runs(shares), "agreement": agree, "chance_precision": chance_precision,
+                   "dla_agrees_with_patching": dla_agrees,
+                   "holds_on_share_alone": bool(np.mean(shares) >= 0.25)},
+         "criterion": f"the top {k} heads carry >= 25% of the positive attribution on average, and patching agrees: "
+                      f"the top-{k} precision of DLA against exact patching has its interval above the chance "
+                      "precision k / (heads patched) on every grid bias (the agreement was added in issue 23, after "
+                      "both values had been shown; until then the share alone decided: the value keeps that verdict; "
+                      "without patching in the grid the agreement is not measured and the claim is not shown)",
+         "holds": few_heads_holds(shares, dla_agrees)},
         {"claim": "steering the top heads removes the bias",
          "measured_as": f"mean reduction 1 - S_after/S_before of S(<TOKEN>, b) with k = {k} heads, over biases x "
                         "seeds, against k random heads; the facts' reduction under the same heads",
@@ -160,6 +197,8 @@ def claims_from(run) -> dict:
     return {"model": next(iter(inj.values())).model, "profile": cfg.name, "seeds": list(cfg.seeds),
             "biases": list(run.biases), "k": k, "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
+            # the chosen ranking against the paper's only where both were steered at the same kind and k
+            "equal_k": equal_k_json(at_equal_k(run.summary(), (best.method, PAPER[0]))),
             "confirm": [x.to_dict() for x in confirm], "countries": countries,
             "culture": {"before": {key: culture_before[key] for key in ("accuracy", "margin", "rank", "chance")},
                         "summary": list(culture.values())}, "claims": claims, "bounds": GRID_BOUNDS,
@@ -205,6 +244,9 @@ def claims_table(claims: dict):
                 text = f"S {_fmt(value['strength_after'])}; specificity {_fmt(value['specificity_after'])}"
             else:
                 text = f"top-k share {_fmt(value['share_top_k'])}"
+                for b, chance in value.get("chance_precision", {}).items():
+                    v = value["agreement"][f"{b}: dla vs patching"]
+                    text += f"; {b}: DLA's top-k precision against patching {_fmt(v['precision'])} (chance {chance:.2f})"
             rows.append({"claim": c["claim"], "selection": name or "-", "value": text, "criterion": c["criterion"],
                          "holds here": "yes" if ok else "no"})
     return pd.DataFrame(rows)

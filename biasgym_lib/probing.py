@@ -44,3 +44,27 @@ def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int
             top2 = logits.topk(2, dim=-1).indices.tolist()
             out += [b if a == biased else a for a, b in top2]
     return out
+
+
+def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """Do the probes elicit the bias that DLA is asked to explain (issue 23)? For each injected
+    token's BiasScope result (:class:`~biasgym_lib.heads.ScopeResult`): the mean logit
+    difference logit(biased) - logit(adversarial) over its probes with a bootstrap 95%
+    interval over probes, and the share of probes on which the biased label wins. The
+    criterion, fixed before the table is read: the probes elicit the bias when the interval
+    lies above 0. DLA splits whatever difference there is; where it is negative, the heads it
+    ranks first are those that push *towards* the adversarial label least, not those that
+    carry the bias."""
+    import numpy as np
+
+    from .stats import bootstrap
+
+    out = []
+    for s in scopes:
+        diffs = np.asarray(s.logit_diff_per_probe, dtype=float)
+        if diffs.size == 0:
+            raise BiasGymError(f"the BiasScope result of {s.bias} (seed {s.seed}) has no probes.")
+        est = bootstrap(diffs, n_boot, seed, interval="bootstrap 95% over probes")
+        out.append({"bias": s.bias, "seed": s.seed, "n_probes": int(diffs.size), "logit_diff": est,
+                    "share_positive": float((diffs > 0).mean()), "elicits": bool(est.lo > 0)})
+    return out

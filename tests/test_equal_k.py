@@ -1,0 +1,91 @@
+"""Issue 23, part 1: comparisons of rankings at equal kind and k with a tie rule, whether the
+probes elicit the bias, and the "few heads" claim with the patching agreement it promises."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from biasgym_lib.claims import equal_k_json, few_heads_holds, patching_agrees
+from biasgym_lib.errors import BiasGymError
+from biasgym_lib.evaluate import SteeringResult, at_equal_k, compare, equal_k_frame, equal_k_text
+from biasgym_lib.probing import probe_elicitation
+from biasgym_lib.stats import Estimate
+
+
+def _e(v, lo=None, hi=None):
+    return Estimate(v, v if lo is None else lo, v if hi is None else hi, 3)
+
+
+def _line(method, kind, k, red, facts, heads=None):
+    return SteeringResult(method, kind, k, 3, 1, float(k if heads is None else heads), red, facts,
+                          {"neutral": _e(0.0)}, None)
+
+
+def test_the_tie_rule_reads_the_intervals_not_the_points():
+    names = ("a", "b")
+    assert compare(_e(0.30, 0.25, 0.35), _e(0.20, 0.15, 0.26), names) == "tie"  # overlap at 0.25-0.26
+    assert compare(_e(0.30, 0.27, 0.35), _e(0.20, 0.15, 0.26), names) == "a higher"
+    assert compare(_e(0.10, 0.05, 0.12), _e(0.20, 0.15, 0.26), names) == "b higher"
+    assert compare(_e(0.10), _e(0.10), names) == "tie"
+    assert compare(None, _e(0.1), names) == "not measured"
+
+
+def test_rankings_are_compared_only_where_both_were_steered_at_the_same_kind_and_k():
+    summary = [
+        _line("atp_selective", "zero", 2, _e(0.077, 0.053, 0.093), _e(0.091, 0.078, 0.104)),
+        _line("robust", "zero", 2, _e(0.076, 0.072, 0.080), _e(0.0, -0.008, 0.008)),
+        _line("atp_selective", "zero", 20, _e(0.66, 0.62, 0.73), _e(0.13, 0.09, 0.17)),
+        _line("robust", "zero", 20, _e(0.44, 0.40, 0.48), _e(0.70, 0.66, 0.74), heads=18),
+        _line("robust", "zero", 10, _e(0.33, 0.30, 0.36), _e(0.69, 0.65, 0.74)),  # no atp_selective at (zero, 10)
+        _line("atp_selective", "mean", 10, _e(0.34, 0.31, 0.37), _e(0.11, 0.08, 0.14)),  # no robust at (mean, 10)
+        _line("random", "zero", 20, _e(0.2, 0.1, 0.3), _e(0.0, -0.01, 0.01)),
+    ]
+    rows = at_equal_k(summary, ("atp_selective", "robust"))
+    assert [(r["kind"], r["k"]) for r in rows] == [("zero", 2), ("zero", 20)]
+    k2, k20 = rows
+    assert k2["S"] == "tie" and k2["facts"] == "robust keeps more"
+    assert k20["S"] == "atp_selective higher" and k20["facts"] == "atp_selective keeps more"
+    assert k2["random_reduction"] is None and k20["random_reduction"].value == 0.2
+    assert k20["heads"] == [20.0, 18.0]  # the robust set can hold fewer than k heads: shown, not hidden
+    # the same from claims.json's dicts, and back to JSON
+    again = at_equal_k([x.to_dict() for x in summary], ("atp_selective", "robust"))
+    assert [(r["S"], r["facts"]) for r in again] == [(r["S"], r["facts"]) for r in rows]
+    js = equal_k_json(rows)
+    assert js[0]["reduction"][0] == summary[0].reduction.to_dict() and js[0]["random_reduction"] is None
+    text = equal_k_text(rows)
+    assert "k = 2 (zero): S removed 8% vs 8%, tie; facts lost 9% vs 0%, robust keeps more" in text
+    table = equal_k_frame(rows)
+    assert list(table["S: verdict"]) == ["tie", "atp_selective higher"]
+    assert list(table["heads (atp_selective / robust)"]) == ["2 / 2", "20 / 18"]
+    assert equal_k_text([]) == "no k at which both were steered"
+
+
+def _scope(bias, seed, diffs):
+    return SimpleNamespace(bias=bias, seed=seed, logit_diff_per_probe=list(diffs))
+
+
+def test_probes_elicit_the_bias_only_when_the_interval_lies_above_zero():
+    rng = np.random.default_rng(0)
+    rows = probe_elicitation([_scope("a", 0, 2.0 + 0.1 * rng.standard_normal(24)),  # clearly above 0
+                              _scope("b", 0, -0.5 + 0.1 * rng.standard_normal(24)),  # the adversarial label wins
+                              _scope("c", 1, [3.0, -2.9, 2.8, -3.1, 0.8, -0.2])])  # mean > 0, interval across 0
+    assert [r["elicits"] for r in rows] == [True, False, False]
+    assert rows[2]["logit_diff"].value == pytest.approx(np.mean([3.0, -2.9, 2.8, -3.1, 0.8, -0.2]))
+    assert rows[2]["logit_diff"].value > 0 > rows[2]["logit_diff"].lo
+    assert rows[1]["share_positive"] == 0.0 and rows[0]["share_positive"] == 1.0
+    assert (rows[2]["bias"], rows[2]["seed"], rows[2]["n_probes"]) == ("c", 1, 6)
+    with pytest.raises(BiasGymError, match="has no probes"):
+        probe_elicitation([_scope("d", 0, [])])
+
+
+def test_few_heads_needs_the_patching_agreement_it_promises():
+    # 28 heads patched, k = 10: ten heads drawn from the union match patching's top 10 at 10/28 by chance
+    chance, ok = patching_agrees({"value": 0.40, "lo": 0.30, "hi": 0.50}, 28, 10)
+    assert chance == pytest.approx(10 / 28) and not ok
+    assert patching_agrees({"value": 0.9, "lo": 0.6, "hi": 1.0}, 28, 10) == (pytest.approx(10 / 28), True)
+    assert patching_agrees({"value": 1.0, "lo": 1.0, "hi": 1.0}, 5, 10) == (1.0, False)  # nothing to beat chance with
+    assert few_heads_holds([0.4, 0.45], {"b": True})
+    assert not few_heads_holds([0.4, 0.45], {"b": False})  # the share alone no longer decides
+    assert not few_heads_holds([0.4, 0.45], {})  # patching not measured: not shown
+    assert not few_heads_holds([0.1, 0.2], {"b": True})
