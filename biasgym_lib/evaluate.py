@@ -428,9 +428,8 @@ def target_result(summary: Sequence[SteeringResult], k_max: int) -> dict:
 
 def compare(a: Estimate | None, b: Estimate | None, names: tuple[str, str], word: str = "higher") -> str:
     """Which of two estimates is larger, judged by their 95% intervals: "tie" when the
-    intervals overlap (the data cannot tell them apart), else "<name of the larger> <word>".
-    A rule fixed before it is applied, so that a difference inside the noise is never read
-    as a win."""
+    intervals overlap (the data cannot tell them apart), else "<name of the larger> <word>":
+    a difference inside the noise is never read as a win."""
     if a is None or b is None:
         return "not measured"
     if a.lo > b.hi:
