@@ -157,9 +157,10 @@ def claims_from(run) -> dict:
                    "holds_on_share_alone": bool(np.mean(shares) >= 0.25)},
          "criterion": f"the top {k} heads carry >= 25% of the positive attribution on average, and patching agrees: "
                       f"the top-{k} precision of DLA against exact patching has its interval above the chance "
-                      "precision k / (heads patched) on every grid bias (the agreement was added in issue 23, after "
-                      "both values had been shown; until then the share alone decided: the value keeps that verdict; "
-                      "without patching in the grid the agreement is not measured and the claim is not shown)",
+                      "precision k / (heads patched) on every grid bias (the agreement, which the method page promised, "
+                      "was added to the criterion after both values had been shown in this book; until then the share "
+                      "alone decided, and the value keeps that verdict; without patching in the grid the agreement is "
+                      "not measured and the claim is not shown)",
          "holds": few_heads_holds(shares, dla_agrees)},
         {"claim": "steering the top heads removes the bias",
          "measured_as": f"mean reduction 1 - S_after/S_before of S(<TOKEN>, b) with k = {k} heads, over biases x "
