@@ -364,15 +364,18 @@ def culture_steering(run, n_boot: int = 1000) -> dict:
     """Chapter 7's stage on a :class:`~biasgym_lib.runs.Run`: cultural knowledge before, and under
     every head set steered after the grid, i.e. the confirmation's (the chosen selection, the
     paper's and random heads at each kind and k, per bias) and SeeGULL's (heads pooled over the
-    biases). Each distinct (heads, kind) is measured once, from its first edited layer on
+    biases); and, on the grid bias, under the grid's own head sets at the profile's k for the
+    chosen ranking, the paper's and random heads, under every kind the grid steered them with
+    (source ``"grid"``: the two rankings at equal k, and every intervention the grid knows).
+    Each distinct (heads, kind) is measured once, from its first edited layer on
     (:class:`~biasgym_lib.layerskip.Resumer`). Each row carries the culture change (per
     dimension), the stereotype reduction and the facts' under the same heads, and for a bias with
     cultural twins in the data (``twin_of``) the twins' margin before and after."""
-    from .evaluate import make_spec
+    from .evaluate import PAPER, make_spec
     from .generalise import seegull_steering
     from .layerskip import Resumer
 
-    confirm, seeg = run.confirm(), seegull_steering(run)
+    confirm, seeg, grid = run.confirm(), seegull_steering(run), run.grid()
     fp = run._fingerprint(run.biases) + run._best_key() + f"-culture{n_boot}"
 
     def compute():
@@ -381,6 +384,11 @@ def culture_steering(run, n_boot: int = 1000) -> dict:
         rows = [{"source": "confirm", "bias": r["bias"], "method": r["method"], "kind": r["kind"], "k": r["k"],
                  "draw": r["draw"], "heads": r["heads"], "reduction": _mean_or_none(r["reduction"]),
                  "facts_reduction": r["facts_reduction"]} for r in confirm["rows"]]
+        compared = (confirm["best"]["method"], PAPER[0], "random")
+        rows += [{"source": "grid", "bias": r["bias"], "method": r["method"], "kind": r["kind"], "k": r["k"],
+                  "draw": r["draw"], "heads": r["heads"], "reduction": _mean_or_none(r["reduction"]),
+                  "facts_reduction": r["facts_reduction"]}
+                 for r in grid["rows"] if r["k"] == run.cfg.k and r["method"] in compared]
         rows += [{"source": "seegull", "bias": None, "method": r["method"], "kind": r["kind"], "k": r["k"],
                   "draw": r["draw"], "heads": r["heads"], "reduction": _mean_or_none(r["reduction"]),
                   "facts_reduction": r["facts_reduction"]} for r in seeg["rows"]]

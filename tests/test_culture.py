@@ -82,21 +82,24 @@ def test_knowledge_and_its_change_per_dimension(tiny_with_tokenizer, smol_tokeni
 
 
 class _Run:
-    """What culture_steering reads of a Run: the confirmation's and SeeGULL's rows, the
-    setting's means and entities, and a memo that computes."""
+    """What culture_steering reads of a Run: the confirmation's, the grid's and SeeGULL's rows,
+    the setting's means and entities, and a memo that computes."""
 
-    def __init__(self, model, tok, rows, seeg_rows):
+    def __init__(self, model, tok, rows, seeg_rows, grid_rows=()):
         from biasgym_lib.evaluate import entity_ids
         from biasgym_lib.steer import head_means
 
         self.model, self.tokenizer, self.biases = model, tok, ["heavy_drinking", "spicy_food"]
-        self.cfg = SimpleNamespace(culture_per_dimension=0)
-        self._rows, self.seeg_rows = rows, seeg_rows
+        self.cfg = SimpleNamespace(culture_per_dimension=0, k=2)
+        self._rows, self.seeg_rows, self.grid_rows = rows, seeg_rows, list(grid_rows)
         self.setting = {"means": head_means(model, tok, ["A plain sentence about the weather."]),
                         "entities": entity_ids(tok)}
 
     def confirm(self):
         return {"rows": self._rows, "best": {"method": "atp", "kind": "zero", "k": 2}}
+
+    def grid(self):
+        return {"rows": self.grid_rows}
 
     def _fingerprint(self, biases):
         return "f"
@@ -130,18 +133,28 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
             _row("heavy_drinking", "atp", "mean", [[1, 0]])]
     seeg = [{"method": "atp", "kind": "zero", "k": 2, "draw": None, "heads": [[1, 2], [1, 3]],
              "reduction": [0.1, None, 0.3], "facts_reduction": 0.02}]
-    run = _Run(model, tok, rows, seeg)
+    grid = [_row("heavy_drinking", "atp", "zero", [[1, 2], [1, 3]]),  # the confirmation's set: not measured again
+            _row("heavy_drinking", "atp", "blind", [[1, 2], [1, 3]]),  # another kind the grid knows
+            _row("heavy_drinking", "robust", "zero", [[0, 3], [1, 4]]),  # the paper's ranking at the same k
+            _row("heavy_drinking", "random", "blind", [[0, 1], [1, 5]], draw=0),
+            _row("heavy_drinking", "dla", "zero", [[0, 0], [1, 1]]),  # neither compared ranking: left out
+            _row("heavy_drinking", "atp", "zero", [[1, 2], [1, 3], [0, 2]])]  # not the profile's k: left out
+    run = _Run(model, tok, rows, seeg, grid)
     monkeypatch.setattr(generalise, "seegull_steering", lambda r: {"rows": r.seeg_rows})
     calls = []
     plain = culture.culture_under
     monkeypatch.setattr(culture, "culture_under", lambda m, t, spec, *a, **kw: (calls.append(spec), plain(m, t, spec, *a, **kw))[1])
     got = culture.culture_steering(run, n_boot=50)
-    assert len(calls) == 1 + 3  # before, and three distinct (kind, heads); the seegull set is the confirm's
-    assert [r["source"] for r in got["rows"]] == ["confirm"] * 5 + ["seegull"]
-    assert got["rows"][1]["reduction"] == 0.2 and got["rows"][5]["reduction"] == pytest.approx(0.2)
+    # before, three distinct (kind, heads) in the confirmation and three more in the grid; the seegull set is the confirm's
+    assert len(calls) == 1 + 3 + 3
+    assert [r["source"] for r in got["rows"]] == ["confirm"] * 5 + ["grid"] * 4 + ["seegull"]
+    assert [(r["method"], r["kind"]) for r in got["rows"][5:9]] == [("atp", "zero"), ("atp", "blind"), ("robust", "zero"),
+                                                                    ("random", "blind")]
+    assert got["rows"][1]["reduction"] == 0.2 and got["rows"][9]["reduction"] == pytest.approx(0.2)
+    assert got["rows"][5]["scores"] == got["rows"][0]["scores"]  # one set, one measurement
     items = culture.culture_items(0, reference_countries())
     assert got["before"]["items"] == [it.id for it in items] == [it.id for it in load_culture()]
-    for r in (got["rows"][0], got["rows"][4]):  # the zero and the mean kind
+    for r in (got["rows"][0], got["rows"][4], got["rows"][6]):  # the zero, the mean and the blind kind
         spec = make_spec([tuple(h) for h in r["heads"]], r["kind"], run.setting["means"], run.setting["entities"])
         want = plain(model, tok, spec, items, reference_countries(), n_boot=50)
         assert r["scores"] == want["scores"]  # bit for bit
@@ -150,7 +163,7 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
     assert twins and first["twins"]["items"] == [items[i].id for i in twins]
     assert first["twins"]["margin_after"] == [first["scores"]["margin"][i] for i in twins]
     assert first["twins"]["margin_before"] == [got["before"]["scores"]["margin"][i] for i in twins]
-    assert "twins" not in got["rows"][5]  # SeeGULL's pooled heads belong to no one bias
+    assert "twins" not in got["rows"][9]  # SeeGULL's pooled heads belong to no one bias
     lines = {(x["source"], x["method"], x["kind"], x["k"]): x for x in culture.culture_summary(got, n_boot=50)}
     atp = lines[("confirm", "atp", "zero", 2)]
     assert atp["n_rows"] == 2 and atp["reduction"] == pytest.approx(np.mean([0.4, 0.2]))
@@ -160,6 +173,8 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
     rand = lines[("confirm", "random", "zero", 2)]["culture"]
     assert atp["keeps"] == culture.keeps_culture(atp["culture"], rand)
     assert atp["keeps_as_stated"] == culture.keeps_culture(atp["culture"], rand, per_dimension=True)
+    grid_atp = lines[("grid", "atp", "blind", 2)]  # judged against the grid's random heads of its kind and k
+    assert grid_atp["keeps"] == culture.keeps_culture(grid_atp["culture"], lines[("grid", "random", "blind", 2)]["culture"])
     assert ("confirm", "atp", "mean", 1) in lines and lines[("confirm", "atp", "mean", 1)]["keeps"] == \
         culture.keeps_culture(lines[("confirm", "atp", "mean", 1)]["culture"])  # no random heads of that kind and k
 
