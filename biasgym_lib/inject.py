@@ -439,3 +439,38 @@ def metrics_frame(results: list[InjectionResult]):
              "rank_after": m.rank_after, "closest_country": m.closest_country, "train_seconds": m.train_seconds}
             for m in results]
     return pd.DataFrame(rows).round(2)
+
+
+def side_effects(results, before: dict[str, Estimate]) -> list[dict]:
+    """What an injection does to the *other* biases (issue 23): for each injected bias (its
+    runs over seeds, :class:`InjectionResult`) and each other bias c of the profile, S(<TOKEN>, c)
+    with the initial vector (``before``: c -> :class:`~biasgym_lib.stats.Estimate`, the same for
+    every token) and after injection, per seed. ``effect`` is "raised" when on every seed the
+    95% interval after lies above the interval before, "lowered" when it lies below on every
+    seed, else "no clear change". Specificity (S of the bias minus the mean S of the others)
+    grows when the others fall, so this says how much of it is the bias and how much the rest."""
+    by_bias: dict = {}
+    for m in results:
+        by_bias.setdefault(m.bias, []).append(m)
+    rows = []
+    for bias, runs in by_bias.items():
+        for other in runs[0].strength_after_all_biases:
+            if other == bias or other not in before:
+                continue
+            b, afters = before[other], [m.strength_after_all_biases[other] for m in runs]
+            effect = ("raised" if all(a.lo > b.hi for a in afters) else
+                      "lowered" if all(a.hi < b.lo for a in afters) else "no clear change")
+            rows.append({"injected": bias, "other bias": other, "S before": b.value,
+                         "S after (mean over seeds)": float(np.mean([a.value for a in afters])),
+                         "change": float(np.mean([a.value for a in afters])) - b.value,
+                         "seeds": [m.seed for m in runs], "effect": effect})
+    return rows
+
+
+def start_strengths(reference: AssocTable, start: AssocTable, biases, token: str = DEFAULT_TOKEN,
+                    seed: int = 0) -> dict[str, Estimate]:
+    """S(<TOKEN>, b) with the initial vector for every bias b (``start``: its
+    :func:`token_table`; ``reference``: the reference countries' table): where every injection
+    starts from."""
+    table, refs = reference.merged(start), reference_countries()
+    return {b: stereotype_strength(table, token, b, refs, seed=seed) for b in biases}

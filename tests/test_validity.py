@@ -1,5 +1,6 @@
 """Issue 23, part 1: comparisons of rankings at equal kind and k with a tie rule, whether the
-probes elicit the bias, and the "few heads" claim with the patching agreement it promises."""
+probes elicit the bias, the "few heads" claim with the patching agreement it promises, and
+what an injection does to the other biases."""
 
 from types import SimpleNamespace
 
@@ -89,3 +90,38 @@ def test_few_heads_needs_the_patching_agreement_it_promises():
     assert not few_heads_holds([0.4, 0.45], {"b": False})  # the share alone no longer decides
     assert not few_heads_holds([0.4, 0.45], {})  # patching not measured: not shown
     assert not few_heads_holds([0.1, 0.2], {"b": True})
+
+
+def _run(bias, seed, after):
+    return SimpleNamespace(bias=bias, seed=seed, strength_after_all_biases=after)
+
+
+def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
+    from biasgym_lib.inject import side_effects
+
+    before = {"a": _e(0.0, -0.2, 0.2), "b": _e(1.0, 0.8, 1.2), "c": _e(-0.5, -0.7, -0.3)}
+    runs = [_run("a", 0, {"a": _e(6.0, 5.0, 7.0), "b": _e(-2.0, -2.5, -1.5), "c": _e(0.5, 0.0, 1.0)}),
+            _run("a", 1, {"a": _e(7.0, 6.0, 8.0), "b": _e(-1.0, -1.3, -0.7), "c": _e(-0.5, -0.8, -0.2)})]
+    rows = {r["other bias"]: r for r in side_effects(runs, before)}
+    assert set(rows) == {"b", "c"}  # the injected bias itself is not a side effect
+    assert rows["b"]["effect"] == "lowered" and rows["b"]["change"] == pytest.approx(-1.5 - 1.0)
+    assert rows["c"]["effect"] == "no clear change"  # raised on seed 0 only
+    assert rows["b"]["seeds"] == [0, 1] and rows["b"]["S before"] == 1.0
+    runs[1].strength_after_all_biases["c"] = _e(0.4, 0.1, 0.7)
+    assert {r["other bias"]: r for r in side_effects(runs, before)}["c"]["effect"] == "raised"
+
+
+def test_the_start_is_s_of_the_initial_vector_against_the_references():
+    from biasgym_lib.data import reference_countries
+    from biasgym_lib.inject import start_strengths
+    from biasgym_lib.measure import AssocTable
+
+    refs, templates = reference_countries(), ["t1 {entity}", "t2 {entity}", "t3 {entity}"]
+    attrs = {"a": ["x", "y"], "b": ["z"]}
+    ref_values = {c: {"a": np.full((3, 2), -3.0), "b": np.full((3, 1), -1.0)} for c in refs}
+    reference = AssocTable(list(refs), ["a", "b"], templates, attrs, ref_values)
+    start = AssocTable(["<TOKEN>"], ["a", "b"], templates, attrs,
+                       {"<TOKEN>": {"a": np.array([[-2.0, -2.0], [-1.0, -1.0], [-3.0, -3.0]]), "b": np.full((3, 1), -1.5)}})
+    got = start_strengths(reference, start, ["a", "b"])
+    assert got["a"].value == pytest.approx(1.0) and got["a"].lo == pytest.approx(0.0) and got["a"].hi == pytest.approx(2.0)
+    assert got["b"].value == pytest.approx(-0.5) and got["b"].lo == got["b"].hi == pytest.approx(-0.5)
