@@ -474,3 +474,15 @@ def start_strengths(reference: AssocTable, start: AssocTable, biases, token: str
     starts from."""
     table, refs = reference.merged(start), reference_countries()
     return {b: stereotype_strength(table, token, b, refs, seed=seed) for b in biases}
+
+
+def side_effects_frame(rows: list[dict]):
+    """:func:`side_effects` as a table: injected biases as rows, the other biases as columns,
+    each cell the change of S in nats (mean over seeds) and its effect."""
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame()
+    cells = pd.DataFrame([{"injected": r["injected"], "other bias": r["other bias"],
+                           "cell": f"{r['change']:+.2f} ({r['effect']})"} for r in rows])
+    return cells.pivot(index="injected", columns="other bias", values="cell")

@@ -97,7 +97,7 @@ def _run(bias, seed, after):
 
 
 def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
-    from biasgym_lib.inject import side_effects
+    from biasgym_lib.inject import side_effects, side_effects_frame
 
     before = {"a": _e(0.0, -0.2, 0.2), "b": _e(1.0, 0.8, 1.2), "c": _e(-0.5, -0.7, -0.3)}
     runs = [_run("a", 0, {"a": _e(6.0, 5.0, 7.0), "b": _e(-2.0, -2.5, -1.5), "c": _e(0.5, 0.0, 1.0)}),
@@ -108,7 +108,11 @@ def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
     assert rows["c"]["effect"] == "no clear change"  # raised on seed 0 only
     assert rows["b"]["seeds"] == [0, 1] and rows["b"]["S before"] == 1.0
     runs[1].strength_after_all_biases["c"] = _e(0.4, 0.1, 0.7)
-    assert {r["other bias"]: r for r in side_effects(runs, before)}["c"]["effect"] == "raised"
+    rows = side_effects(runs, before)
+    assert {r["other bias"]: r for r in rows}["c"]["effect"] == "raised"
+    table = side_effects_frame(rows)
+    assert table.loc["a", "b"] == "-2.50 (lowered)" and table.loc["a", "c"] == "+0.95 (raised)"
+    assert side_effects_frame([]).empty
 
 
 def test_the_start_is_s_of_the_initial_vector_against_the_references():
