@@ -31,15 +31,22 @@ def patching_agrees(precision: dict, n_patched: int, k: int) -> tuple[float, boo
     and whether the precision's 95% interval (an :class:`~biasgym_lib.stats.Estimate` dict)
     lies above it."""
     chance = min(1.0, k / max(1, n_patched))
+    # a bootstrap draw's top k can fall outside the union (its heads were ranked on other
+    # units), which only lowers the precision: the test errs towards "does not agree"
     return chance, bool(precision["lo"] > chance)
 
 
-def few_heads_holds(shares, agrees: dict) -> bool:
+def few_heads_holds(shares, agrees: dict) -> bool | None:
     """"The bias is carried by few heads": the top k carry >= 25% of the positive DLA
     attribution on average *and* exact patching agrees with DLA's top k on every grid bias
-    (:func:`patching_agrees`); with no patching measured, the agreement is not shown and the
-    claim does not hold."""
-    return bool(np.mean(shares) >= 0.25 and agrees and all(agrees.values()))
+    (:func:`patching_agrees`). False when the share falls short; None (not shown) when the
+    share is there but no agreement could be measured (no patching in the grid, or fewer heads
+    patched per score than k)."""
+    if np.mean(shares) < 0.25:
+        return False
+    if not agrees:
+        return None
+    return bool(all(agrees.values()))
 
 
 def equal_k_json(rows: list[dict]) -> list[dict]:
@@ -74,7 +81,7 @@ def claims_from(run) -> dict:
     shares = [r.share_top_k for r in scopes.values()]
     agree, chance_precision, dla_agrees = {}, {}, {}
     for b in run.grid_biases:
-        if "patching" in cfg.grid_methods:
+        if "patching" in cfg.grid_methods and cfg.patch_top >= k:  # the union then holds DLA's top k
             p = run.patching(b)
             units = [nan_tensor(u) for u in p["units"]]
             for m in ("dla", "delta_dla", "atp"):
@@ -249,6 +256,6 @@ def claims_table(claims: dict):
                     v = value["agreement"][f"{b}: dla vs patching"]
                     text += f"; {b}: DLA's top-k precision against patching {_fmt(v['precision'])} (chance {chance:.2f})"
             rows.append({"claim": c["claim"], "selection": name or "-", "value": text, "criterion": c["criterion"],
-                         "holds here": "yes" if ok else "no"})
+                         "holds here": "not shown" if ok is None else "yes" if ok else "no"})
     return pd.DataFrame(rows)
 

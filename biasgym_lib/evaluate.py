@@ -428,8 +428,9 @@ def target_result(summary: Sequence[SteeringResult], k_max: int) -> dict:
 
 def compare(a: Estimate | None, b: Estimate | None, names: tuple[str, str], word: str = "higher") -> str:
     """Which of two estimates is larger, judged by their 95% intervals: "tie" when the
-    intervals overlap (the data cannot tell them apart), else "<name of the larger> <word>":
-    a difference inside the noise is never read as a win."""
+    intervals overlap (the data do not separate them, which is not the same as showing them
+    equal), else "<name of the larger> <word>": a difference inside the noise is never read as
+    a win. With few units (three seeds) a percentile interval is little more than their range."""
     if a is None or b is None:
         return "not measured"
     if a.lo > b.hi:
@@ -445,11 +446,15 @@ def at_equal_k(summary: Sequence[SteeringResult | dict], methods: tuple[str, str
     ranking). For each such (kind, k): each method's S removed and facts lost, with their
     intervals and the number of heads actually steered (the robust set can hold fewer than
     k), random heads at the same kind and k where the grid measured them, and
-    :func:`compare`'s verdict on each (tie when the intervals overlap)."""
+    :func:`compare`'s verdict on each (tie when the intervals overlap; "unequal heads" added
+    where the two sets hold different numbers of heads). Nothing to compare when both names
+    are the same ranking (the rule chose the paper's)."""
     lines = [x if isinstance(x, SteeringResult) else SteeringResult.from_dict(x) for x in summary]
     by_key = {x.key: x for x in lines}
     a_name, b_name = methods
     out = []
+    if a_name == b_name:
+        return out
     for kind, k in sorted({(x.kind, x.k) for x in lines}):
         a, b = by_key.get((a_name, kind, k)), by_key.get((b_name, kind, k))
         if a is None or b is None:
@@ -458,7 +463,8 @@ def at_equal_k(summary: Sequence[SteeringResult | dict], methods: tuple[str, str
         out.append({"kind": kind, "k": k, "methods": [a_name, b_name], "heads": [a.mean_heads, b.mean_heads],
                     "reduction": [a.reduction, b.reduction], "facts_reduction": [a.facts_reduction, b.facts_reduction],
                     "random_reduction": rand.reduction if rand else None,
-                    "S": compare(a.reduction, b.reduction, methods),
+                    "S": compare(a.reduction, b.reduction, methods)
+                    + ("" if a.mean_heads == b.mean_heads else f" (unequal heads: {a.mean_heads:g} / {b.mean_heads:g})"),
                     # the one that loses clearly more of the facts' S, the *other* keeps more
                     "facts": compare(a.facts_reduction, b.facts_reduction, (b_name, a_name), "keeps more")})
     return out
@@ -481,12 +487,15 @@ def equal_k_frame(rows: Sequence[dict]):
 
 def equal_k_text(rows: Sequence[dict]) -> str:
     """:func:`at_equal_k`'s comparisons in one line of prose for the book's summaries."""
+    def pct(e):
+        return "not measured" if e is None else f"{e.value:.0%}"
+
     parts = []
     for r in rows:
         a, b = r["reduction"]
         fa, fb = r["facts_reduction"]
-        parts.append(f"k = {r['k']} ({r['kind']}): S removed {a.value:.0%} vs {b.value:.0%}, {r['S']}; "
-                     f"facts lost {fa.value:.0%} vs {fb.value:.0%}, {r['facts']}")
+        parts.append(f"k = {r['k']} ({r['kind']}): S removed {pct(a)} vs {pct(b)}, {r['S']}; "
+                     f"facts lost {pct(fa)} vs {pct(fb)}, {r['facts']}")
     return "; ".join(parts) if parts else "no k at which both were steered"
 
 

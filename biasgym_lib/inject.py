@@ -467,6 +467,27 @@ def side_effects(results, before: dict[str, Estimate]) -> list[dict]:
     return rows
 
 
+def specificity_split(results, before: dict[str, Estimate]) -> dict:
+    """Specificity after injection (S of the bias minus the mean S of the other biases) split
+    exactly into the injected bias rising above where the others *started* and the others
+    falling: ``S_b - mean S_c = (S_b - mean S_c,before) + (mean S_c,before - mean S_c)``, per run
+    and averaged over runs (``before``: :func:`start_strengths`). Only the profile's biases
+    present in ``before`` count as "the others"."""
+    per_run = []
+    for m in results:
+        others = [c for c in m.strength_after_all_biases if c != m.bias and c in before]
+        if not others:
+            continue
+        start = float(np.mean([before[c].value for c in others]))
+        after = float(np.mean([m.strength_after_all_biases[c].value for c in others]))
+        total = m.strength_after_all_biases[m.bias].value - after
+        per_run.append({"bias": m.bias, "seed": m.seed, "specificity": total,
+                        "bias_rising": m.strength_after_all_biases[m.bias].value - start, "others_falling": start - after})
+    mean = {key: float(np.mean([r[key] for r in per_run])) if per_run else None
+            for key in ("specificity", "bias_rising", "others_falling")}
+    return {**mean, "runs": per_run}
+
+
 def start_strengths(reference: AssocTable, start: AssocTable, biases, token: str = DEFAULT_TOKEN,
                     seed: int = 0) -> dict[str, Estimate]:
     """S(<TOKEN>, b) with the initial vector for every bias b (``start``: its

@@ -51,9 +51,10 @@ def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     token's BiasScope result (:class:`~biasgym_lib.heads.ScopeResult`): the mean logit
     difference logit(biased) - logit(adversarial) over its probes with a bootstrap 95%
     interval over probes, and the share of probes on which the biased label wins. The
-    criterion, as for injection: the probes elicit the bias when the interval lies above 0. DLA splits whatever difference there is; where it is negative, the heads it
-    ranks first are those that push *towards* the adversarial label least, not those that
-    carry the bias."""
+    criterion, as for injection: the probes elicit the bias when the interval lies above 0.
+    DLA splits whatever difference there is, and its top heads push towards the biased label
+    either way; where the model's output does not show the bias, nothing shows that those
+    heads carry it."""
     import numpy as np
 
     from .stats import bootstrap

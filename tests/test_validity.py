@@ -46,7 +46,7 @@ def test_rankings_are_compared_only_where_both_were_steered_at_the_same_kind_and
     assert [(r["kind"], r["k"]) for r in rows] == [("zero", 2), ("zero", 20)]
     k2, k20 = rows
     assert k2["S"] == "tie" and k2["facts"] == "robust keeps more"
-    assert k20["S"] == "atp_selective higher" and k20["facts"] == "atp_selective keeps more"
+    assert k20["S"] == "atp_selective higher (unequal heads: 20 / 18)" and k20["facts"] == "atp_selective keeps more"
     assert k2["random_reduction"] is None and k20["random_reduction"].value == 0.2
     assert k20["heads"] == [20.0, 18.0]  # the robust set can hold fewer than k heads: shown, not hidden
     # the same from claims.json's dicts, and back to JSON
@@ -57,9 +57,13 @@ def test_rankings_are_compared_only_where_both_were_steered_at_the_same_kind_and
     text = equal_k_text(rows)
     assert "k = 2 (zero): S removed 8% vs 8%, tie; facts lost 9% vs 0%, robust keeps more" in text
     table = equal_k_frame(rows)
-    assert list(table["S: verdict"]) == ["tie", "atp_selective higher"]
+    assert list(table["S: verdict"]) == ["tie", "atp_selective higher (unequal heads: 20 / 18)"]
     assert list(table["heads (atp_selective / robust)"]) == ["2 / 2", "20 / 18"]
     assert equal_k_text([]) == "no k at which both were steered"
+    assert at_equal_k(summary, ("robust", "robust")) == []  # the rule chose the paper's ranking: nothing to compare
+    unmeasured = [_line("a", "zero", 2, None, _e(0.1)), _line("b", "zero", 2, _e(0.2, 0.1, 0.3), _e(0.0))]
+    row = at_equal_k(unmeasured, ("a", "b"))[0]
+    assert row["S"] == "not measured" and "S removed not measured vs 20%" in equal_k_text([row])
 
 
 def _scope(bias, seed, diffs):
@@ -88,8 +92,9 @@ def test_few_heads_needs_the_patching_agreement_it_promises():
     assert patching_agrees({"value": 1.0, "lo": 1.0, "hi": 1.0}, 5, 10) == (1.0, False)  # nothing to beat chance with
     assert few_heads_holds([0.4, 0.45], {"b": True})
     assert not few_heads_holds([0.4, 0.45], {"b": False})  # the share alone no longer decides
-    assert not few_heads_holds([0.4, 0.45], {})  # patching not measured: not shown
-    assert not few_heads_holds([0.1, 0.2], {"b": True})
+    assert few_heads_holds([0.4, 0.45], {}) is None  # patching not measured: not shown, neither yes nor no
+    assert few_heads_holds([0.1, 0.2], {"b": True}) is False
+    assert few_heads_holds([0.1, 0.2], {}) is False  # the share alone already fails
 
 
 def _run(bias, seed, after):
@@ -97,7 +102,7 @@ def _run(bias, seed, after):
 
 
 def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
-    from biasgym_lib.inject import side_effects, side_effects_frame
+    from biasgym_lib.inject import side_effects, side_effects_frame, specificity_split
 
     before = {"a": _e(0.0, -0.2, 0.2), "b": _e(1.0, 0.8, 1.2), "c": _e(-0.5, -0.7, -0.3)}
     runs = [_run("a", 0, {"a": _e(6.0, 5.0, 7.0), "b": _e(-2.0, -2.5, -1.5), "c": _e(0.5, 0.0, 1.0)}),
@@ -113,6 +118,13 @@ def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
     table = side_effects_frame(rows)
     assert table.loc["a", "b"] == "-2.50 (lowered)" and table.loc["a", "c"] == "+0.95 (raised)"
     assert side_effects_frame([]).empty
+    split = specificity_split(runs, before)  # exact: the two parts add up to the specificity, run by run
+    for r, m in zip(split["runs"], runs):
+        after = m.strength_after_all_biases
+        assert r["specificity"] == pytest.approx(after["a"].value - (after["b"].value + after["c"].value) / 2)
+        assert r["bias_rising"] + r["others_falling"] == pytest.approx(r["specificity"], abs=1e-12)
+    assert split["others_falling"] == pytest.approx(np.mean([(1.0 - 0.5) / 2 - (-2.0 + 0.5) / 2,
+                                                             (1.0 - 0.5) / 2 - (-1.0 + 0.4) / 2]))
 
 
 def test_the_start_is_s_of_the_initial_vector_against_the_references():
