@@ -10,13 +10,13 @@ from .evaluate import (
     PAPER,
     TARGET_REDUCTION,
     SteeringResult,
-    at_equal_k,
     summarise_grid,
     target_result,
 )
 from .culture import CULTURE_BOUNDS, culture_steering, culture_summary
 from .generalise import leave_one_out, seegull_steering, transfer_summary
 from .heads import agreement, nan_tensor
+from .selection import at_equal_k
 from .stats import RUNS, over_runs
 
 
@@ -50,7 +50,7 @@ def few_heads_holds(shares, agrees: dict) -> bool | None:
 
 
 def equal_k_json(rows: list[dict]) -> list[dict]:
-    """:func:`~biasgym_lib.evaluate.at_equal_k`'s rows with their estimates as dicts (for ``claims.json``)."""
+    """:func:`~biasgym_lib.selection.at_equal_k`'s rows with their estimates as dicts (for ``claims.json``)."""
     def est(e):
         return None if e is None else e.to_dict()
     return [{**r, "reduction": [est(e) for e in r["reduction"]], "facts_reduction": [est(e) for e in r["facts_reduction"]],

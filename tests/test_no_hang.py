@@ -50,7 +50,7 @@ def test_kernels_wait_passively_only_where_other_processes_keep_the_cpus_busy():
     """bookbuild measures the CPU other processes use over a second before the chapters run;
     from half a CPU on, the kernels get OMP_WAIT_POLICY=PASSIVE (no number changes; spinning
     threads beside a busy process made a cell of chapter 4 pass its 30-minute timeout)."""
-    from biasgym_lib.tools.bookbuild import cpu_snapshot, kernel_wait_policy, other_load
+    from biasgym_lib.tools.cpuload import cpu_snapshot, kernel_wait_policy, other_load
 
     assert other_load((100, 1000, 10), (250, 1200, 60), 2) == 1.0  # 150 busy jiffies, 50 of them ours
     assert other_load((100, 1000, 10), (120, 1200, 60), 2) == 0.0  # never below zero

@@ -9,7 +9,8 @@ import pytest
 
 from biasgym_lib.claims import equal_k_json, few_heads_holds, patching_agrees
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.evaluate import SteeringResult, at_equal_k, compare, equal_k_frame, equal_k_text
+from biasgym_lib.evaluate import SteeringResult
+from biasgym_lib.selection import at_equal_k, compare, equal_k_frame, equal_k_text
 from biasgym_lib.probing import probe_elicitation
 from biasgym_lib.stats import Estimate
 
@@ -102,7 +103,7 @@ def _run(bias, seed, after):
 
 
 def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
-    from biasgym_lib.inject import side_effects, side_effects_frame, specificity_split
+    from biasgym_lib.injection_effects import side_effects, side_effects_frame, specificity_split
 
     before = {"a": _e(0.0, -0.2, 0.2), "b": _e(1.0, 0.8, 1.2), "c": _e(-0.5, -0.7, -0.3)}
     runs = [_run("a", 0, {"a": _e(6.0, 5.0, 7.0), "b": _e(-2.0, -2.5, -1.5), "c": _e(0.5, 0.0, 1.0)}),
@@ -129,7 +130,7 @@ def test_an_injection_s_side_effects_need_every_seed_beyond_the_intervals():
 
 def test_the_start_is_s_of_the_initial_vector_against_the_references():
     from biasgym_lib.data import reference_countries
-    from biasgym_lib.inject import start_strengths
+    from biasgym_lib.injection_effects import start_strengths
     from biasgym_lib.measure import AssocTable
 
     refs, templates = reference_countries(), ["t1 {entity}", "t2 {entity}", "t3 {entity}"]
