@@ -31,9 +31,9 @@ def side_effects(results, before: dict[str, Estimate]) -> list[dict]:
             b, afters = before[other], [m.strength_after_all_biases[other] for m in runs]
             effect = ("raised" if all(a.lo > b.hi for a in afters) else
                       "lowered" if all(a.hi < b.lo for a in afters) else "no clear change")
+            after = float(np.mean([a.value for a in afters]))
             rows.append({"injected": bias, "other bias": other, "S before": b.value,
-                         "S after (mean over seeds)": float(np.mean([a.value for a in afters])),
-                         "change": float(np.mean([a.value for a in afters])) - b.value,
+                         "S after (mean over seeds)": after, "change": after - b.value,
                          "seeds": [m.seed for m in runs], "effect": effect})
     return rows
 

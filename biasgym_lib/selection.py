@@ -71,8 +71,8 @@ def equal_k_frame(rows: Sequence[dict]):
 
 def equal_k_text(rows: Sequence[dict]) -> str:
     """:func:`at_equal_k`'s comparisons in one line of prose for the book's summaries."""
-    def pct(e):
-        return "not measured" if e is None else f"{e.value:.0%}"
+    def pct(e):  # a share that rounds to 0 is "0%", never "-0%"
+        return "not measured" if e is None else f"{e.value:.0%}".replace("-0%", "0%")
 
     parts = []
     for r in rows:

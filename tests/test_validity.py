@@ -65,6 +65,9 @@ def test_rankings_are_compared_only_where_both_were_steered_at_the_same_kind_and
     unmeasured = [_line("a", "zero", 2, None, _e(0.1)), _line("b", "zero", 2, _e(0.2, 0.1, 0.3), _e(0.0))]
     row = at_equal_k(unmeasured, ("a", "b"))[0]
     assert row["S"] == "not measured" and "S removed not measured vs 20%" in equal_k_text([row])
+    # a facts loss of -0.3% (the heads slightly *raise* the facts) rounds to "0%", never "-0%"
+    tiny = at_equal_k([_line("a", "zero", 2, _e(0.1), _e(-0.003)), _line("b", "zero", 2, _e(0.1), _e(-0.12))], ("a", "b"))
+    assert "facts lost 0% vs -12%" in equal_k_text(tiny) and "-0%" not in equal_k_text(tiny)
 
 
 def _scope(bias, seed, diffs):
