@@ -26,6 +26,7 @@ from .evaluate import (
     summarise_grid,
 )
 from .generalise import leave_one_out, seegull_steering
+from .grid_parts import grid_in_parts, restore
 from .heads import SCORE_METHODS, ScopeResult, bias_rankings, method_needs, patch_union
 from .inject import (
     TRAINER_VERSION,
@@ -283,22 +284,30 @@ class Run:
         at every other k of ``grid_k`` (a subset fixed in advance in the profile); multiple
         choice everywhere, so that the rule never chooses a point whose MC bound was not
         tested. With ``full_grid`` (:func:`~biasgym_lib.config.full_grid`): every bias,
-        method, kind and k."""
-        cfg = self.cfg
+        method, kind and k. On several biases it is measured in parts that a rerun resumes
+        (:mod:`~biasgym_lib.grid_parts`), with the same numbers."""
         biases = self.grid_biases
         name = "grid_full.json" if self.full_grid else "grid.json"
+        stem = name.removesuffix(".json") + "_parts"
+        grid = self.memo(name, lambda: grid_in_parts(self, biases, stem) if len(biases) > 1 else self.grid_whole(biases),
+                         fingerprint=self._fingerprint(biases))
+        if "costs" in grid:  # measured in parts: later stages reuse what it measured, as in one process
+            restore(self.shared, grid)
+        return grid
 
-        def compute():
-            runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
-                     "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
-            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True)
-            others = [k for k in cfg.grid_k if k != cfg.k]
-            curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
-            rows = at_k["rows"]
-            if others and curve:
-                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True)["rows"]
-            return {"biases": biases, "before": at_k["before"], "rows": rows}
-        return self.memo(name, compute, fingerprint=self._fingerprint(biases))
+    def grid_whole(self, biases: list[str]) -> dict:
+        """:meth:`grid` measured in one piece (what it does on one bias; the reference its parts
+        are pinned to)."""
+        cfg = self.cfg
+        runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
+                 "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
+        at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True)
+        others = [k for k in cfg.grid_k if k != cfg.k]
+        curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
+        rows = at_k["rows"]
+        if others and curve:
+            rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True)["rows"]
+        return {"biases": biases, "before": at_k["before"], "rows": rows}
 
     def summary(self) -> list[SteeringResult]:
 
