@@ -4,6 +4,7 @@
     biasgym scope --injected DIR --out DIR2 [--k K]
     biasgym steer --injected DIR --heads DIR2 --k K --alpha A --out DIR3 [--heads-from-other-bias]
     biasgym reproduce --out DIR [--bias NAME|FILE ...] [--model M] [--retrain]
+    biasgym record RUN_FOLDER [--out FILE] [--commit SHA]
     biasgym book --profile P
     biasgym bench --out FILE.json
 
@@ -329,6 +330,13 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_record(args) -> int:
+    from .recorded import record
+
+    print(f"Wrote {record(args.folder, args.out and Path(args.out), args.commit, args.overwrite)}.")
+    return 0
+
+
 def cmd_book(args) -> int:
     from .tools import bookbuild
 
@@ -411,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the whole selection grid (every bias, method, intervention and k in 1, 2, 5, 10, 20, 5 random draws), not the profile's subset; hours on a CPU")
     common(sp)
     sp.set_defaults(func=cmd_reproduce)
+
+    sp = sub.add_parser("record", help="commit a finished --full-grid run as the book's recorded run")
+    sp.add_argument("folder", help="the --out folder of a finished biasgym reproduce --full-grid")
+    sp.add_argument("--out", default=None, help="where to write it (default data/recorded/<profile>.json)")
+    sp.add_argument("--commit", default=None, help="the commit that ran it (default: this checkout's, if its code is the run's)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing recording")
+    sp.set_defaults(func=cmd_record)
 
     sp = sub.add_parser("book", help="execute every chapter with papermill and build the HTML book")
     sp.add_argument("--only", nargs="*", default=None)

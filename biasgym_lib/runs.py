@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import read_json, sweep, write_json
+from . import cache
 from .cache import announce, memo, run_dir, token_fingerprint
 from .claims import claims_from
 from .config import PROJECT_ROOT, Profile, load_profile
@@ -365,16 +366,30 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
     computed); each result is saved under ``out`` as it is made and reused when present."""
     run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
-    steps = [step for b in run.biases for s in cfg.seeds
-             for step in ((f"injection of {b} (seed {s})", run.injection, b, s),
-                          (f"BiasScope of {b} (seed {s})", run.scope, b, s))]
-    steps += [(f"selection grid on {', '.join(run.grid_biases)}", run.grid),
-              ("confirmation on every bias", run.confirm)]
+    def token_steps(biases):
+        return [step for b in biases for s in cfg.seeds
+                for step in ((f"injection of {b} (seed {s})", run.injection, b, s),
+                             (f"BiasScope of {b} (seed {s})", run.scope, b, s))]
+    # the grid before the other biases' BiasScope, which needs its choice (each stage's time is its own)
+    steps = token_steps(run.grid_biases) + [(f"selection grid on {', '.join(run.grid_biases)}", run.grid)]
+    steps += token_steps([b for b in run.biases if b not in run.grid_biases])
+    steps += [("confirmation on every bias", run.confirm)]
     steps += [("leave-one-bias-out transfer", leave_one_out, run)] if len(run.biases) > 1 else []
     steps += [("SeeGULL stereotypes", seegull_steering, run), ("cultural knowledge under steering", culture_steering, run)]
+    # how long each stage took where it was computed (a run resumed in several sittings keeps the
+    # earlier sittings' times): a log for the recorded run (biasgym record), never read to reuse a result
+    log_file = run.out / "stage_seconds.json"
+    try:
+        log = read_json(log_file).get("seconds", {}) if log_file.is_file() else {}
+    except BiasGymError:  # a damaged log is started again; it decides nothing
+        log = {}
     for i, (what, stage, *args) in enumerate(steps, 1):  # each kept in the run folder as soon as it is done
+        done, t0 = cache._computed, time.perf_counter()
         with announce(f"[{i}/{len(steps)}] {what}", progress):
             stage(*args)
+        if cache._computed > done:
+            log[what] = round(time.perf_counter() - t0, 1)
+            write_json(log_file, {"seconds": log})
     return run
 
 

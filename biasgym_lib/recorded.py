@@ -1,0 +1,116 @@
+"""A recorded run: what the teaching build cannot afford, run once and committed (issue 23).
+
+``biasgym reproduce --profile teaching --full-grid`` steers every bias with every way of
+ranking heads, every intervention kind and every k: hours on 2 cores, more than ``make
+book`` can spend. ``biasgym record RUN_FOLDER`` turns such a finished run into
+``data/recorded/<profile>.json``: its claims (with the whole grid's summary) and how long
+each stage took, with the code-and-data hash (:func:`~biasgym_lib.cache.source_hash`) its
+stage results were computed by, read from the results themselves, and the commit where
+known. The book shows it beside the numbers of the live build; :func:`status` says whether
+the library or the data has changed since (then the book warns: the recorded numbers may
+not be what the current code computes).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from .artifacts import parse_json, write_json
+from .config import PROJECT_ROOT
+from .errors import BiasGymError
+
+RECORDED_DIR = PROJECT_ROOT / "data" / "recorded"  # left out of source_hash: a recording never invalidates itself
+FORMAT = "biasgym.recorded_run/1"
+
+
+def recorded_path(profile: str) -> Path:
+    return RECORDED_DIR / f"{profile}.json"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _read(path: Path) -> dict:
+    try:
+        return parse_json(path.read_bytes(), path, "stage result")
+    except OSError as exc:
+        raise BiasGymError(f"cannot read {path}: {exc}") from exc
+
+
+def stage_hashes(folder: Path) -> set[str]:
+    """The code-and-data hashes that computed the stage results in ``folder``."""
+    return {str(v["code"]).split("-")[0] for p in sorted(Path(folder).rglob("*.json"))
+            if isinstance(v := _read(p), dict) and "code" in v}
+
+
+def record(folder, out: Path | None = None, commit: str | None = None, overwrite: bool = False) -> Path:
+    """Write the recorded run of a finished ``biasgym reproduce --full-grid`` folder (its
+    ``claims.json`` and ``grid_full.json``) to ``out`` (default ``data/recorded/<profile>.json``).
+    Refused when the run did not finish, was not a full-grid run, or its stage results were
+    computed by different versions of the code (a recording must come from one). ``commit``:
+    the commit that ran it; by default the checkout's, when its code is the run's. An existing
+    recording is replaced only with ``overwrite``."""
+    from .cache import source_hash
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BiasGymError(f"{folder} is not a folder: give the --out folder of a finished biasgym reproduce --full-grid.")
+    claims_file, grid_file = folder / "claims.json", folder / "grid_full.json"
+    if not claims_file.is_file():
+        raise BiasGymError(f"{folder} holds no claims.json: run biasgym reproduce --full-grid --out {folder} "
+                           "to its end first (it resumes where it stopped).")
+    if not grid_file.is_file():
+        raise BiasGymError(f"{folder} was not a --full-grid run (no grid_full.json): only the whole grid is recorded.")
+    hashes = stage_hashes(folder)
+    if len(hashes) != 1:
+        raise BiasGymError(f"the stage results in {folder} were computed by {len(hashes)} versions of the code "
+                           f"({sorted(hashes)}); a recording must come from one: rerun biasgym reproduce there.")
+    (run_hash,) = hashes
+    if commit is None and run_hash == source_hash():
+        head, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "biasgym_lib", "data")
+        commit = head and head + ("+uncommitted" if dirty else "")
+    claims, grid = _read(claims_file), _read(grid_file)
+    out = Path(out) if out is not None else recorded_path(str(claims.get("profile")))
+    if out.exists() and not overwrite:
+        raise BiasGymError(f"{out} exists; pass --overwrite to replace that recording.")
+    seconds_file = folder / "stage_seconds.json"
+    data = {"format": FORMAT, "profile": claims.get("profile"), "commit": commit, "source_hash": run_hash,
+            "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "stage_seconds": _read(seconds_file) if seconds_file.is_file() else None,
+            "grid_parts": grid.get("parts"), "claims": claims}
+    return write_json(out, data)
+
+
+def load_recorded(profile: str = "teaching", path: Path | None = None) -> dict | None:
+    """The recorded run of ``profile``; None if none is committed."""
+    path = Path(path) if path is not None else recorded_path(profile)
+    if not path.is_file():
+        return None
+    data = _read(path)
+    if data.get("format") != FORMAT:
+        raise BiasGymError(f"{path} is not a recorded run of this library (format {data.get('format')!r}); "
+                           "write it with biasgym record.")
+    return data
+
+
+def status(recorded: dict | None) -> str:
+    """One line for the book: where the recorded numbers come from, and a warning when the
+    library or its data has changed since they were recorded."""
+    from .cache import source_hash
+
+    if recorded is None:
+        return ("No recorded run is committed for this profile: the numbers below the live build's are not shown. "
+                "biasgym reproduce --full-grid, then biasgym record, makes one.")
+    where = f"recorded on commit {recorded.get('commit') or 'unknown'} ({recorded.get('recorded_at')}, code hash {recorded['source_hash']})"
+    if recorded["source_hash"] != source_hash():
+        return (f"WARNING: the library or its data changed since this run was {where}; this build runs hash "
+                f"{source_hash()}. Its numbers may differ from what the current code computes: rerun biasgym "
+                "reproduce --full-grid and biasgym record.")
+    return f"The recorded numbers were {where}: the library and data this build runs."

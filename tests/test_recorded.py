@@ -1,0 +1,94 @@
+"""A recorded run (issue 23, item 9): what the teaching build cannot afford (the full grid) is
+run once, recorded with the code-and-data hash its stage results were computed by, and shown
+in the book with a warning whenever the code has changed since."""
+
+import json
+
+import pytest
+
+from biasgym_lib import recorded
+from biasgym_lib.cache import source_hash
+from biasgym_lib.cli import main
+from biasgym_lib.errors import BiasGymError
+
+
+def _finished(folder, code="abc123", other=None):
+    """A finished --full-grid run folder as biasgym reproduce leaves it (the parts that matter)."""
+    (folder / "scope").mkdir(parents=True)
+    (folder / "claims.json").write_text(json.dumps({"profile": "teaching", "claims": [{"claim": "x", "holds": True}],
+                                                    "grid": {"summary": [], "biases": ["a", "b"]}}))
+    (folder / "grid_full.json").write_text(json.dumps({"rows": [], "parts": [{"bias": "a", "k": 1, "seconds": 3.5}],
+                                                       "code": f"{code}-p1"}))
+    (folder / "scope" / "a_seed0.json").write_text(json.dumps({"scores": {}, "code": f"{other or code}-p1"}))
+    (folder / "stage_seconds.json").write_text(json.dumps({"seconds": {"selection grid on a, b": 12.5}}))
+    return folder
+
+
+def test_a_recording_names_the_code_that_computed_it_not_the_code_that_wrote_it(tmp_path):
+    path = recorded.record(_finished(tmp_path / "run"), tmp_path / "teaching.json")
+    data = recorded.load_recorded(path=path)
+    assert data["source_hash"] == "abc123" and data["commit"] is None  # another code: its commit is not guessed
+    assert data["claims"]["claims"][0]["claim"] == "x" and data["profile"] == "teaching"
+    assert data["stage_seconds"] == {"seconds": {"selection grid on a, b": 12.5}}
+    assert data["grid_parts"] == [{"bias": "a", "k": 1, "seconds": 3.5}]
+    assert recorded.status(data).startswith("WARNING") and "abc123" in recorded.status(data)
+
+    here = recorded.record(_finished(tmp_path / "here", code=source_hash()), tmp_path / "here.json")
+    data = recorded.load_recorded(path=here)
+    assert data["commit"] and "the library and data this build runs" in recorded.status(data)
+
+
+def test_a_recording_is_refused_unless_one_finished_full_grid_run_by_one_code_made_it(tmp_path):
+    with pytest.raises(BiasGymError, match="is not a folder"):
+        recorded.record(tmp_path / "nothing")
+    run = _finished(tmp_path / "run")
+    (run / "claims.json").unlink()
+    with pytest.raises(BiasGymError, match="to its end first"):
+        recorded.record(run)
+    run = _finished(tmp_path / "teaching_only")
+    (run / "grid_full.json").unlink()
+    with pytest.raises(BiasGymError, match="not a --full-grid run"):
+        recorded.record(run)
+    with pytest.raises(BiasGymError, match="2 versions of the code"):
+        recorded.record(_finished(tmp_path / "mixed", other="def456"))
+    out = tmp_path / "rec.json"
+    recorded.record(_finished(tmp_path / "ok"), out)
+    with pytest.raises(BiasGymError, match="--overwrite"):
+        recorded.record(tmp_path / "ok", out)
+    assert recorded.record(tmp_path / "ok", out, overwrite=True) == out
+
+
+def test_loading_a_recording(tmp_path):
+    assert recorded.load_recorded(path=tmp_path / "none.json") is None
+    assert "No recorded run" in recorded.status(None)
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(BiasGymError, match="not a recorded run"):
+        recorded.load_recorded(path=tmp_path / "other.json")
+
+
+def test_committing_a_recording_does_not_change_the_hash_it_records():
+    """data/recorded/ is left out of the code-and-data hash (a recording would otherwise
+    invalidate itself and every kept result); any other data file is in it."""
+    before = source_hash()
+    made = not recorded.RECORDED_DIR.exists()
+    recorded.RECORDED_DIR.mkdir(parents=True, exist_ok=True)
+    probe, other = recorded.RECORDED_DIR / "_test_probe.json", recorded.RECORDED_DIR.parent / "_test_probe.txt"
+    try:
+        probe.write_text("{}")
+        assert source_hash() == before
+        other.write_text("x")
+        assert source_hash() != before  # the check can fail: other data files count
+    finally:
+        probe.unlink()
+        other.unlink(missing_ok=True)
+        if made:
+            recorded.RECORDED_DIR.rmdir()
+
+
+def test_the_record_command(tmp_path, capsys):
+    run, out = _finished(tmp_path / "run"), tmp_path / "teaching.json"
+    assert main(["record", str(run), "--out", str(out), "--commit", "0123abc"]) == 0
+    assert recorded.load_recorded(path=out)["commit"] == "0123abc"
+    assert main(["record", str(run), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["record", str(tmp_path / "missing")]) == 2
