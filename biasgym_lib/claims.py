@@ -5,14 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .evaluate import (
-    GRID_BOUNDS,
-    PAPER,
-    TARGET_REDUCTION,
-    SteeringResult,
-    summarise_grid,
-    target_result,
-)
+from .selection import GRID_BOUNDS, PAPER, TARGET_REDUCTION, SteeringResult, summarise_grid, target_result
 from .generalise import leave_one_out, seegull_steering, transfer_summary
 from .heads import agreement, nan_tensor
 from .stats import RUNS, over_runs

@@ -17,14 +17,9 @@ from .config import PROJECT_ROOT, Profile, load_profile
 from .config import full_grid as whole_grid
 from .data import load_bias, load_facts, reference_countries
 from .data.capability import load_country_texts, load_mc, load_neutral_texts
-from .evaluate import (
-    PAPER,
-    SteeringResult,
-    choose_selection,
-    entity_ids,
-    selection_grid,
-    summarise_grid,
-)
+from .evaluate import entity_ids, selection_grid
+
+from .selection import PAPER, SteeringResult, choose_selection, summarise_grid
 from .generalise import leave_one_out, seegull_steering
 from .heads import SCORE_METHODS, ScopeResult, bias_rankings, method_needs, patch_union
 from .inject import (
@@ -282,7 +277,7 @@ class Run:
 
     def best(self) -> SteeringResult:
         """The book's BiasScope: the selection the grid chose by the rule fixed in advance
-        (:func:`~biasgym_lib.evaluate.choose_selection`) at k <= the profile's k."""
+        (:func:`~biasgym_lib.selection.choose_selection`) at k <= the profile's k."""
 
         return choose_selection(self.summary(), self.cfg.k)
 
