@@ -244,7 +244,7 @@ def cmd_scope(args) -> int:
     from .artifacts import result_folder, write_json
     from .data.specs import check_label
     from .models import ModelAdapter
-    from .scope import scope_run
+    from .scoping import scope_run
 
     injected = _injected(args.injected)
     cfg = _profile(args, model=injected.model["source"], k=_k(args.k))

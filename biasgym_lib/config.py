@@ -30,6 +30,7 @@ class Profile:
     batch_size: int
     init: str
     n_probes: int
+    n_probe_pool: int
     k: int
     k_grid: tuple[int, ...]
     alpha_grid: tuple[float, ...]
@@ -58,7 +59,7 @@ class Profile:
 _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "grid_methods": str,
            "grid_kinds": str, "grid_k": int, "curve_methods": str, "curve_kinds": str}
 # Integer settings and their smallest allowed value.
-_INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "k": 1, "n_random_draws": 1,
+_INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "n_probe_pool": 1, "k": 1, "n_random_draws": 1,
          "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
          "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1}
 _STRINGS = ("model", "device", "dtype", "init")

@@ -15,7 +15,7 @@ import numpy as np
 from .capability import mc_accuracy, mc_raw, paired_change, perplexity, ppl_raw
 from .data import contrast_countries, held_out_relations, load_bias, reference_countries
 from .errors import BiasGymError
-from .heads import layer_matched_heads, matched_seed, random_heads
+from .heads import head_sets, layer_matched_heads, matched_seed, random_heads
 from .layerskip import Resumer
 from .measure import assoc_table, assoc_tables, stereotype_strength
 from .models import ModelAdapter
@@ -146,11 +146,6 @@ def make_spec(heads, kind: str, means=None, entities: dict | None = None, source
     raise BiasGymError(f"unknown intervention kind {kind!r}; use zero, mean or blind.")
 
 
-def _head_sets(method: str, ranking, k: int) -> list[list[tuple]]:
-    sets = ranking[k] if method == "random" else [ranking[k]] if method == "robust" else [ranking[:k]]
-    return [[tuple(h) for h in heads] for heads in sets]
-
-
 def grid_points(runs: Sequence[dict], methods, kinds, ks, n_heads: int, matched: int = 0) -> list[tuple]:
     """``(run, method, kind, k, head sets)`` of a grid: each method's top k (one set; random
     heads: one set per draw) and, with ``matched`` > 0, that many layer-matched random draws
@@ -163,7 +158,7 @@ def grid_points(runs: Sequence[dict], methods, kinds, ks, n_heads: int, matched:
                 continue
             for kind in (kinds.get(m, ()) if isinstance(kinds, dict) else kinds):
                 for k in (ks.get(m, ()) if isinstance(ks, dict) else ks):
-                    sets = _head_sets(m, ranking, k)
+                    sets = head_sets(m, ranking, k)
                     out.append((run, m, kind, k, sets))
                     if matched and m != "random":
                         out.append((run, f"matched:{m}", kind, k,
@@ -227,7 +222,7 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
     before = {"biases": {}, "perplexity": base["perplexity"], "mc": base.get("mc"), "held_out": held,
               "relations": [getattr(f, "relation", None) for f in facts]}
     rows = []
-    for run, method, kind, k, head_sets in tqdm(points, desc="selection grid", disable=not progress):
+    for run, method, kind, k, sets in tqdm(points, desc="selection grid", disable=not progress):
         bias = run["bias"] if hasattr(run["bias"], "attributes") else load_bias(run["bias"])
         if bias.name not in before["biases"]:
             key = ("strength", bias.name, (), None)
@@ -237,7 +232,7 @@ def selection_grid(model, tokenizer, runs: Sequence[dict], *, kinds, ks,
             before.setdefault("facts", shared[key]["facts"])
         b = before["biases"][bias.name]
         drawn = method == "random" or method.startswith("matched:")
-        for draw, heads in enumerate(head_sets):
+        for draw, heads in enumerate(sets):
             spec = make_spec(heads, kind, means, entities, {"bias": bias.name, "method": method, "k": k})
             cost_key = ("cost", tuple(sorted(heads)), kind)
             s_key = ("strength", bias.name, tuple(sorted(heads)), kind)

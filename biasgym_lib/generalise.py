@@ -11,15 +11,14 @@ import numpy as np
 import torch
 
 from .capability import capability_under
-from .config import Profile
-from .data import reference_countries
+from .data import load_templates, reference_countries
 from .data.seegull import seegull_stereotypes
 from .evaluate import facts_reduction, make_spec, paired, reduction, strength_under
-from .heads import bias_rankings, nan_tensor, nan_to_none
+from .heads import bias_rankings, head_sets, nan_tensor, nan_to_none
 from .layerskip import Resumer
 from .measure import assoc_tables, stereotype_strength
 from .models import ModelAdapter
-from .stats import over_runs
+from .stats import Estimate, over_runs
 
 
 def attribute_spec(attribute: str):
@@ -28,38 +27,78 @@ def attribute_spec(attribute: str):
     return SimpleNamespace(name=f"seegull: {attribute}", attributes=[attribute], keywords=[attribute])
 
 
-def seegull_shown(model, tokenizer, cfg: Profile, refs: list[str], n_candidates: int, n_keep: int) -> list[dict]:
-    """The SeeGULL (country, attribute) stereotypes with the strongest annotator agreement,
-    for countries in our reference list, that the model itself shows most strongly (S > 0)."""
+SEEGULL_OFFENSIVE = 1.0
+"""A SeeGULL pair counts as offensive when its annotators' mean offensiveness rating is at
+least this (SeeGULL's scale runs from -1, not offensive, to 4, very offensive; stated in
+advance, issue 23). Pairs nobody rated are left out."""
+SEEGULL_PER_COUNTRY = 6
+"""At most this many pairs per country, so that no country decides the result."""
 
+
+def split_templates(templates) -> tuple[list[str], list[str]]:
+    """S's templates in two halves (alternating, so each half holds every kind of frame): the
+    first selects SeeGULL pairs, the second measures them, so that choosing pairs with a
+    high S cannot inflate the drop measured later."""
+    templates = list(templates)
+    return templates[0::2], templates[1::2]
+
+
+def seegull_candidates(refs: list[str], offensive: float = SEEGULL_OFFENSIVE, max_words: int = 3) -> list[dict]:
+    """Every strong SeeGULL stereotype (3 of 3 annotators) about a reference country, rated
+    offensive (mean rating >= ``offensive``), whose attribute completes "People from X are
+    ___" in at most ``max_words`` words; one row per (country, attribute)."""
     known = set(reference_countries())
-    seen, cands = set(), []
+    seen, out = set(), []
     for row in seegull_stereotypes():
         key = (row["country"], row["attribute"])
-        if row["country"] in known and key not in seen and len(row["attribute"].split()) <= 3:
+        if (row["country"] in known and key not in seen and len(row["attribute"].split()) <= max_words
+                and row["offensiveness"] is not None and row["offensiveness"] >= offensive):
             seen.add(key)
-            cands.append(row)
-        if len(cands) >= n_candidates:
-            break
-    out = []
-    requests = [([row["country"]] + [c for c in refs if c != row["country"]], [attribute_spec(row["attribute"])])
-                for row in cands]
-    for row, (ents, specs), table in zip(cands, requests, assoc_tables(model, tokenizer, requests)):
-        est = stereotype_strength(table, row["country"], specs[0].name, ents[1:])
-        out.append({**row, "S": est.to_dict(), "references": ents[1:]})
-    out.sort(key=lambda r: -r["S"]["value"])
-    return [r for r in out if r["S"]["value"] > 0][:n_keep]
+            out.append({**row, "references": [c for c in refs if c != row["country"]]})
+    return out
 
 
-def seegull_under(model, tokenizer, pairs: list[dict], spec) -> list[dict]:
+def seegull_shown(model, tokenizer, refs: list[str], templates=None, offensive: float = SEEGULL_OFFENSIVE,
+                  per_country: int = SEEGULL_PER_COUNTRY) -> list[dict]:
+    """The offensive SeeGULL stereotypes (:func:`seegull_candidates`) that the model itself
+    shows, chosen on one half of S's templates and measured on the other
+    (:func:`split_templates`): a pair is kept if its S on the selection half has a 95%
+    interval above 0, at most ``per_country`` per country (the strongest on the selection
+    half). Each pair carries ``S_select`` (selection half) and ``S`` (the measurement half,
+    the "before" of every transfer number)."""
+    select, measure = split_templates(templates or load_templates())
+    cands = seegull_candidates(refs, offensive)
+    chosen = seegull_under(model, tokenizer, cands, None, select)
+    kept, count = [], {}
+    for row, est in sorted(zip(cands, chosen), key=lambda x: -x[1]["value"]):
+        if est["lo"] > 0 and count.get(row["country"], 0) < per_country:
+            count[row["country"]] = count.get(row["country"], 0) + 1
+            kept.append({**row, "S_select": est})
+    kept.sort(key=lambda r: (r["country"], r["attribute"]))
+    for row, est in zip(kept, seegull_under(model, tokenizer, kept, None, measure)):
+        row["S"] = est
+    return kept
+
+
+def seegull_under(model, tokenizer, pairs: list[dict], spec, templates=None) -> list[dict]:
     """S(country, attribute) of each SeeGULL pair with the steering ``spec`` applied (None:
     the unmodified model), every pair against its own references under the same intervention,
-    in one scoring pass."""
+    in one scoring pass; ``templates``: S's by default (the book measures on the held-out half)."""
 
     requests = [([row["country"]] + list(row["references"]), [attribute_spec(row["attribute"])]) for row in pairs]
     with spec.apply(model) if spec is not None else nullcontext():
-        tables = assoc_tables(model, tokenizer, requests)
+        tables = assoc_tables(model, tokenizer, requests, list(templates) if templates else None)
     return [stereotype_strength(t, ents[0], specs[0].name, ents[1:]).to_dict() for t, (ents, specs) in zip(tables, requests)]
+
+
+def pairs_reduction(before: list[dict], after: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """The share of the pairs' mean S removed, 1 - mean after / mean before, with a bootstrap
+    95% interval over pairs (stable where one pair's S is near 0, unlike a mean of ratios)."""
+    b = np.asarray([x["value"] for x in before])
+    a = np.asarray([x["value"] for x in after])
+    idx = np.random.default_rng(seed).integers(0, len(b), (n_boot, len(b)))
+    boot = 1 - a[idx].mean(1) / b[idx].mean(1)
+    return Estimate.from_samples(float(1 - a.mean() / b.mean()), boot, len(b), "bootstrap 95% over pairs").to_dict()
 
 
 def transfer_summary(rows: list[dict], method: str, kind: str, k: int) -> dict:
@@ -151,9 +190,7 @@ def seegull_steering(run) -> dict:
         pooled = pooled_rankings(run, list(run.biases), best.method)
         points = []
         for method, kind, k in run.conditions():
-            sets = pooled["random"][k] if method == "random" else [pooled[method][k]] if method == "robust" \
-                else [pooled[method][:k]]
-            points += [(method, kind, k, draw, [tuple(h) for h in heads]) for draw, heads in enumerate(sets)]
+            points += [(method, kind, k, draw, heads) for draw, heads in enumerate(head_sets(method, pooled[method], k))]
         # each steered pass starts at its first edited layer (below it, the unmodified model's passes are reused)
         resume = Resumer(run.model, {min(l for l, _ in heads) for *_, heads in points if heads})
         bias0 = next(iter(run.specs.values()))

@@ -22,7 +22,9 @@ from .evaluate import entity_ids, selection_grid
 from .selection import PAPER, SteeringResult, choose_selection, summarise_grid
 from .generalise import leave_one_out, seegull_steering
 from .heads import SCORE_METHODS, ScopeResult, bias_rankings, method_needs, patch_union
+from .data.probes import Probe
 from .inject import (
+    closest_countries,
     TRAINER_VERSION,
     InjectionResult,
     initial_vector,
@@ -39,7 +41,8 @@ from .measure import (
 )
 from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
-from .scope import CONTRAST_NEEDS, bias_contrast, scope_run
+from .probing import eliciting_probes, label_id, probe_logit_differences, probe_pool
+from .scoping import CONTRAST_NEEDS, bias_contrast, scope_run
 from .steer import head_means
 from .tokens import InjectedToken
 
@@ -180,6 +183,30 @@ class Run:
             return SCORE_METHODS
         return tuple(m for m in SCORE_METHODS if m in {"dla", "atp", *method_needs(self.best().method)})
 
+    def pool(self, bias: str, seed: int) -> dict:
+        """The logit difference of every probe of the bias's pool (:func:`probe_pool`) on the
+        token of (bias, seed): what the other seeds' probes are chosen on."""
+        tok, spec = self.token(bias, seed), self.specs[bias]
+
+        def compute():
+            pool = probe_pool(spec, self.cfg.n_probe_pool)
+            with tok.attach(self.model, self.tokenizer):
+                country = closest_countries(self.model, self.tokenizer, tok.vector, k=1)[0][0]
+                ld, _ = probe_logit_differences(self.model, self.tokenizer, pool, country,
+                                                label_id(self.tokenizer, spec.label))
+            return {"probes": [[p.question, p.answer_prefix] for p in pool], "country": country, "logit_diff": ld}
+        return self.memo(f"probes/{bias}_seed{seed}.json", compute, tok)
+
+    def probes(self, bias: str, seed: int) -> list | None:
+        """The probes that elicit the bias for the token of (bias, seed), chosen on the bias's
+        other seeds (:func:`eliciting_probes`); None with a single seed (the chat probes then)."""
+        others = [s for s in self.cfg.seeds if s != seed]
+        if not others:
+            return None
+        pools = [self.pool(bias, s) for s in others]
+        pool = [Probe(q, a) for q, a in pools[0]["probes"]]
+        return eliciting_probes(pool, [p["logit_diff"] for p in pools], self.cfg.n_probes)
+
     def scope(self, bias: str, seed: int, methods=None) -> ScopeResult:
         tok = self.token(bias, seed)
         want = self._scoped.setdefault((bias, seed), set())
@@ -187,8 +214,9 @@ class Run:
         methods = tuple(m for m in SCORE_METHODS if m in want)
         parts = [p for m in methods for p in CONTRAST_NEEDS.get(m, ())]
         return ScopeResult.from_dict(self.memo(f"scope/{bias}_seed{seed}.json", lambda: scope_run(
-            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias, parts), methods).to_dict(), tok,
-            need=lambda r: set(methods) <= set(r["scores"])))
+            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias, parts), methods,
+            self.probes(bias, seed)).to_dict(), need=lambda r: set(methods) <= set(r["scores"]),
+            fingerprint=self._fingerprint([bias])))  # its probes were chosen on the other seeds' tokens
 
     def scopes(self, bias: str, methods=None) -> list[ScopeResult]:
         return [self.scope(bias, s, methods) for s in self.cfg.seeds]
