@@ -21,7 +21,7 @@ from .evaluate import entity_ids, selection_grid
 
 from .selection import PAPER, SteeringResult, choose_selection, summarise_grid
 from .generalise import leave_one_out, seegull_steering
-from .heads import SCORE_METHODS, ScopeResult, bias_rankings, method_needs, patch_union
+from .heads import SCORE_METHODS, ScopeResult, bias_rankings, head_sets, method_needs, patch_union
 from .data.probes import Probe
 from .inject import (
     closest_countries,
@@ -52,13 +52,15 @@ TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
 def train_token(model, tokenizer, bias, cfg: Profile, seed: int, progress: bool = True) -> InjectedToken:
     """:func:`inject_bias` with the profile's sizes."""
     return inject_bias(model, tokenizer, bias, n_paragraphs=cfg.n_paragraphs, epochs=cfg.epochs, lr=cfg.lr,
-                       batch_size=cfg.batch_size, seed=seed, init=cfg.init, progress=progress)
+                       batch_size=cfg.batch_size, seed=seed, init=cfg.init, progress=progress,
+                       target_strength=cfg.target_strength)
 
 
 def token_settings(cfg: Profile) -> str:
     """Folder name for tokens trained with a profile's injection settings, e.g.
     ``n64-e6-lr0.01-b8-countries``: tokens of several profiles can be committed side by side."""
-    return f"n{cfg.n_paragraphs}-e{cfg.epochs}-lr{cfg.lr:g}-b{cfg.batch_size}-{cfg.init}"
+    target = f"-S{cfg.target_strength:g}" if cfg.target_strength is not None else ""
+    return f"n{cfg.n_paragraphs}-e{cfg.epochs}-lr{cfg.lr:g}-b{cfg.batch_size}-{cfg.init}{target}"
 
 
 def committed_token_dir(bias: str, seed: int, cfg: Profile) -> Path:
@@ -71,7 +73,22 @@ def _matches(meta: dict, cfg: Profile, model) -> bool:
     return ((meta.get("n_paragraphs"), meta.get("epochs"), meta.get("lr"), meta.get("init"),
              extra.get("batch_size"), extra.get("trainer_version"))
             == (cfg.n_paragraphs, cfg.epochs, cfg.lr, cfg.init, cfg.batch_size, TRAINER_VERSION)
-            and meta.get("model", {}).get("revision") == model_info(model).revision)
+            and meta.get("model", {}).get("revision") == model_info(model).revision
+            and (meta.get("selection") or {}).get("criterion", "max held-out specificity") == _criterion(cfg))
+
+
+def _criterion(cfg: Profile) -> str:
+    """How the kept epoch was chosen (inject.epoch_selection's wording)."""
+    t = cfg.target_strength
+    return "max held-out specificity" if t is None else f"held-out S closest to {t:g} nats"
+
+
+def realistic(cfg: Profile) -> Profile:
+    """The profile of the second token set, of realistic strength (issue 23): the same
+    settings with ``realistic_lr`` and the epoch chosen by ``realistic_target``."""
+    from dataclasses import replace
+
+    return replace(cfg, lr=cfg.realistic_lr, target_strength=cfg.realistic_target)
 
 
 def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | None = None,
@@ -263,14 +280,15 @@ class Run:
                 "entities": entity_ids(self.tokenizer)}
         return self._kept["setting"]
 
-    def _grid(self, runs, methods, kinds, ks, mc: bool, cost: bool = True) -> dict:
-
+    def _grid(self, runs, methods, kinds, ks, mc: bool, cost: bool = True, matched: int = 0) -> dict:
+        """:func:`selection_grid` with this run's setting; ``matched`` layer-matched draws per selection."""
         st = self.setting
         return selection_grid(self.model, self.tokenizer, runs, kinds=kinds, ks=ks, methods=methods,
                               references=st["references"], facts=st["facts"],
                               texts=st["texts"] if cost else {}, means=st["means"], entities=st["entities"],
                               questions=st["questions"], mc=mc, max_length=self.cfg.ppl_max_tokens,
-                              shared=self.shared, progress=self.progress)
+                              shared=self.shared, progress=self.progress, matched=matched,
+                              cost_draws=self.cfg.n_cost_draws)
 
     @property
     def grid_biases(self) -> list[str]:
@@ -290,12 +308,14 @@ class Run:
         def compute():
             runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
                      "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
-            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True)
+            matched = cfg.n_matched_draws if cfg.grid_matched else 0
+            at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True, matched=matched)
             others = [k for k in cfg.grid_k if k != cfg.k]
-            curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
+            # the curves' methods, and random heads at every k: every comparison is made at equal k
+            curve = [m for m in cfg.grid_methods if m in cfg.curve_methods or m == "random"]
             rows = at_k["rows"]
             if others and curve:
-                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True)["rows"]
+                rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True, matched=matched)["rows"]
             return {"biases": biases, "before": at_k["before"], "rows": rows}
         return self.memo(name, compute, fingerprint=self._fingerprint(biases))
 
@@ -319,7 +339,8 @@ class Run:
 
     def _grid_at(self, runs, mc: bool, cost: bool = True, random: bool = True) -> dict:
         """:meth:`_grid` on :meth:`conditions`, one call per k (each method steered only under
-        its own kinds at its own k); ``random=False`` leaves the random heads out."""
+        its own kinds at its own k), each selection with its layer-matched random draws
+        (``n_matched_draws``); ``random=False`` leaves the uniform random heads out."""
         by_k: dict = {}
         for m, kind, k in self.conditions():
             if m == "random" and not random:
@@ -327,7 +348,7 @@ class Run:
             by_k.setdefault(k, {}).setdefault(m, []).append(kind)
         out = None
         for k, kinds in by_k.items():
-            got = self._grid(runs, list(kinds), kinds, [k], mc=mc, cost=cost)
+            got = self._grid(runs, list(kinds), kinds, [k], mc=mc, cost=cost, matched=self.cfg.n_matched_draws)
             out = got if out is None else {**got, "rows": out["rows"] + got["rows"]}
         return out
 
@@ -350,6 +371,33 @@ class Run:
         return self.memo("confirm.json", compute, fingerprint=fp)
 
 
+def reference_check(run) -> dict:
+    """Do the steering references stand for all of them (issue 23)? On the grid bias's tokens,
+    S unsteered and under the chosen and the paper's selections (at their k), against the
+    profile's ``steer_references`` countries and against every reference country: S and the
+    share removed per token, both ways."""
+    from .data import reference_countries
+    from .evaluate import make_spec, strength_under
+
+    bias = run.grid_biases[0]
+    best, st = run.best(), run.setting
+    tokens = run.tokens(bias)
+
+    def compute():
+        specs = {"unsteered": None}
+        for name, (m, kind, k) in (("chosen", best.key), ("paper", (PAPER[0], PAPER[1], run.cfg.k))):
+            heads = head_sets(m, run.rankings(bias, m == "patching")[m], k)[0]
+            specs[name] = make_spec(heads, kind, st["means"], st["entities"])
+        refs = {"steering": list(st["references"]), "all": reference_countries()}
+        S = {name: {r: [x for x in strength_under(run.model, run.tokenizer, spec, tokens, run.specs[bias], countries)["tokens"]]
+                    for r, countries in refs.items()} for name, spec in specs.items()}
+        reductions = {name: {r: [1 - a["value"] / b["value"] if b["value"] > 0 else None
+                                 for a, b in zip(S[name][r], S["unsteered"][r])] for r in refs}
+                      for name in specs if name != "unsteered"}
+        return {"bias": bias, "seeds": [t.seed for t in tokens], "references": refs, "S": S, "reduction": reductions}
+    return run.memo("reference_check.json", compute, fingerprint=run._fingerprint([bias]) + run._best_key())
+
+
 def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = None, model=None, tokenizer=None,
                progress: bool = True, full_grid: bool = False) -> Run:
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
@@ -364,6 +412,7 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     if len(run.biases) > 1:
         leave_one_out(run)
     seegull_steering(run)
+    reference_check(run)
     return run
 
 

@@ -142,6 +142,42 @@ def _facts_estimate(before: np.ndarray, after: np.ndarray, rng, n_boot: int) -> 
     return Estimate.from_samples(point, boot, len(before), "bootstrap 95% over facts")
 
 
+def capability_estimates(before: dict, costed: Sequence[dict], rng, n_boot: int) -> tuple[dict, Estimate | None]:
+    """The relative perplexity change per text set and the MC change, each the mean over the
+    ``costed`` head sets (rows with ``perplexity`` and ``mc`` raw results), with paired
+    bootstrap intervals over texts and questions; ``({}, None)`` where nothing was measured."""
+    perplexity, mc = {}, None
+    for name, b in (before["perplexity"].items() if costed else ()):
+        nb, tb = np.asarray(b["nll"]), np.asarray(b["tokens"], dtype=float)
+        na = np.asarray([r["perplexity"][name]["nll"] for r in costed])
+        ti = rng.integers(0, len(nb), (n_boot, len(nb)))
+
+        def change(idx):
+            ppl_b = np.exp(nb[idx].sum(-1) / tb[idx].sum(-1))
+            ppl_a = np.exp(na[:, idx].sum(-1) / tb[idx].sum(-1))
+            return (ppl_a / ppl_b).mean(0) - 1
+
+        perplexity[name] = Estimate.from_samples(change(np.arange(len(nb))), change(ti), len(nb),
+                                                 "bootstrap 95% over texts, paired")
+    if before.get("mc") is not None and costed and all(r.get("mc") for r in costed):
+        cb = np.asarray(before["mc"]["correct"], dtype=float)
+        ca = np.asarray([r["mc"]["correct"] for r in costed], dtype=float)
+        qi = rng.integers(0, len(cb), (n_boot, len(cb)))
+        diff = (ca - cb[None]).mean(0)
+        mc = Estimate.from_samples(diff.mean(), diff[qi].mean(1), len(cb), "bootstrap 95% over questions, paired")
+    return perplexity, mc
+
+
+def knowledge_estimates(before: dict, sets: Sequence[dict], rng, n_boot: int) -> tuple[Estimate, Estimate | None]:
+    """The facts' reduction and the held-out relation's (None if there is none), each the
+    mean over the head sets, with bootstrap intervals over facts."""
+    facts_before = np.asarray([x["value"] for x in before["facts"]])
+    held = np.asarray(before.get("held_out") or [False] * len(facts_before), dtype=bool)
+    after = np.asarray([r["facts"] for r in sets])  # (sets, facts)
+    facts = _facts_estimate(facts_before[~held], after[:, ~held], rng, n_boot)
+    return facts, (_facts_estimate(facts_before[held], after[:, held], rng, n_boot) if held.any() else None)
+
+
 def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[SteeringResult]:
     """One line per (method, kind, k) of a :func:`selection_grid`: the mean S reduction over
     runs (bias x seed; random heads: the mean over draws first) with a bootstrap 95% interval
@@ -156,39 +192,14 @@ def summarise_grid(grid: dict, n_boot: int = 1000, seed: int = 0) -> list[Steeri
     groups: dict = {}
     for r in grid["rows"]:
         groups.setdefault((r["method"], r["kind"], r["k"]), []).append(r)
-    facts_before = np.asarray([x["value"] for x in before["facts"]])
-    held = np.asarray(before.get("held_out") or [False] * len(facts_before), dtype=bool)
     out = []
     for (method, kind, k), rows in groups.items():
         means = _run_means(rows)
         vals = list(means.values())
         red = bootstrap(np.asarray(vals), n_boot, seed, interval=RUNS) if vals else None
         sets = list({(tuple(map(tuple, r["heads"]))): r for r in rows}.values())  # each head set once
-        after = np.asarray([r["facts"] for r in sets])  # (sets, facts)
-        facts = _facts_estimate(facts_before[~held], after[:, ~held], rng, n_boot)
-        held_out = _facts_estimate(facts_before[held], after[:, held], rng, n_boot) if held.any() else None
-        costed = [r for r in sets if r.get("perplexity")]
-        perplexity, mc = {}, None
-        for name, b in (before["perplexity"].items() if costed else ()):
-            nb, tb = np.asarray(b["nll"]), np.asarray(b["tokens"], dtype=float)
-            na = np.asarray([r["perplexity"][name]["nll"] for r in costed])
-            ti = rng.integers(0, len(nb), (n_boot, len(nb)))
-
-            def change(idx):
-                ppl_b = np.exp(nb[idx].sum(-1) / tb[idx].sum(-1))
-                ppl_a = np.exp(na[:, idx].sum(-1) / tb[idx].sum(-1))
-                return (ppl_a / ppl_b).mean(0) - 1
-
-            boot = change(ti)
-            perplexity[name] = Estimate.from_samples(change(np.arange(len(nb))), boot, len(nb),
-                                                     "bootstrap 95% over texts, paired")
-        if before.get("mc") is not None and costed and all(r.get("mc") for r in costed):
-            cb = np.asarray(before["mc"]["correct"], dtype=float)
-            ca = np.asarray([r["mc"]["correct"] for r in costed], dtype=float)
-            qi = rng.integers(0, len(cb), (n_boot, len(cb)))
-            diff = (ca - cb[None]).mean(0)
-            boot = diff[qi].mean(1)
-            mc = Estimate.from_samples(diff.mean(), boot, len(cb), "bootstrap 95% over questions, paired")
+        facts, held_out = knowledge_estimates(before, sets, rng, n_boot)
+        perplexity, mc = capability_estimates(before, [r for r in sets if r.get("perplexity")], rng, n_boot)
         matched = uniform = None
         if not is_random(method) and red is not None:
             matched = _place(red.value, _draw_means(groups.get((f"matched:{method}", kind, k), []), means))
