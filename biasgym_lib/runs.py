@@ -399,36 +399,60 @@ def reference_check(run) -> dict:
 
 
 def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = None, model=None, tokenizer=None,
-               progress: bool = True, full_grid: bool = False) -> Run:
+               progress: bool = True, full_grid: bool = False, stages: dict | None = None) -> Run:
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
-    computed); each result is saved under ``out`` as it is made and reused when present."""
+    computed); each result is saved under ``out`` as it is made and reused when present.
+    ``stages`` (a dict) receives the seconds each stage took."""
+    stages = {} if stages is None else stages
     run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
-    for b in run.biases:
-        for s in cfg.seeds:
-            run.injection(b, s)
-            run.scope(b, s)
-    run.grid()
-    run.confirm()
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+        if progress:
+            print(f"  {name}: {stages[name]:.0f} s", flush=True)
+    timed("injection", lambda: [run.injection(b, s) for b in run.biases for s in cfg.seeds])
+    timed("scope", lambda: [run.scope(b, s) for b in run.biases for s in cfg.seeds])
+    timed("grid", run.grid)
+    timed("confirmation", run.confirm)
     if len(run.biases) > 1:
-        leave_one_out(run)
-    seegull_steering(run)
-    reference_check(run)
+        timed("leave one bias out", lambda: leave_one_out(run))
+    timed("SeeGULL", lambda: seegull_steering(run))
+    timed("reference check", lambda: reference_check(run))
     return run
 
 
 def reproduce(profile: str | Profile, out, retrain: bool = False, progress: bool = True,
-              full_grid: bool = False) -> dict:
+              full_grid: bool = False, record: bool = False) -> dict:
     """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
     and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
     project commits under ``data/tokens``). ``full_grid``: the selection grid on every bias,
-    method and k (hours on a CPU) instead of the profile's subset."""
+    method and k (hours on a CPU) instead of the profile's subset. ``record``: also the token
+    set of realistic strength (its BiasScope at the profile's k's, with the full grid's
+    draws), and the results written to ``data/recorded/<profile>.json``
+    (:mod:`~biasgym_lib.recorded`) for the book to show."""
+    from dataclasses import replace
 
+    from .recorded import record as write_record
 
     cfg = profile if isinstance(profile, Profile) else load_profile(profile)
     t0 = time.perf_counter()
-    run = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress, full_grid=full_grid)
+    stages: dict = {}
+    run = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress, full_grid=full_grid, stages=stages)
     claims = claims_from(run)
+    real = None
+    if record:
+        real_cfg = replace(realistic(cfg), n_random_draws=run.cfg.n_random_draws,
+                           n_matched_draws=run.cfg.n_matched_draws, grid_matched=run.cfg.grid_matched)
+        real_stages: dict = {}
+        real_run = run_stages(real_cfg, Path(out) / "realistic", retrain=retrain or None, model=run.model,
+                              tokenizer=run.tokenizer, progress=progress, stages=real_stages)
+        real = claims_from(real_run)
+        stages.update({f"realistic tokens: {k}": v for k, v in real_stages.items()})
     claims["seconds"] = time.perf_counter() - t0
+    claims["stages_seconds"] = stages
     write_json(Path(out) / "claims.json", claims)
+    if record:
+        write_record(cfg.name, claims, real, stages)
     return claims
-
