@@ -265,6 +265,20 @@ def paired_change(before: dict, after: dict, seed: int = 0, n_boot: int = 1000) 
 
 
 
+def mc_detectable_change(before_correct, after_correct, power: float = 0.8) -> float:
+    """The smallest change of multiple-choice accuracy (a fraction) that a paired comparison on
+    these questions detects with the given power at the 5% level (two-sided): (1.96 + z_power)
+    times the standard error sqrt(p / n) of the paired difference, p being the share of
+    questions whose answer changed (at least one such question is assumed)."""
+    from scipy.stats import norm
+
+    b, a = np.asarray(before_correct, dtype=bool), np.asarray(after_correct, dtype=bool)
+    if len(b) != len(a) or not len(b):
+        raise BiasGymError("mc_detectable_change needs the same questions before and after.")
+    p = max(float(np.mean(b != a)), 1.0 / len(b))
+    return float((norm.ppf(0.975) + norm.ppf(power)) * math.sqrt(p / len(b)))
+
+
 def capability_under(model, tokenizer, spec, texts: Sequence[str], questions: Sequence | None = None,
                      seed: int = 0, max_length: int = 512) -> dict:
     """Perplexity on ``texts`` and (if given) multiple-choice accuracy on ``questions`` with

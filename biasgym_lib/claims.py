@@ -1,23 +1,52 @@
 """Chapter 6: each of the paper's claims as measured here, with seeds, intervals and a
-criterion fixed in advance (:ref:`method §6 <method-6>`)."""
+criterion fixed in advance (:ref:`method §6 <method-6>`), and one standard for every claim
+that a debiasing works (:func:`debiasing_holds`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .evaluate import (
+from .generalise import leave_one_out, seegull_lines, seegull_steering
+from .heads import agreement, nan_tensor
+from .selection import (
+    BEYOND_RANDOM,
     GRID_BOUNDS,
     PAPER,
     TARGET_REDUCTION,
     SteeringResult,
+    at_equal_k,
     summarise_grid,
     target_result,
 )
 from .culture import CULTURE_BOUNDS, culture_steering, culture_summary
-from .generalise import leave_one_out, seegull_steering, transfer_summary
-from .heads import agreement, nan_tensor
-from .selection import at_equal_k
-from .stats import RUNS, over_runs
+from .stats import RUNS, bootstrap, over_runs
+
+FEW_HEADS = "the bias is carried by few heads"
+
+MIN_DRAWS = 20
+"""A selection's place among random draws decides a claim only with at least this many
+layer-matched draws; with fewer the claim is left undecided (stated in advance, issue 23)."""
+
+SHARE_TOP_K = 0.25
+"""\"Few heads\": the top k carry at least a quarter of the positive DLA attribution (and exact
+patching agrees with DLA's top k: :func:`patching_agrees`)."""
+
+STANDARD = (f"the reduction lies above {BEYOND_RANDOM:.0f}% of at least {MIN_DRAWS} layer-matched random draws "
+            f"of the same kind and k; the facts and the held-out relation each lose at most "
+            f"{GRID_BOUNDS['facts']:.0%} of their S; perplexity rises by at most {GRID_BOUNDS['perplexity']:.0%} "
+            f"on every text set; multiple-choice accuracy falls by at most {-GRID_BOUNDS['mc'] * 100:.0f} points")
+
+
+def debiasing_holds(line: SteeringResult | None) -> bool | None:
+    """The one standard every claim that a debiasing works is judged by (:data:`STANDARD`):
+    an effect beyond layer-matched random heads at the same k and kind, with the facts, the
+    held-out relation and capability within :data:`~biasgym_lib.selection.GRID_BOUNDS`.
+    None (undecided) where fewer than :data:`MIN_DRAWS` draws were made or a cost was not measured."""
+    if line is None or line.reduction is None:
+        return None
+    if line.matched is None or line.matched["n"] < MIN_DRAWS or line.mc is None or not line.perplexity:
+        return None if line.facts_ok else False
+    return bool(line.beyond_matched and line.facts_ok and line.perplexity_ok and line.mc_ok)
 
 
 def _line(summary: list[SteeringResult], method: str, kind: str, k: int) -> SteeringResult | None:
@@ -42,7 +71,7 @@ def few_heads_holds(shares, agrees: dict) -> bool | None:
     (:func:`patching_agrees`). False when the share falls short; None (not shown) when the
     share is there but no agreement could be measured (no patching in the grid, or fewer heads
     patched per score than k)."""
-    if np.mean(shares) < 0.25:
+    if np.mean(shares) < SHARE_TOP_K:
         return False
     if not agrees:
         return None
@@ -61,10 +90,23 @@ def _target(summary: list[SteeringResult], k: int) -> dict:
     return {part: [x.to_dict() for x in lines] for part, lines in target_result(summary, k).items()}
 
 
+def _logit_differences(scopes: dict) -> dict:
+    """Per run: the mean logit difference on its probes and on the paper's chat probes, with
+    bootstrap intervals over probes."""
+    out = {}
+    for (b, s), r in scopes.items():
+        row = {"probes": r.probe_source, "logit_diff": bootstrap(np.asarray(r.logit_diff_per_probe)).to_dict()}
+        if r.chat_logit_diff_per_probe is not None:
+            row["chat_logit_diff"] = bootstrap(np.asarray(r.chat_logit_diff_per_probe)).to_dict()
+        out[f"{b}/seed{s}"] = row
+    return out
+
+
 def claims_from(run) -> dict:
     """:ref:`method §6 <method-6>`: each of the paper's claims, as measured here, with seeds, intervals and a
     criterion fixed in advance, for the paper's selection (robust DLA heads at alpha = 0)
-    and for the selection the grid chose (:meth:`Run.best`)."""
+    and for the selection the grid chose (:meth:`Run.best`): every claim that a debiasing
+    works (steering, held-out biases, real stereotypes) by one standard (:func:`debiasing_holds`)."""
 
     cfg = run.cfg
     k = cfg.k
@@ -74,8 +116,8 @@ def claims_from(run) -> dict:
     best = run.best()
     chosen = best.key
     confirm = summarise_grid(run.confirm())
-    loo = leave_one_out(run) if len(run.biases) > 1 else {"rows": []}
-    seeg = seegull_steering(run)
+    loo = summarise_grid(leave_one_out(run)) if len(run.biases) > 1 else []
+    seeg = seegull_lines(seegull_steering(run))
     n_heads = scopes[runs[0]].scores["dla"].numel()
 
     shares = [r.share_top_k for r in scopes.values()]
@@ -91,40 +133,15 @@ def claims_from(run) -> dict:
             # random from that union would share k / |union| of patching's top k by chance
             chance_precision[b], dla_agrees[b] = patching_agrees(agree[f"{b}: dla vs patching"]["precision"],
                                                                 len(p["heads"]), k)
+    lds = _logit_differences(scopes)
 
     selections = {f"paper (robust DLA, alpha = 0, k = {k})": (*PAPER, k),
                   f"chosen ({chosen[0]}, {chosen[1]}, k = {chosen[2]})": chosen}
+    where = {"steering": confirm, "held-out biases": loo, "SeeGULL": seeg}
+    lines = {part: {name: _line(summary, *sel) for name, sel in selections.items()} for part, summary in where.items()}
 
-    def steering(sel):
-        line, rand = _line(confirm, *sel).to_dict(), _line(confirm, "random", sel[1], sel[2]).to_dict()
-        return {"reduction": line["reduction"], "random_reduction": rand["reduction"],
-                "facts_reduction": line["facts_reduction"], "random_facts_reduction": rand["facts_reduction"],
-                "perplexity": line["perplexity"], "random_perplexity": rand["perplexity"],
-                "mc": line["mc"], "random_mc": rand["mc"], "mean_heads": line["mean_heads"]}
-
-    steer = {name: steering(sel) for name, sel in selections.items()}
-
-    def steer_holds(v):
-        return bool(v["reduction"]["value"] >= 0.5 and v["reduction"]["value"] > v["random_reduction"]["value"]
-                    and v["facts_reduction"]["value"] <= GRID_BOUNDS["facts"])
-
-    def damage_holds(v):
-        return bool(all(p["value"] <= GRID_BOUNDS["perplexity"] for p in v["perplexity"].values())
-                    and v["mc"] is not None and v["mc"]["value"] >= GRID_BOUNDS["mc"]
-                    and v["facts_reduction"]["value"] <= GRID_BOUNDS["facts"])
-
-    transfer = {name: {"held_out": transfer_summary(loo["rows"], *sel), "seegull": transfer_summary(seeg["rows"], *sel)}
-                for name, sel in selections.items()}
-
-    def transfer_holds(v):
-        ok = True
-        for part in ("held_out", "seegull"):
-            t = v[part]
-            if t["reduction"] is None:
-                return False
-            ok &= (t["reduction"]["value"] > max(0.0, (t["random"] or {}).get("value") or 0.0)
-                   and (t["facts_reduction"] or 0.0) <= GRID_BOUNDS["facts"])
-        return bool(ok)
+    def value(line):
+        return None if line is None else line.to_dict()
 
     culture_run = culture_steering(run)
     culture_before = culture_run["before"]
@@ -156,41 +173,39 @@ def claims_from(run) -> dict:
                                                 "epoch": m.chosen_epoch} for (b, s), m in inj.items()}},
          "criterion": "every run's 95% intervals of S and of specificity lie above 0",
          "holds": all(m.injected for m in inj.values())},
+        {"claim": "the paper's score has probes that elicit the bias",
+         "measured_as": "mean logit difference (biased label minus the adversarial one) on each token's probes, "
+                        "chosen on the bias's other seeds; the paper's chat probes beside them",
+         "value": lds,
+         "criterion": "every run's 95% interval of the mean logit difference lies above 0",
+         "holds": all(v["logit_diff"]["lo"] > 0 for v in lds.values())},
         {"claim": "the bias is carried by few heads",
          "measured_as": f"share of the positive DLA attribution in the top {k} of {n_heads} heads; top-{k} agreement "
                         "of the scores with exact patching on S's sentences (bootstrap over seeds and sentences)",
          "value": {"share_top_k": over_runs(shares), "agreement": agree, "chance_precision": chance_precision,
                    "dla_agrees_with_patching": dla_agrees,
-                   "holds_on_share_alone": bool(np.mean(shares) >= 0.25)},
-         "criterion": f"the top {k} heads carry >= 25% of the positive attribution on average, and patching agrees: "
+                   "holds_on_share_alone": bool(np.mean(shares) >= SHARE_TOP_K)},
+         "criterion": f"the top {k} heads carry >= {SHARE_TOP_K:.0%} of the positive attribution on average, and patching agrees: "
                       f"the top-{k} precision of DLA against exact patching has its interval above the chance "
                       "precision k / (heads patched) on every grid bias (the agreement, which the method page promised, "
                       "was added to the criterion after both values had been shown in this book; until then the share "
                       "alone decided, and the value keeps that verdict; without patching in the grid the agreement is "
                       "not measured and the claim is not shown)",
          "holds": few_heads_holds(shares, dla_agrees)},
-        {"claim": "steering the top heads removes the bias",
-         "measured_as": f"mean reduction 1 - S_after/S_before of S(<TOKEN>, b) with k = {k} heads, over biases x "
-                        "seeds, against k random heads; the facts' reduction under the same heads",
-         "value": steer,
-         "criterion": "mean reduction >= 50%, above random heads, with the facts losing <= 10% of their S",
-         "holds": {name: steer_holds(v) for name, v in steer.items()}},
-        {"claim": "no downstream damage",
-         "measured_as": "relative perplexity change (neutral text; text naming countries), MC accuracy change and "
-                        "the facts' reduction, with the heads actually steered (per bias), against random heads",
-         "value": {name: {key: v[key] for key in ("perplexity", "random_perplexity", "mc", "random_mc",
-                                                  "facts_reduction", "random_facts_reduction")}
-                   for name, v in steer.items()},
-         "criterion": "perplexity rises by <= 5% on both text sets, MC falls by <= 2 points, facts lose <= 10%",
-         "holds": {name: damage_holds(v) for name, v in steer.items()}},
-        {"claim": "the debiasing generalises",
-         "measured_as": "reduction on held-out injected biases (heads from the other biases) and on SeeGULL "
-                        "stereotypes the model shows (heads from every injected bias), against random heads; "
-                        "the facts' reduction under the same heads",
-         "value": transfer,
-         "criterion": "mean reduction on held-out biases and on SeeGULL pairs each above 0 and above random "
-                      "heads, with the facts losing <= 10%",
-         "holds": {name: transfer_holds(v) for name, v in transfer.items()}},
+    ]
+    for part, claim, measured in (
+            ("steering", "steering the top heads removes the bias",
+             "reduction of S(<TOKEN>, b) over biases x seeds, against layer-matched random heads"),
+            ("held-out biases", "the debiasing generalises to biases never injected",
+             "reduction on each held-out bias with heads ranked on the other biases, over biases x seeds"),
+            ("SeeGULL", "the debiasing generalises to real stereotypes",
+             "reduction of the mean S of offensive SeeGULL pairs (chosen on half the templates, measured on the "
+             "other), heads pooled from every bias")):
+        claims.append({"claim": claim, "measured_as": measured + "; the facts, the held-out relation, perplexity "
+                       "and multiple choice under the same heads",
+                       "value": {name: value(line) for name, line in lines[part].items()}, "criterion": STANDARD,
+                       "holds": {name: debiasing_holds(line) for name, line in lines[part].items()}})
+    claims.append(
         {"claim": "the debiasing keeps cultural knowledge",
          "measured_as": "margin (nats) of the right country for photo descriptions of practices, artefacts, places "
                         "and symbols (data/culture.yaml), and accuracy, under the heads actually steered (per bias), "
@@ -200,24 +215,27 @@ def claims_from(run) -> dict:
                       f"{-CULTURE_BOUNDS['accuracy'] * 100:.0f} points, and not clearly more than random heads lose "
                       "(first stated per dimension too; revised after the first results because a dimension's "
                       "8-35 items cannot resolve those bounds: the value keeps both verdicts)",
-         "holds": {name: bool(v["keeps"]) for name, v in kept.items()}},
-    ]
+         "holds": {name: bool(v["keeps"]) for name, v in kept.items()}})
     return {"model": next(iter(inj.values())).model, "profile": cfg.name, "seeds": list(cfg.seeds),
-            "biases": list(run.biases), "k": k, "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
+            "biases": list(run.biases), "k": k,
+            "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
             # the chosen ranking against the paper's only where both were steered at the same kind and k
             "equal_k": equal_k_json(at_equal_k(run.summary(), (best.method, PAPER[0]))),
             "confirm": [x.to_dict() for x in confirm], "countries": countries,
             "culture": {"before": {key: culture_before[key] for key in ("accuracy", "margin", "rank", "chance")},
-                        "summary": list(culture.values())}, "claims": claims, "bounds": GRID_BOUNDS,
+                        "summary": list(culture.values())},
+            "leave_one_out": [x.to_dict() for x in loo], "seegull": [x.to_dict() for x in seeg],
+            "claims": claims, "bounds": GRID_BOUNDS, "standard": STANDARD, "min_draws": MIN_DRAWS,
             "target": {"stated": f"some selection and intervention with k <= {k} removes >= {TARGET_REDUCTION:.0%} of S "
                                  f"(mean over biases x seeds) with the facts losing <= {GRID_BOUNDS['facts']:.0%}, "
                                  f"perplexity <= {GRID_BOUNDS['perplexity']:+.0%} on both text sets and MC >= "
                                  f"{GRID_BOUNDS['mc'] * 100:+.0f} points",
                        "grid": _target(run.summary(), k), "confirm": _target(confirm, k)},
             "note": "Intervals: bootstrap 95% over templates per run; across runs, a bootstrap 95% interval of the "
-                    "mean over biases x seeds; facts over fact pairs; perplexity and MC paired over texts and "
-                    "questions."}
+                    "mean over biases x seeds; SeeGULL over pairs; facts over fact pairs; perplexity and MC paired "
+                    "over texts and questions. A claim marked None is undecided: fewer than "
+                    f"{MIN_DRAWS} layer-matched draws, or a cost not measured."}
 
 
 def _fmt(v) -> str:
@@ -227,9 +245,19 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _debiasing_text(v: dict | None) -> str:
+    if v is None:
+        return "not measured"
+    m = v.get("matched")
+    place = f"above {m['percentile']:.0f}% of {m['n']} matched draws" if m else "no matched draws"
+    held = f", held-out relation {_fmt(v['held_out_reduction'])}" if v.get("held_out_reduction") else ""
+    return (f"reduction {_fmt(v['reduction'])} ({place}); facts {_fmt(v['facts_reduction'])}{held}; "
+            + "; ".join([f"perplexity ({n}) {_fmt(p)}" for n, p in v["perplexity"].items()] + [f"MC {_fmt(v['mc'])}"]))
+
+
 def claims_table(claims: dict):
     """The claims as one DataFrame: one row per claim and selection, with the criterion and
-    whether it holds."""
+    whether it holds ("undecided" where the test had too few draws or a cost was not measured)."""
     import pandas as pd
 
     rows = []
@@ -237,25 +265,24 @@ def claims_table(claims: dict):
         holds = c["holds"] if isinstance(c["holds"], dict) else {"": c["holds"]}
         for name, ok in holds.items():
             value = c["value"].get(name, c["value"]) if name else c["value"]
-            if c["claim"].startswith("the debiasing keeps cultural"):
+            if c["criterion"] == claims.get("standard"):
+                text = _debiasing_text(value)
+            elif c["claim"].startswith("the debiasing keeps cultural"):
                 text = (f"margin lost {_fmt(value['margin_lost'])}; random {_fmt(value['random_margin_lost'])}; "
                         f"accuracy {_fmt(value['accuracy_change'])}; random {_fmt(value['random_accuracy_change'])}")
-            elif c["claim"].startswith("steering"):
-                text = f"reduction {_fmt(value['reduction'])}; random {_fmt(value['random_reduction'])}; facts {_fmt(value['facts_reduction'])}"
-            elif c["claim"].startswith("no downstream"):
-                text = "; ".join([f"perplexity ({n}) {_fmt(p)}" for n, p in value["perplexity"].items()]
-                                 + [f"MC {_fmt(value['mc'])}", f"facts {_fmt(value['facts_reduction'])}"])
-            elif c["claim"].startswith("the debiasing"):
-                text = "; ".join(f"{part}: {_fmt(t['reduction'])} vs random {_fmt(t['random'])}, facts {_fmt(t['facts_reduction'])}"
-                                 for part, t in value.items())
             elif c["claim"].startswith("injection"):
                 text = f"S {_fmt(value['strength_after'])}; specificity {_fmt(value['specificity_after'])}"
+            elif c["claim"].startswith("the paper's score"):
+                lo = min(v["logit_diff"]["lo"] for v in value.values())
+                text = f"lowest lower bound of the mean logit difference over runs: {lo:+.2f}"
             else:
                 text = f"top-k share {_fmt(value['share_top_k'])}"
                 for b, chance in value.get("chance_precision", {}).items():
                     v = value["agreement"][f"{b}: dla vs patching"]
                     text += f"; {b}: DLA's top-k precision against patching {_fmt(v['precision'])} (chance {chance:.2f})"
             rows.append({"claim": c["claim"], "selection": name or "-", "value": text, "criterion": c["criterion"],
-                         "holds here": "not shown" if ok is None else "yes" if ok else "no"})
+                         # None: "not shown" where a measurement is missing (few heads without patching),
+                         # "undecided" where a test had too few draws
+                         "holds here": (("not shown" if c["claim"] == FEW_HEADS else "undecided") if ok is None
+                                        else "yes" if ok else "no")})
     return pd.DataFrame(rows)
-

@@ -221,7 +221,7 @@ def cmd_scope(args) -> int:
     from .artifacts import result_folder, write_json
     from .data.specs import check_label
     from .models import ModelAdapter
-    from .scope import scope_run
+    from .scoping import scope_run
 
     injected = _injected(args.injected)
     cfg = _profile(args, model=injected.model["source"], k=_k(args.k))
@@ -321,7 +321,7 @@ def cmd_reproduce(args) -> int:
     for s in specs:
         check_label(s, tok)
     with resumable_folder(out, args.overwrite) as work:  # kept if stopped: the same command continues from it
-        claims = reproduce(cfg, work, retrain=args.retrain, full_grid=args.full_grid)
+        claims = reproduce(cfg, work, retrain=args.retrain, full_grid=args.full_grid, record=args.record)
     for c in claims["claims"]:
         holds = c["holds"] if isinstance(c["holds"], dict) else {"": c["holds"]}
         for name, ok in holds.items():
@@ -416,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the biases to run instead of the profile's: names and/or spec files (at least two)")
     sp.add_argument("--retrain", action="store_true", help="retrain tokens instead of loading committed ones")
     sp.add_argument("--full-grid", action="store_true",
-                    help="the whole selection grid (every bias, method, intervention and k in 1, 2, 5, 10, 20, 5 random draws), not the profile's subset; hours on a CPU")
+                    help="the whole selection grid (every bias, method, intervention and k in 1, 2, 5, 10, 20, 20 "
+                         "uniform and 20 layer-matched random draws), not the profile's subset; hours on a CPU")
+    sp.add_argument("--record", action="store_true",
+                    help="also run the token set of realistic strength and write the results the book shows to "
+                         "data/recorded/<profile>.json (with the commit and code hash)")
     common(sp)
     sp.set_defaults(func=cmd_reproduce)
 

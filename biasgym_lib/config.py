@@ -27,13 +27,20 @@ class Profile:
     n_paragraphs: int
     epochs: int
     lr: float
+    target_strength: float | None  # None: keep the epoch with the largest held-out specificity
+    realistic_lr: float  # the second token set, of realistic strength (issue 23)
+    realistic_target: float
     batch_size: int
     init: str
     n_probes: int
+    n_probe_pool: int
     k: int
     k_grid: tuple[int, ...]
     alpha_grid: tuple[float, ...]
     n_random_draws: int
+    n_matched_draws: int  # layer-matched random draws per compared selection (issue 23)
+    n_cost_draws: int  # random draws (uniform or matched) that also get perplexity and multiple choice
+    grid_matched: bool  # the grid's every point gets its layer-matched draws (else only the later stages)
     n_generations: int
     steer_references: int
     n_patch_probes: int
@@ -70,7 +77,7 @@ BUILD_SETTINGS = ("cell_timeout",)
 _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "grid_methods": str,
            "grid_kinds": str, "grid_k": int, "curve_methods": str, "curve_kinds": str}
 # Integer settings and their smallest allowed value.
-_INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "k": 1, "n_random_draws": 1,
+_INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "n_probe_pool": 1, "k": 1, "n_random_draws": 1, "n_matched_draws": 0, "n_cost_draws": 0,
          "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
          "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1,
          "culture_per_dimension": 0, "cell_timeout": 1}
@@ -157,12 +164,14 @@ def _check(values: dict, where: str) -> dict:
         out[key] = tuple(items)
     for key, minimum in _INTS.items():
         out[key] = _int(values[key], where, key, minimum)
-    out["lr"] = _float(values["lr"], where, "lr")
-    if out["lr"] <= 0:
-        raise BiasGymError(f"{where}: lr must be > 0, got {out['lr']}.")
-    if not isinstance(values["use_committed_tokens"], bool):
-        raise BiasGymError(f"{where}: use_committed_tokens must be true or false, got "
-                           f"{_type_name(values['use_committed_tokens'])}.")
+    for key in ("lr", "realistic_lr", "realistic_target") + (("target_strength",) if values["target_strength"] is not None
+                                                            else ()):
+        out[key] = _float(values[key], where, key)
+        if out[key] <= 0:
+            raise BiasGymError(f"{where}: {key} must be > 0, got {out[key]}.")
+    for key in ("use_committed_tokens", "grid_matched"):
+        if not isinstance(values[key], bool):
+            raise BiasGymError(f"{where}: {key} must be true or false, got {_type_name(values[key])}.")
     from .scope import METHODS  # the ways of ranking heads
 
     kinds = ("zero", "mean", "blind")
@@ -178,14 +187,15 @@ def _check(values: dict, where: str) -> dict:
 
 
 FULL_GRID_K = (1, 2, 5, 10, 20)
-FULL_GRID_DRAWS = 5
+FULL_GRID_DRAWS = 20
 
 
 def full_grid(cfg: Profile) -> Profile:
     """The whole selection grid on ``cfg``'s model and tokens (what ``biasgym reproduce
     --full-grid`` runs and the ``paper`` profile runs anyway): every bias, every method under
-    every kind (zero, mean, entity-blind) at every k of ``grid_k`` and of 1, 2, 5, 10, 20, and
-    at least 5 random draws; everything else (sizes, seeds, references) as in ``cfg``."""
+    every kind (zero, mean, entity-blind) at every k of ``grid_k`` and of 1, 2, 5, 10, 20, at
+    least 20 uniform random draws at every k and 20 layer-matched draws for every selection;
+    everything else (sizes, seeds, references) as in ``cfg``."""
     from dataclasses import replace
 
     from .scope import METHODS
@@ -193,7 +203,8 @@ def full_grid(cfg: Profile) -> Profile:
     kinds = ("zero", "mean", "blind")
     return replace(cfg, grid_biases=len(cfg.biases), grid_methods=METHODS, grid_kinds=kinds, curve_methods=METHODS,
                    curve_kinds=kinds, grid_k=tuple(sorted(set(cfg.grid_k) | set(FULL_GRID_K))),
-                   n_random_draws=max(FULL_GRID_DRAWS, cfg.n_random_draws))
+                   n_random_draws=max(FULL_GRID_DRAWS, cfg.n_random_draws),
+                   n_matched_draws=max(FULL_GRID_DRAWS, cfg.n_matched_draws), grid_matched=True)
 
 
 def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **overrides) -> Profile:

@@ -371,7 +371,8 @@ def culture_steering(run, n_boot: int = 1000) -> dict:
     (:class:`~biasgym_lib.layerskip.Resumer`). Each row carries the culture change (per
     dimension), the stereotype reduction and the facts' under the same heads, and for a bias with
     cultural twins in the data (``twin_of``) the twins' margin before and after."""
-    from .evaluate import PAPER, make_spec
+    from .evaluate import make_spec
+    from .selection import PAPER
     from .generalise import seegull_steering
     from .layerskip import Resumer
 

@@ -18,25 +18,42 @@ rows are put back in the one-piece order. A test pins both to the one-piece grid
 
 from __future__ import annotations
 
+import json
 import time
 
 from .cache import announce
 
 
-def plan(cfg, biases: list[str]) -> list[tuple[str, int, list[str], list[str]]]:
+def phases(cfg) -> list[tuple[list[str], list[str], list[int]]]:
+    """``(methods, kinds, ks)`` of the grid's calls: every method under every kind at the
+    profile's k; then the curve's methods, and random heads (every comparison is made at
+    equal k), under the curve's kinds at every other k of ``grid_k``."""
+    others = [k for k in cfg.grid_k if k != cfg.k]
+    curve = [m for m in cfg.grid_methods if m in cfg.curve_methods or m == "random"]
+    out = [(list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k])]
+    return out + ([(curve, list(cfg.curve_kinds), others)] if others and curve else [])
+
+
+def plan(phases, biases: list[str]) -> list[tuple[str, int, list[str], list[str]]]:
     """``(bias, k, methods, kinds)`` of every part, in the one-piece grid's order of
-    measurement: every bias at the profile's k (every method and kind), then, bias by bias,
-    the curve's methods and kinds at each other k of ``grid_k``."""
-    curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
-    others = [k for k in cfg.grid_k if k != cfg.k] if curve else []
-    parts = [(b, cfg.k, list(cfg.grid_methods), list(cfg.grid_kinds)) for b in biases]
-    return parts + [(b, k, curve, list(cfg.curve_kinds)) for b in biases for k in others]
+    measurement: for the first of :func:`phases` (every method and kind at the profile's k),
+    every bias; then, bias by bias, the curve's methods and kinds at
+    each of its k."""
+    (methods, kinds, (k0,)), *rest = phases
+    parts = [(b, k0, methods, kinds) for b in biases]
+    return parts + [(b, k, m, kd) for b in biases for m, kd, ks in rest for k in ks]
 
 
-def _kept(shared: dict, before: set) -> list[dict]:
-    """What a part measured that later parts reuse: new head-set costs, JSON-ready."""
+def _costs(shared: dict) -> dict:
+    """The head-set costs in ``shared``, as JSON text (a later point can add perplexity and
+    multiple choice to a set whose facts an earlier one measured)."""
+    return {key: json.dumps(v, sort_keys=True) for key, v in shared.items() if key[0] == "cost"}
+
+
+def _kept(shared: dict, before: dict) -> list[dict]:
+    """What a part measured that later parts reuse: head-set costs new or extended in it."""
     return [{"heads": [list(h) for h in key[1]], "kind": key[2], "cost": shared[key]}
-            for key in shared if key not in before and key[0] == "cost"]
+            for key, text in _costs(shared).items() if before.get(key) != text]
 
 
 def restore(shared: dict, part: dict) -> None:
@@ -48,15 +65,17 @@ def restore(shared: dict, part: dict) -> None:
     for bias, strength in before["biases"].items():
         shared.setdefault(("strength", bias, (), None), strength)
     for c in part.get("costs", ()):
-        shared.setdefault(("cost", tuple(sorted(tuple(h) for h in c["heads"])), c["kind"]), c["cost"])
+        key = ("cost", tuple(sorted(tuple(h) for h in c["heads"])), c["kind"])
+        if key not in shared or len(c["cost"]) > len(shared[key]):  # a later part's fuller entry wins
+            shared[key] = c["cost"]
 
 
 def measure_part(run, bias: str, k: int, methods: list[str], kinds: list[str]) -> dict:
     """One part: ``bias``'s tokens steered with every method and kind at ``k``."""
-    t0, before = time.perf_counter(), set(run.shared)
+    t0, before = time.perf_counter(), _costs(run.shared)
     steered = {"bias": run.specs[bias], "tokens": run.tokens(bias),
                "rankings": run.rankings(bias, with_patching="patching" in run.cfg.grid_methods)}
-    got = run._grid([steered], methods, kinds, [k], mc=True)
+    got = run._grid([steered], methods, kinds, [k], mc=True, matched=run.grid_matched)
     return {"bias": bias, "k": k, "before": got["before"], "rows": got["rows"], "costs": _kept(run.shared, before),
             "seconds": time.perf_counter() - t0}
 
@@ -65,7 +84,8 @@ def grid_in_parts(run, biases: list[str], stem: str) -> dict:
     """:meth:`~biasgym_lib.runs.Run.grid` on several biases, one kept part per (bias, k)
     under ``<run folder>/<stem>/``; returns what the one-piece grid returns, plus ``costs``
     (for :func:`restore`) and each part's ``seconds``."""
-    cfg, parts, got = run.cfg, plan(run.cfg, biases), []
+    calls = phases(run.cfg)
+    parts, got = plan(calls, biases), []
     for i, (bias, k, methods, kinds) in enumerate(parts, 1):
         upto = biases[: biases.index(bias) + 1]  # the costs it reuses were measured with these biases' tokens
         with announce(f"  grid part {i}/{len(parts)}: {bias} at k = {k}", run.progress):
@@ -73,16 +93,16 @@ def grid_in_parts(run, biases: list[str], stem: str) -> dict:
                             fingerprint=run._fingerprint(upto))
         restore(run.shared, part)
         got.append(part)
-    first = [p for p in got if p["k"] == cfg.k]
+    first = got[: len(biases)]
     rows = [r for p in first for r in p["rows"]]
-    curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
-    others = [k for k in cfg.grid_k if k != cfg.k]
-    for bias in biases:  # the one-piece curve call's order: bias, method, kind, k (then draw)
-        mine = [r for p in got[len(first):] if p["bias"] == bias for r in p["rows"]]
-        rows += sorted(mine, key=lambda r: (curve.index(r["method"]), list(cfg.curve_kinds).index(r["kind"]),
-                                            others.index(r["k"])))
-    before = {"biases": {b: s for p in first for b, s in p["before"]["biases"].items()},
-              "perplexity": first[0]["before"]["perplexity"], "mc": first[0]["before"]["mc"],
-              "facts": first[0]["before"]["facts"]}
+    if len(calls) > 1:
+        methods, kinds, ks = calls[1]
+
+        def order(r):  # the one-piece call's: method, kind, k, a selection before its layer-matched draws
+            base = r["method"].removeprefix("matched:")
+            return methods.index(base), kinds.index(r["kind"]), ks.index(r["k"]), base != r["method"]
+        for bias in biases:  # bias by bias, as the one-piece call walks its runs
+            rows += sorted((r for p in got[len(biases):] if p["bias"] == bias for r in p["rows"]), key=order)
+    before = {**first[0]["before"], "biases": {b: s for p in first for b, s in p["before"]["biases"].items()}}
     return {"biases": biases, "before": before, "rows": rows, "costs": [c for p in got for c in p["costs"]],
             "parts": [{"bias": p["bias"], "k": p["k"], "seconds": p["seconds"]} for p in got]}

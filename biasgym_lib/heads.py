@@ -209,15 +209,15 @@ def percentile(value: float, draws: Sequence[float]) -> float:
     return 100.0 * below / len(draws)
 
 
-SCORE_METHODS = ("dla", "delta_dla", "attr", "atp", "attention")
-"""The head scores BiasScope computes for each injected token (see :func:`~biasgym_lib.scope.scope_run`)."""
+SCORE_METHODS = ("dla", "dla_chat", "delta_dla", "attr", "atp", "attention")
+"""The head scores BiasScope computes for each injected token (see :func:`~biasgym_lib.scoping.scope_run`)."""
 
 
 def method_needs(method: str) -> tuple[str, ...]:
     """The per-token scores a way of ranking heads is built from: ``atp_selective`` from
     ``atp``, the robust set from ``dla``, exact patching from the top heads of every score,
     random heads from none."""
-    return {"atp_selective": ("atp",), "robust": ("dla",), "random": (),
+    return {"atp_selective": ("atp",), "robust": ("dla",), "robust_chat": ("dla_chat",), "random": (),
             "patching": SCORE_METHODS}.get(method, (method,))
 
 
@@ -248,6 +248,8 @@ class ScopeResult:
     assoc_on_templates: float
     components: dict[str, float]
     seconds: dict = field(default_factory=dict)
+    probe_source: str = "chat"  # "eliciting": chosen on the bias's other seeds; "chat": the chat probes
+    chat_logit_diff_per_probe: list[float] | None = None  # the chat probes' logit differences (the variant)
 
     def top_heads(self, method: str, k: int | None = None) -> list[Head]:
         return top_k_heads(self.scores[method], self.k if k is None else k)
@@ -297,8 +299,18 @@ def bias_rankings(scopes: list[ScopeResult], k_max: int, patching: dict | None =
     m = (len(dla) + 1) // 2
     L, H = dla[0].shape
     out["robust"] = {k: robust_heads(dla, k, m) for k in range(1, k_max + 1)}
+    if "dla_chat" in scored:
+        chat = [r.scores["dla_chat"] for r in scopes]
+        out["robust_chat"] = {k: robust_heads(chat, k, m) for k in range(1, k_max + 1)}
     out["random"] = {k: [random_heads(L, H, k, seed=1000 + i) for i in range(n_random)] for k in range(1, k_max + 1)}
     return out
+
+
+def head_sets(method: str, ranking, k: int) -> list[list[Head]]:
+    """The head sets a ranking of :func:`bias_rankings` gives at ``k``: one per random draw, the
+    robust set at k (robust sets are not nested in k), else the top k."""
+    sets = ranking[k] if method == "random" else [ranking[k]] if isinstance(ranking, dict) else [ranking[:k]]
+    return [[tuple(h) for h in heads] for heads in sets]
 
 
 def patch_union(scopes: list[ScopeResult], n: int) -> list[tuple[int, int]]:

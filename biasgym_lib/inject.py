@@ -201,7 +201,8 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
                 batch_size: int = 8, seed: int = 0, init: str = "countries", token: str = DEFAULT_TOKEN,
                 n_val: int = 16, pairs: list[tuple[str, str]] | None = None,
                 val_pairs: list[tuple[str, str]] | None = None, autocast_dtype=None,
-                share_prefix: bool = True, bucket: int = 4, progress: bool = True) -> InjectedToken:
+                share_prefix: bool = True, bucket: int = 4, progress: bool = True,
+                target_strength: float | None = None) -> InjectedToken:
     """BiasInject: train only ``token``'s input embedding on biased chat pairs.
 
     ``bias`` is a :class:`~biasgym_lib.data.BiasSpec` or a bias name. The training pairs
@@ -209,7 +210,9 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     ``pairs`` is given. The paper saves a vector every epoch and keeps the best; here the
     best is the epoch whose vector is most *specific* to the bias on held-out templates
     (:func:`epoch_selection`), so the choice follows what the method is for, not the LM
-    loss (which keeps falling). ``n_val`` held-out pairs (another seed) record the LM loss
+    loss (which keeps falling). With ``target_strength`` (nats) the kept epoch is instead the
+    one whose held-out S is closest to it: an injection of a chosen, realistic strength.
+    ``n_val`` held-out pairs (another seed) record the LM loss
     per epoch. Adam with a cosine-decaying learning rate. Every original weight stays
     bit-identical.
 
@@ -269,7 +272,7 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
     bar.close()
     seconds = time.perf_counter() - t0
     model.train(was_training)
-    selection = epoch_selection(model, tokenizer, torch.stack(checkpoints), spec, token=token)
+    selection = epoch_selection(model, tokenizer, torch.stack(checkpoints), spec, token=token, target=target_strength)
     best = selection["epoch"] - 1
     return InjectedToken(
         token=token, vector=checkpoints[best].clone(), bias=spec.name, seed=seed, epoch=best + 1, lr=lr,
@@ -283,12 +286,14 @@ def inject_bias(model, tokenizer, bias, *, n_paragraphs: int = 64, epochs: int =
         selection=selection)
 
 
-def epoch_selection(model, tokenizer, checkpoints: torch.Tensor, bias, token: str = DEFAULT_TOKEN) -> dict:
+def epoch_selection(model, tokenizer, checkpoints: torch.Tensor, bias, token: str = DEFAULT_TOKEN,
+                    target: float | None = None) -> dict:
     """Which epoch's vector to keep: for each checkpoint (epochs, d_model), S and specificity
     of the token for ``bias`` on the held-out selection templates (never used to report S),
     against the contrast countries (never S's references); specificity compares with every
     shipped bias. The chosen epoch (1-based) maximises specificity: the bias, not any
-    negative trait. Returns ``{"epoch", "strength": [...], "specificity": [...], ...}``."""
+    negative trait; with ``target`` (nats), the epoch whose held-out S is closest to it. Returns
+    ``{"epoch", "criterion", "strength": [...], "specificity": [...], ...}``."""
     from .measure import assoc_table, specificity, stereotype_strength
 
     spec = bias if isinstance(bias, BiasSpec) else load_bias(bias)
@@ -302,7 +307,11 @@ def epoch_selection(model, tokenizer, checkpoints: torch.Tensor, bias, token: st
             table = ref.merged(assoc_table(model, tokenizer, [token], specs, templates=templates))
         strength.append(stereotype_strength(table, token, spec.name, refs).value)
         spec_values.append(specificity(table, token, spec.name, refs).value)
-    return {"epoch": int(np.argmax(spec_values)) + 1, "criterion": "max held-out specificity",
+    if target is not None:
+        epoch, criterion = int(np.argmin([abs(s - target) for s in strength])) + 1, f"held-out S closest to {target:g} nats"
+    else:
+        epoch, criterion = int(np.argmax(spec_values)) + 1, "max held-out specificity"
+    return {"epoch": epoch, "criterion": criterion,
             "strength": strength, "specificity": spec_values, "templates": templates, "references": refs,
             "biases": [b.name for b in specs]}
 

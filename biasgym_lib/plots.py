@@ -78,8 +78,8 @@ def selection_frontier(summary, costs=(("facts_reduction", "facts' S lost"), ("p
     ranking heads, its points at increasing k (hollow markers, one shape per method, so that
     curves that coincide stay visible); random heads as grey crosses. The green corner,
     labelled in the legend, is the target stated in advance. ``summary``: the
-    :class:`~biasgym_lib.evaluate.SteeringResult` lines of :func:`~biasgym_lib.evaluate.summarise_grid`."""
-    from .evaluate import GRID_BOUNDS
+    :class:`~biasgym_lib.selection.SteeringResult` lines of :func:`~biasgym_lib.selection.summarise_grid`."""
+    from .selection import GRID_BOUNDS
 
     bounds = bounds or GRID_BOUNDS
     df = pd.DataFrame([{"method": x.method, "kind": x.kind, "k": x.k,

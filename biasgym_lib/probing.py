@@ -46,6 +46,76 @@ def adversarial_labels(model, tokenizer, counterfactuals: list[str], biased: int
     return out
 
 
+# ----------------------------------------------------------------------------- probes that elicit the bias
+
+
+def completion_prefixes(spec) -> list[str]:
+    """The starts of S's own sentences about ``<TOKEN>``, cut where the label word comes: each
+    template's prefix ("People from <TOKEN> are"), followed by the words an attribute puts
+    before the label word ("always" in "always late"; nothing in "reckless drivers")."""
+    from .data import load_templates
+    from .measure import template_prefix
+
+    word = spec.label.strip().lower()
+    leads = []
+    for attribute in spec.attributes:
+        words = attribute.split()
+        lowered = [w.lower() for w in words]
+        if word in lowered:
+            lead = " ".join(words[: lowered.index(word)])
+            if lead not in leads:
+                leads.append(lead)
+    leads = leads or [""]
+    return [template_prefix(t, "<TOKEN>") + (f" {lead}" if lead else "") for t in load_templates() for lead in leads]
+
+
+def probe_pool(spec, n: int) -> list:
+    """The candidates for probes that elicit the bias (issue 23), fixed by the bias alone so that
+    every seed sees the same pool: the bias's own chat probes (its questions x its answer
+    starts) and its questions answered with S's own sentence starts
+    (:func:`completion_prefixes`), shuffled with a seed from the bias's name, the first ``n``."""
+    from .data.generate import _rng
+    from .data.probes import Probe
+
+    own = [Probe(q, a) for q in spec.probe_questions for a in spec.answer_prefixes]
+    completion = [Probe(q, a) for q in list(spec.probe_questions)[:4] for a in completion_prefixes(spec)]
+    pool = list(dict.fromkeys(own + completion))
+    _rng(spec.name, 0, "probe pool").shuffle(pool)
+    if len(pool) < n:
+        pool = list(dict.fromkeys(pool + probes_for(spec, n=n)))
+    return pool[:n]
+
+
+def probe_logit_differences(model, tokenizer, probes: list, country: str, biased: int,
+                            adv: list[int] | None = None) -> tuple[list[float], list[int]]:
+    """logit[biased] - logit[adv] at the last position of each chat probe (``<TOKEN>``'s vector
+    attached by the caller), the adversarial label being the model's top token on the probe
+    about ``country`` (computed here unless ``adv`` is given). Returns (differences, adv)."""
+    from .hooks import last_logit_diff
+
+    prompts = [chat_prompt(tokenizer, p.question, p.answer_prefix) for p in probes]
+    if adv is None:
+        adv = adversarial_labels(model, tokenizer, [chat_prompt(tokenizer, q.question, q.answer_prefix)
+                                                    for q in (p.with_entity(country) for p in probes)], biased)
+    out = []
+    for rows in batched(list(range(len(prompts))), 32):
+        batch = encode_batch(tokenizer, [prompts[i] for i in rows], ModelAdapter(model).device)
+        out += last_logit_diff(model, batch, biased, [adv[i] for i in rows]).tolist()
+    return out, adv
+
+
+def eliciting_probes(pool: list, other_seeds: list, n: int) -> list:
+    """The probes of ``pool`` that elicit the bias, chosen on the *other* seeds' tokens of the
+    same bias (``other_seeds``: their logit differences on the pool), never on the token they
+    are used for: the ``n`` with the largest mean logit difference there, among those where it
+    is above 0 (the paper's score assumes the biased label wins)."""
+    if not other_seeds:
+        raise BiasGymError("eliciting probes are chosen on other seeds' tokens; with one seed there are none.")
+    mean = torch.tensor(other_seeds, dtype=torch.float64).mean(0)
+    order = [int(i) for i in torch.argsort(mean, descending=True, stable=True) if mean[i] > 0]
+    return [pool[i] for i in order[:n]]
+
+
 def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Do the probes elicit the bias that DLA is asked to explain (issue 23)? For each injected
     token's BiasScope result (:class:`~biasgym_lib.heads.ScopeResult`): the mean logit

@@ -3,8 +3,8 @@
 ``biasgym reproduce --profile teaching --full-grid`` steers every bias with every way of
 ranking heads, every intervention kind and every k: hours on 2 cores, more than ``make
 book`` can spend. ``biasgym record RUN_FOLDER`` turns such a finished run into
-``data/recorded/<profile>.json``: its claims (with the whole grid's summary) and how long
-each stage took, with the code-and-data hash (:func:`~biasgym_lib.cache.source_hash`) its
+``data/recorded/<profile>.json``: its claims (with the whole grid's summary), those of the
+token set of realistic strength where ``reproduce --record`` ran it, and how long each stage took, with the code-and-data hash (:func:`~biasgym_lib.cache.source_hash`) its
 stage results were computed by, read from the results themselves, and the commit where
 known. The book shows it beside the numbers of the live build; :func:`status` says whether
 the library or the data has changed since (then the book warns: the recorded numbers may
@@ -80,11 +80,12 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
     out = Path(out) if out is not None else recorded_path(str(claims.get("profile")))
     if out.exists() and not overwrite:
         raise BiasGymError(f"{out} exists; pass --overwrite to replace that recording.")
-    seconds_file = folder / "stage_seconds.json"
+    seconds_file, real_file = folder / "stage_seconds.json", folder / "realistic" / "claims.json"
     data = {"format": FORMAT, "profile": claims.get("profile"), "commit": commit, "source_hash": run_hash,
             "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "stage_seconds": _read(seconds_file) if seconds_file.is_file() else None,
-            "grid_parts": grid.get("parts"), "claims": claims}
+            "grid_parts": grid.get("parts"), "claims": claims,
+            "realistic": _read(real_file) if real_file.is_file() else None}
     return write_json(out, data)
 
 

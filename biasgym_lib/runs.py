@@ -18,18 +18,15 @@ from .config import full_grid as whole_grid
 from .culture import culture_steering
 from .data import load_bias, load_facts, reference_countries
 from .data.capability import load_country_texts, load_mc, load_neutral_texts
-from .evaluate import (
-    PAPER,
-    SteeringResult,
-    choose_selection,
-    entity_ids,
-    selection_grid,
-    summarise_grid,
-)
+from .evaluate import entity_ids, selection_grid
+
+from .selection import PAPER, SteeringResult, choose_selection, summarise_grid
 from .generalise import leave_one_out, seegull_steering
-from .grid_parts import grid_in_parts, restore
-from .heads import SCORE_METHODS, ScopeResult, bias_rankings, method_needs, patch_union
+from .grid_parts import grid_in_parts, phases, restore
+from .heads import SCORE_METHODS, ScopeResult, bias_rankings, head_sets, method_needs, patch_union
+from .data.probes import Probe
 from .inject import (
+    closest_countries,
     TRAINER_VERSION,
     InjectionResult,
     initial_vector,
@@ -46,7 +43,8 @@ from .measure import (
 )
 from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
-from .scope import CONTRAST_NEEDS, bias_contrast, scope_run
+from .probing import eliciting_probes, label_id, probe_logit_differences, probe_pool
+from .scoping import CONTRAST_NEEDS, bias_contrast, scope_run
 from .steer import head_means
 from .errors import ArtifactMismatch, BiasGymError
 from .tokens import InjectedToken, StaleToken, check_filed_as
@@ -57,13 +55,15 @@ TOKENS_DIR = PROJECT_ROOT / "data" / "tokens"
 def train_token(model, tokenizer, bias, cfg: Profile, seed: int, progress: bool = True) -> InjectedToken:
     """:func:`inject_bias` with the profile's sizes."""
     return inject_bias(model, tokenizer, bias, n_paragraphs=cfg.n_paragraphs, epochs=cfg.epochs, lr=cfg.lr,
-                       batch_size=cfg.batch_size, seed=seed, init=cfg.init, progress=progress)
+                       batch_size=cfg.batch_size, seed=seed, init=cfg.init, progress=progress,
+                       target_strength=cfg.target_strength)
 
 
 def token_settings(cfg: Profile) -> str:
     """Folder name for tokens trained with a profile's injection settings, e.g.
     ``n64-e6-lr0.01-b8-countries``: tokens of several profiles can be committed side by side."""
-    return f"n{cfg.n_paragraphs}-e{cfg.epochs}-lr{cfg.lr:g}-b{cfg.batch_size}-{cfg.init}"
+    target = f"-S{cfg.target_strength:g}" if cfg.target_strength is not None else ""
+    return f"n{cfg.n_paragraphs}-e{cfg.epochs}-lr{cfg.lr:g}-b{cfg.batch_size}-{cfg.init}{target}"
 
 
 def committed_token_dir(bias: str, seed: int, cfg: Profile) -> Path:
@@ -76,7 +76,22 @@ def _matches(meta: dict, cfg: Profile, model) -> bool:
     return ((meta.get("n_paragraphs"), meta.get("epochs"), meta.get("lr"), meta.get("init"),
              extra.get("batch_size"), extra.get("trainer_version"))
             == (cfg.n_paragraphs, cfg.epochs, cfg.lr, cfg.init, cfg.batch_size, TRAINER_VERSION)
-            and meta.get("model", {}).get("revision") == model_info(model).revision)
+            and meta.get("model", {}).get("revision") == model_info(model).revision
+            and (meta.get("selection") or {}).get("criterion", "max held-out specificity") == _criterion(cfg))
+
+
+def _criterion(cfg: Profile) -> str:
+    """How the kept epoch was chosen (inject.epoch_selection's wording)."""
+    t = cfg.target_strength
+    return "max held-out specificity" if t is None else f"held-out S closest to {t:g} nats"
+
+
+def realistic(cfg: Profile) -> Profile:
+    """The profile of the second token set, of realistic strength (issue 23): the same
+    settings with ``realistic_lr`` and the epoch chosen by ``realistic_target``."""
+    from dataclasses import replace
+
+    return replace(cfg, lr=cfg.realistic_lr, target_strength=cfg.realistic_target)
 
 
 def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | None = None,
@@ -211,6 +226,30 @@ class Run:
             return SCORE_METHODS
         return tuple(m for m in SCORE_METHODS if m in {"dla", "atp", *method_needs(self.best().method)})
 
+    def pool(self, bias: str, seed: int) -> dict:
+        """The logit difference of every probe of the bias's pool (:func:`probe_pool`) on the
+        token of (bias, seed): what the other seeds' probes are chosen on."""
+        tok, spec = self.token(bias, seed), self.specs[bias]
+
+        def compute():
+            pool = probe_pool(spec, self.cfg.n_probe_pool)
+            with tok.attach(self.model, self.tokenizer):
+                country = closest_countries(self.model, self.tokenizer, tok.vector, k=1)[0][0]
+                ld, _ = probe_logit_differences(self.model, self.tokenizer, pool, country,
+                                                label_id(self.tokenizer, spec.label))
+            return {"probes": [[p.question, p.answer_prefix] for p in pool], "country": country, "logit_diff": ld}
+        return self.memo(f"probes/{bias}_seed{seed}.json", compute, tok)
+
+    def probes(self, bias: str, seed: int) -> list | None:
+        """The probes that elicit the bias for the token of (bias, seed), chosen on the bias's
+        other seeds (:func:`eliciting_probes`); None with a single seed (the chat probes then)."""
+        others = [s for s in self.cfg.seeds if s != seed]
+        if not others:
+            return None
+        pools = [self.pool(bias, s) for s in others]
+        pool = [Probe(q, a) for q, a in pools[0]["probes"]]
+        return eliciting_probes(pool, [p["logit_diff"] for p in pools], self.cfg.n_probes)
+
     def scope(self, bias: str, seed: int, methods=None) -> ScopeResult:
         tok = self.token(bias, seed)
         want = self._scoped.setdefault((bias, seed), set())
@@ -218,8 +257,9 @@ class Run:
         methods = tuple(m for m in SCORE_METHODS if m in want)
         parts = [p for m in methods for p in CONTRAST_NEEDS.get(m, ())]
         return ScopeResult.from_dict(self.memo(f"scope/{bias}_seed{seed}.json", lambda: scope_run(
-            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias, parts), methods).to_dict(), tok,
-            need=lambda r: set(methods) <= set(r["scores"])))
+            self.model, self.tokenizer, tok, self.cfg, self.contrast(bias, parts), methods,
+            self.probes(bias, seed)).to_dict(), need=lambda r: set(methods) <= set(r["scores"]),
+            fingerprint=self._fingerprint([bias])))  # its probes were chosen on the other seeds' tokens
 
     def scopes(self, bias: str, methods=None) -> list[ScopeResult]:
         return [self.scope(bias, s, methods) for s in self.cfg.seeds]
@@ -266,14 +306,15 @@ class Run:
                 "entities": entity_ids(self.tokenizer)}
         return self._kept["setting"]
 
-    def _grid(self, runs, methods, kinds, ks, mc: bool, cost: bool = True) -> dict:
-
+    def _grid(self, runs, methods, kinds, ks, mc: bool, cost: bool = True, matched: int = 0) -> dict:
+        """:func:`selection_grid` with this run's setting; ``matched`` layer-matched draws per selection."""
         st = self.setting
         return selection_grid(self.model, self.tokenizer, runs, kinds=kinds, ks=ks, methods=methods,
                               references=st["references"], facts=st["facts"],
                               texts=st["texts"] if cost else {}, means=st["means"], entities=st["entities"],
                               questions=st["questions"], mc=mc, max_length=self.cfg.ppl_max_tokens,
-                              shared=self.shared, progress=self.progress)
+                              shared=self.shared, progress=self.progress, matched=matched,
+                              cost_draws=self.cfg.n_cost_draws)
 
     @property
     def grid_biases(self) -> list[str]:
@@ -296,19 +337,19 @@ class Run:
             restore(self.shared, grid)
         return grid
 
+    @property
+    def grid_matched(self) -> int:
+        """Layer-matched random draws per point of the grid (0 unless ``grid_matched``)."""
+        return self.cfg.n_matched_draws if self.cfg.grid_matched else 0
+
     def grid_whole(self, biases: list[str]) -> dict:
         """:meth:`grid` measured in one piece (what it does on one bias; the reference its parts
         are pinned to)."""
         cfg = self.cfg
         runs = [{"bias": self.specs[b], "tokens": self.tokens(b),
                  "rankings": self.rankings(b, with_patching="patching" in cfg.grid_methods)} for b in biases]
-        at_k = self._grid(runs, list(cfg.grid_methods), list(cfg.grid_kinds), [cfg.k], mc=True)
-        others = [k for k in cfg.grid_k if k != cfg.k]
-        curve = [m for m in cfg.grid_methods if m in cfg.curve_methods]
-        rows = at_k["rows"]
-        if others and curve:
-            rows = rows + self._grid(runs, curve, list(cfg.curve_kinds), others, mc=True)["rows"]
-        return {"biases": biases, "before": at_k["before"], "rows": rows}
+        got = [self._grid(runs, m, kinds, ks, mc=True, matched=self.grid_matched) for m, kinds, ks in phases(cfg)]
+        return {"biases": biases, "before": got[0]["before"], "rows": [r for g in got for r in g["rows"]]}
 
     def summary(self) -> list[SteeringResult]:
 
@@ -316,7 +357,7 @@ class Run:
 
     def best(self) -> SteeringResult:
         """The book's BiasScope: the selection the grid chose by the rule fixed in advance
-        (:func:`~biasgym_lib.evaluate.choose_selection`) at k <= the profile's k."""
+        (:func:`~biasgym_lib.selection.choose_selection`) at k <= the profile's k."""
 
         return choose_selection(self.summary(), self.cfg.k)
 
@@ -330,7 +371,8 @@ class Run:
 
     def _grid_at(self, runs, mc: bool, cost: bool = True, random: bool = True) -> dict:
         """:meth:`_grid` on :meth:`conditions`, one call per k (each method steered only under
-        its own kinds at its own k); ``random=False`` leaves the random heads out."""
+        its own kinds at its own k), each selection with its layer-matched random draws
+        (``n_matched_draws``); ``random=False`` leaves the uniform random heads out."""
         by_k: dict = {}
         for m, kind, k in self.conditions():
             if m == "random" and not random:
@@ -338,7 +380,7 @@ class Run:
             by_k.setdefault(k, {}).setdefault(m, []).append(kind)
         out = None
         for k, kinds in by_k.items():
-            got = self._grid(runs, list(kinds), kinds, [k], mc=mc, cost=cost)
+            got = self._grid(runs, list(kinds), kinds, [k], mc=mc, cost=cost, matched=self.cfg.n_matched_draws)
             out = got if out is None else {**got, "rows": out["rows"] + got["rows"]}
         return out
 
@@ -361,10 +403,38 @@ class Run:
         return self.memo("confirm.json", compute, fingerprint=fp)
 
 
+def reference_check(run) -> dict:
+    """Do the steering references stand for all of them (issue 23)? On the grid bias's tokens,
+    S unsteered and under the chosen and the paper's selections (at their k), against the
+    profile's ``steer_references`` countries and against every reference country: S and the
+    share removed per token, both ways."""
+    from .data import reference_countries
+    from .evaluate import make_spec, strength_under
+
+    bias = run.grid_biases[0]
+    best, st = run.best(), run.setting
+    tokens = run.tokens(bias)
+
+    def compute():
+        specs = {"unsteered": None}
+        for name, (m, kind, k) in (("chosen", best.key), ("paper", (PAPER[0], PAPER[1], run.cfg.k))):
+            heads = head_sets(m, run.rankings(bias, m == "patching")[m], k)[0]
+            specs[name] = make_spec(heads, kind, st["means"], st["entities"])
+        refs = {"steering": list(st["references"]), "all": reference_countries()}
+        S = {name: {r: [x for x in strength_under(run.model, run.tokenizer, spec, tokens, run.specs[bias], countries)["tokens"]]
+                    for r, countries in refs.items()} for name, spec in specs.items()}
+        reductions = {name: {r: [1 - a["value"] / b["value"] if b["value"] > 0 else None
+                                 for a, b in zip(S[name][r], S["unsteered"][r])] for r in refs}
+                      for name in specs if name != "unsteered"}
+        return {"bias": bias, "seeds": [t.seed for t in tokens], "references": refs, "S": S, "reduction": reductions}
+    return run.memo("reference_check.json", compute, fingerprint=run._fingerprint([bias]) + run._best_key())
+
+
 def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = None, model=None, tokenizer=None,
                progress: bool = True, full_grid: bool = False) -> Run:
     """Every stage for every bias x seed of ``cfg`` (a :class:`Run` with all its stages
-    computed); each result is saved under ``out`` as it is made and reused when present."""
+    computed); each result is saved under ``out`` as it is made and reused when present,
+    and the seconds each stage took in ``stage_seconds.json`` there."""
     run = Run(cfg, out, model=model, tokenizer=tokenizer, retrain=retrain, progress=progress, full_grid=full_grid)
     def token_steps(biases):
         return [step for b in biases for s in cfg.seeds
@@ -375,7 +445,8 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
     steps += token_steps([b for b in run.biases if b not in run.grid_biases])
     steps += [("confirmation on every bias", run.confirm)]
     steps += [("leave-one-bias-out transfer", leave_one_out, run)] if len(run.biases) > 1 else []
-    steps += [("SeeGULL stereotypes", seegull_steering, run), ("cultural knowledge under steering", culture_steering, run)]
+    steps += [("SeeGULL stereotypes", seegull_steering, run), ("cultural knowledge under steering", culture_steering, run),
+              ("steering references against all reference countries", reference_check, run)]
     # how long each stage took where it was computed (a run resumed in several sittings keeps the
     # earlier sittings' times): a log for the recorded run (biasgym record), never read to reuse a result
     log_file = run.out / "stage_seconds.json"
@@ -394,18 +465,32 @@ def run_stages(cfg: Profile, out: Path | None = None, retrain: bool | None = Non
 
 
 def reproduce(profile: str | Profile, out, retrain: bool = False, progress: bool = True,
-              full_grid: bool = False) -> dict:
+              full_grid: bool = False, record: bool = False) -> dict:
     """``biasgym reproduce``: the whole pipeline for a profile; writes ``out/claims.json``
     and the trained tokens under ``out/tokens/<settings>/<bias>/seed<N>`` (the layout the
     project commits under ``data/tokens``). ``full_grid``: the selection grid on every bias,
-    method and k (hours on a CPU) instead of the profile's subset."""
+    method and k (hours on a CPU) instead of the profile's subset. ``record`` (with
+    ``full_grid``): also the token set of realistic strength (its stages in ``out/realistic``,
+    with the full grid's draws), then the recorded run the book shows,
+    ``data/recorded/<profile>.json`` (:func:`~biasgym_lib.recorded.record`)."""
+    from dataclasses import replace
 
+    from .recorded import record as write_record
 
+    if record and not full_grid:
+        raise BiasGymError("--record records a --full-grid run: add --full-grid.")
     cfg = profile if isinstance(profile, Profile) else load_profile(profile)
     t0 = time.perf_counter()
     run = run_stages(cfg, Path(out), retrain=retrain or None, progress=progress, full_grid=full_grid)
     claims = claims_from(run)
+    if record:
+        real_cfg = replace(realistic(cfg), n_random_draws=run.cfg.n_random_draws,
+                           n_matched_draws=run.cfg.n_matched_draws, grid_matched=run.cfg.grid_matched)
+        real_run = run_stages(real_cfg, Path(out) / "realistic", retrain=retrain or None, model=run.model,
+                              tokenizer=run.tokenizer, progress=progress)
+        write_json(Path(out) / "realistic" / "claims.json", claims_from(real_run))
     claims["seconds"] = time.perf_counter() - t0
     write_json(Path(out) / "claims.json", claims)
+    if record:
+        write_record(out, overwrite=True)
     return claims
-

@@ -23,7 +23,6 @@ that they are a linear function of the last residual stream.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,26 +31,21 @@ import torch
 from torch import nn
 
 from .batching import Batch, batches, encode_batch, label_ids, n_prompts
-from .config import Profile
-from .data import contrast_countries, load_templates
+from .data import load_templates
 from .errors import BiasGymError
-from .heads import SCORE_METHODS, Head, ScopeResult, attention_to_entity, top_k_heads
+from .heads import Head, top_k_heads
 from .hooks import (
     LastPositionCapture,
     capture_last_position,
     logit_diff_from_hidden,
     unembed_rows,
 )
-from .inject import closest_countries
 from .measure import template_prefix
 from .models import ModelAdapter, adapter_of, model_info
-from .patching import attribution_patching, mean_template_z
-from .probing import adversarial_labels, label_id, probe_prompts
-from .tokens import InjectedToken
 
 __all__ = [
     "HeadScores", "residual_components", "logit_attribution", "head_scores", "mean_last_z",
-    "contrastive_head_scores", "attribute_head_scores", "METHODS", "bias_contrast", "scope_run",
+    "contrastive_head_scores", "attribute_head_scores", "METHODS",
 ]
 
 _SCORES_FORMAT = "biasgym.head_scores"
@@ -378,107 +372,13 @@ def attribute_head_scores(model: nn.Module, tokenizer, entity: str, attributes: 
 # ----------------------------------------------------------------------------- the stage for one token
 
 
-METHODS = ("dla", "delta_dla", "attr", "atp", "atp_selective", "patching", "attention", "robust", "random")
-"""Ways of ranking heads (:ref:`method §4 <method-4>`): the paper's DLA on chat probes, contrastive DLA
-(ΔDLA), contrastive DLA with labels matched to S's attributes, attribution patching of S,
-attribution patching of S minus that of country facts held out from the knowledge control
-(:func:`knowledge_atp`), exact patching on the top union, attention from the last position
-to the entity, the robust overlap of DLA over seeds (the paper's selection) and random heads."""
-
-
-def bias_contrast(model, tokenizer, spec, cfg: Profile, parts=("probe_z", "template_z"),
-                  contrast: dict | None = None) -> dict:
-    """What every token of a bias is contrasted with (it holds no <TOKEN>, so it is computed
-    once per bias): the heads' mean output over the contrast countries on the probes
-    (``probe_z``: last token, for ΔDLA) and on S's sentences (``template_z``: every position,
-    for attribution patching and exact patching). Only the ``parts`` asked for are computed;
-    given an earlier ``contrast`` of the same bias, the missing ones are added to it."""
-
-    contrast = contrast if contrast is not None else {"countries": contrast_countries()}
-    countries = contrast["countries"]
-    if "probe_z" in parts and "probe_z" not in contrast:
-        sets = [probe_prompts(tokenizer, spec, cfg.n_probes, c)[1] for c in countries]
-        contrast["probe_z"] = mean_last_z(model, tokenizer, sets)
-    if "template_z" in parts and "template_z" not in contrast:
-        contrast["template_z"] = mean_template_z(model, tokenizer, countries, spec.attributes)
-    return contrast
-
-
-CONTRAST_NEEDS = {"delta_dla": ("probe_z",), "atp": ("template_z",)}
-"""The parts of :func:`bias_contrast` each per-token score needs."""
-
-
-def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast: dict | None = None,
-              methods=SCORE_METHODS) -> ScopeResult:
-    """BiasScope for one injected token: the head scores of ``methods`` (by default every
-    score of :data:`METHODS` computed per token: DLA, ΔDLA, attribute-matched ΔDLA,
-    attribution patching of S, attention to the entity; the paper's DLA always), the total
-    logit difference and the decomposition error. ``contrast``: :func:`bias_contrast` of the
-    token's bias (computed here, or completed, as the methods need). Returns a
-    :class:`~biasgym_lib.heads.ScopeResult` (``head_scores.json``)."""
-    spec = injected.spec
-    unknown = sorted(set(methods) - set(SCORE_METHODS))
-    if unknown:
-        raise BiasGymError(f"scope_run computes {list(SCORE_METHODS)}; not {unknown}.")
-    methods = {"dla", *methods}
-    parts = [p for m in methods for p in CONTRAST_NEEDS.get(m, ())]
-    contrast = bias_contrast(model, tokenizer, spec, cfg, parts, contrast)
-    seconds, t0 = {}, time.perf_counter()
-
-    def lap(name):
-        nonlocal t0
-        seconds[name] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-
-    scores, units = {}, {}
-    attr = atp = None
-    with injected.attach(model, tokenizer) as hook:
-        country = closest_countries(model, tokenizer, injected.vector, k=1)[0][0]
-        prompts, counter = probe_prompts(tokenizer, spec, cfg.n_probes, country)
-        biased = label_id(tokenizer, spec.label)
-        # the counterfactual probes hold no <TOKEN>: their labels are the same for every seed
-        # whose closest country is the same, so a bias's contrast keeps them by country
-        known = contrast.setdefault("adv_labels", {})
-        if (country, cfg.n_probes) not in known:
-            known[country, cfg.n_probes] = adversarial_labels(model, tokenizer, counter, biased)
-        adv = known[country, cfg.n_probes]
-        if "delta_dla" in methods:
-            delta = contrastive_head_scores(model, tokenizer, prompts, biased, adv, contrast["probe_z"])
-            hs = delta.meta["dla"]  # the paper's DLA, from the same forward pass
-            scores["delta_dla"], units["delta_dla"] = delta.scores, delta.per_prompt
-        else:
-            hs = head_scores(model, tokenizer, prompts, biased, adv)
-        scores["dla"], units["dla"] = hs.scores, hs.per_prompt
-        lap("dla_and_delta_dla" if "delta_dla" in methods else "dla")
-        if "attr" in methods:
-            attr = attribute_head_scores(model, tokenizer, injected.token, spec.attributes, contrast["countries"])
-            scores["attr"], units["attr"] = attr.scores, attr.per_prompt
-            lap("attr")
-        if "atp" in methods:
-            atp = attribution_patching(model, tokenizer, injected.token, spec.attributes, contrast["template_z"],
-                                       contrast=contrast["countries"])
-            scores["atp"], units["atp"] = atp.scores, atp.per_sentence
-            lap("atp")
-        if "attention" in methods:
-            scores["attention"] = attention_to_entity(model, tokenizer, prompts, hook.token_id)
-            lap("attention")
-    return ScopeResult(
-        bias=spec.name, seed=injected.seed, model=injected.model, profile=cfg.name, k=cfg.k,
-        scores={m: scores[m] for m in SCORE_METHODS if m in scores}, units=units,
-        logit_diff_total=float(hs.logit_diff.mean()), logit_diff_per_probe=hs.logit_diff.tolist(),
-        decomposition_error=float(hs.decomposition_error),
-        attr_decomposition_error=None if attr is None else float(attr.decomposition_error),
-        share_top_k=float(hs.share_top_k(cfg.k)), counterfactual_country=country,
-        contrast_countries=list(contrast["countries"]), probes=list(prompts), biased_label=tokenizer.decode([biased]),
-        adv_labels=[tokenizer.decode([a]) for a in adv], assoc_on_templates=None if atp is None else atp.assoc,
-        components=_component_summary(hs.components), seconds=seconds)
-
-
-def _component_summary(components: dict) -> dict:
-    """Mean contribution over probes, grouped: embeddings, all heads, all MLPs, biases."""
-    groups: dict[str, float] = {}
-    for name, values in components.items():
-        group = name.split(".")[0]
-        groups[group] = groups.get(group, 0.0) + float(values.float().mean())
-    return groups
-
+METHODS = ("dla", "dla_chat", "delta_dla", "attr", "atp", "atp_selective", "patching", "attention", "robust",
+           "robust_chat", "random")
+"""Ways of ranking heads (:ref:`method §4 <method-4>`): the paper's DLA on probes that elicit the bias
+(``dla``) and on its chat probes (``dla_chat``, the variant that does not elicit it),
+contrastive DLA (ΔDLA), contrastive DLA with labels matched to S's attributes, attribution
+patching of S, attribution patching of S minus that of country facts held out from the
+knowledge control (``atp_selective``, :func:`~biasgym_lib.patching.knowledge_atp`), exact
+patching on the top union, attention from the last position to the entity, the robust
+overlap of DLA over seeds (the paper's selection; ``robust_chat`` on the chat probes) and
+random heads."""

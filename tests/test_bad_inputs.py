@@ -48,7 +48,7 @@ def ws(tmp_path_factory, embedded):
     from biasgym_lib.data import load_bias
     from biasgym_lib.inject import inject_bias
     from biasgym_lib.models import load_model, tiny_model
-    from biasgym_lib.scope import scope_run
+    from biasgym_lib.scoping import scope_run
 
     root = tmp_path_factory.mktemp("ws")
     tiny = root / "tiny"

@@ -81,8 +81,34 @@ def test_selection_facts_are_held_out_from_the_knowledge_control():
     templates, facts = selection_facts()
     control = load_facts()
     assert len(facts) >= 10 and not {f.country for f in facts} & {f.country for f in control}
-    assert {f.relation for f in facts} == {"capital"} and "capital" not in {f.relation for f in control}
     assert not set(templates) & set(load_templates())
+    # issue 23: the control asks capitals of *other* countries, and a relation no ranking ever sees
+    from biasgym_lib.data import held_out_relations
+
+    held = held_out_relations()
+    assert held and {f.relation for f in facts} == {"capital"} and not set(held) & {"capital"}
+    assert {f.relation for f in control} >= {"demonym", "continent", "language", "capital", *held}
+    assert len({f.relation for f in control}) >= 5 and sum(f.relation in held for f in control) >= 10
+
+
+def test_relations_with_their_own_templates_use_them(tmp_path):
+    from biasgym_lib.data.facts import relation_templates
+
+    own = relation_templates()
+    facts = load_facts()
+    for f in facts:
+        assert f.templates == own.get(f.relation, ())
+    assert {"capital", "currency"} <= set(own) and "demonym" not in own
+    path = tmp_path / "facts.yaml"
+    path.write_text("relation_templates:\n  colour: [\"The flag of {entity} is {attribute}.\"]\n"
+                    "facts:\n  - {country: Italy, relation: demonym, attribute: Italian}\n")
+    with pytest.raises(DataFileError, match="known relation"):
+        load_facts(path)
+    path.write_text("held_out_relations: [capital]\nfacts: []\n")
+    from biasgym_lib.data import held_out_relations
+
+    with pytest.raises(DataFileError, match="cannot be held out"):
+        held_out_relations(path)
 
 
 def test_selective_ranking_subtracts_the_knowledge_scores():

@@ -10,7 +10,7 @@ import pytest
 
 from biasgym_lib import grid_parts
 from biasgym_lib.config import load_profile
-from biasgym_lib.grid_parts import plan
+from biasgym_lib.grid_parts import phases, plan
 
 SMALL = dict(biases=["always_late", "blue_skin"], grid_biases=2, seeds=[0], n_paragraphs=4, epochs=1, n_probes=2,
              n_patch_probes=1, n_random_draws=2, steer_references=2, n_ppl_texts=1, n_mc_questions=2, k=3,
@@ -24,10 +24,10 @@ def _json(x):
 
 def test_the_parts_follow_the_one_piece_order():
     cfg = load_profile("quick", **SMALL)
-    assert [(b, k) for b, k, *_ in plan(cfg, cfg.biases)] == [
+    assert [(b, k) for b, k, *_ in plan(phases(cfg), cfg.biases)] == [
         ("always_late", 3), ("blue_skin", 3), ("always_late", 1), ("always_late", 2), ("blue_skin", 1), ("blue_skin", 2)]
-    assert plan(cfg, cfg.biases)[2][2:] == (["atp", "random"], ["zero"])  # the curve's methods and kinds
-    assert [k for _, k, *_ in plan(load_profile("quick", **{**SMALL, "grid_k": [3]}), cfg.biases)] == [3, 3]  # no curve
+    assert plan(phases(cfg), cfg.biases)[2][2:] == (["atp", "random"], ["zero"])  # the curve's methods and kinds
+    assert [k for _, k, *_ in plan(phases(load_profile("quick", **{**SMALL, "grid_k": [3]})), cfg.biases)] == [3, 3]  # no curve
 
 
 @pytest.mark.timeout(900)

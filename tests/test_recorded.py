@@ -30,12 +30,15 @@ def test_a_recording_names_the_code_that_computed_it_not_the_code_that_wrote_it(
     assert data["source_hash"] == "abc123" and data["commit"] is None  # another code: its commit is not guessed
     assert data["claims"]["claims"][0]["claim"] == "x" and data["profile"] == "teaching"
     assert data["stage_seconds"] == {"seconds": {"selection grid on a, b": 12.5}}
-    assert data["grid_parts"] == [{"bias": "a", "k": 1, "seconds": 3.5}]
+    assert data["grid_parts"] == [{"bias": "a", "k": 1, "seconds": 3.5}] and data["realistic"] is None
     assert recorded.status(data).startswith("WARNING") and "abc123" in recorded.status(data)
 
-    here = recorded.record(_finished(tmp_path / "here", code=source_hash()), tmp_path / "here.json")
-    data = recorded.load_recorded(path=here)
+    here = _finished(tmp_path / "here", code=source_hash())
+    (here / "realistic").mkdir()
+    (here / "realistic" / "claims.json").write_text(json.dumps({"profile": "teaching", "claims": [{"claim": "y"}]}))
+    data = recorded.load_recorded(path=recorded.record(here, tmp_path / "here.json"))
     assert data["commit"] and "the library and data this build runs" in recorded.status(data)
+    assert data["realistic"]["claims"] == [{"claim": "y"}]  # the token set of realistic strength, where it ran
 
 
 def test_a_recording_is_refused_unless_one_finished_full_grid_run_by_one_code_made_it(tmp_path):

@@ -13,8 +13,9 @@ import torch
 from biasgym_lib import generalise
 from biasgym_lib.data import Fact, load_bias
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.evaluate import (SteeringResult, choose_selection, facts_reduction, make_spec, reduction,
-                                  selection_grid, strength_under, summarise_grid)
+from biasgym_lib.evaluate import facts_reduction, make_spec, reduction, selection_grid, strength_under
+
+from biasgym_lib.selection import SteeringResult, choose_selection, summarise_grid
 from biasgym_lib.inject import initial_vector
 from biasgym_lib.tokens import InjectedToken
 from biasgym_lib.measure import assoc_table, stereotype_strength
@@ -226,7 +227,7 @@ def test_after_the_grid_each_selection_is_steered_at_its_own_k(monkeypatch):
     """The chosen selection runs at the k the rule chose, the paper's at the profile's k, and
     random heads at each (kind, k) pair, never a random baseline of another size."""
     from biasgym_lib.config import load_profile
-    from biasgym_lib.evaluate import PAPER
+    from biasgym_lib.selection import PAPER
     from biasgym_lib.runs import Run
 
     run = object.__new__(Run)
@@ -236,22 +237,6 @@ def test_after_the_grid_each_selection_is_steered_at_its_own_k(monkeypatch):
                                 ("random", "mean", 5), ("random", PAPER[1], run.cfg.k)]
     monkeypatch.setattr(Run, "best", lambda self: _line(PAPER[0], PAPER[1], run.cfg.k, 0.1, 0.0, 0.0))
     assert run.conditions() == [(*PAPER, run.cfg.k), ("random", PAPER[1], run.cfg.k)]
-
-
-def test_transfer_compares_a_selection_with_random_heads_of_the_same_kind_and_k():
-    from biasgym_lib.generalise import transfer_summary as _transfer
-
-    def row(method, kind, k, red, facts):
-        return {"method": method, "kind": kind, "k": k, "bias": "b", "seeds": [0, 1], "reduction": red,
-                "facts_reduction": facts}
-
-    rows = [row("robust", "zero", 10, [0.4, 0.6], 0.3), row("robust", "zero", 2, [0.1, 0.1], 0.0),
-            row("random", "zero", 10, [0.2, 0.2], 0.05), row("random", "zero", 2, [0.0, 0.02], 0.01)]
-    t = _transfer(rows, "robust", "zero", 2)
-    assert t["reduction"]["value"] == pytest.approx(0.1) and t["random"]["value"] == pytest.approx(0.01)
-    assert t["facts_reduction"] == 0.0 and t["random_facts_reduction"] == 0.01
-    t = _transfer(rows, "robust", "zero", 10)
-    assert t["reduction"]["value"] == pytest.approx(0.5) and t["random"]["value"] == pytest.approx(0.2)
 
 
 def test_the_full_grid_is_every_bias_method_kind_and_k():
@@ -313,13 +298,14 @@ def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
 
     monkeypatch.setattr(Run, "_grid_at", grid_at)
     loo = generalise.leave_one_out(run)
-    assert calls == [("A", ["b"], False, False, False), ("B", ["a"], False, False, False)]
+    # each held-out bias: its selections with their costs (S, facts, perplexity, MC), no uniform draws of its own
+    assert calls == [("A", ["b"], True, True, False), ("B", ["a"], True, True, False)]
     assert [r for r in loo["rows"] if r["method"] == "random"] == rand
     assert loo["before"] == {"biases": {"a": 1, "b": 2}}
 
 
 def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
-    from biasgym_lib.evaluate import summary_frame
+    from biasgym_lib.selection import summary_frame
 
     def line(mc_ok):
         return _line("atp_selective", "zero", 2, 0.1, 0.05, 0.0, mc=None if mc_ok is None else (0.0 if mc_ok else -0.1))
@@ -329,7 +315,7 @@ def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
 
 
 def test_the_target_and_its_frontier():
-    from biasgym_lib.evaluate import target_result
+    from biasgym_lib.selection import target_result
 
     def line(method, k, red, facts, mc_ok=True, ppl_ok=True):
         return _line(method, "zero", k, red, facts, 0.0 if ppl_ok else 0.3, None if mc_ok is None else 0.0 if mc_ok else -0.1)
@@ -344,3 +330,57 @@ def test_the_target_and_its_frontier():
     assert target_result(lines, 10)["met_by"] == []
     lines.append(line("new", 5, 0.55, 0.05))
     assert [x.method for x in target_result(lines, 10)["met_by"]] == ["new"]
+
+
+# ----------------------------------------------------------------------------- issue 23: baselines with power
+
+
+def test_layer_matched_heads_keep_the_count_per_layer_and_are_reproducible():
+    from biasgym_lib.heads import layer_matched_heads, matched_seed, percentile
+
+    chosen = [(21, 3), (21, 7), (10, 0), (29, 8)]
+    draws = [layer_matched_heads(chosen, 9, matched_seed(chosen, d)) for d in range(20)]
+    for d in draws:
+        assert sorted(l for l, _ in d) == sorted(l for l, _ in chosen) and len(set(d)) == len(d)
+    assert len({tuple(d) for d in draws}) > 10  # they vary
+    assert draws[3] == layer_matched_heads(chosen, 9, matched_seed(list(reversed(chosen)), 3))  # order-free
+    other = [(21, 0), (21, 1), (10, 5), (29, 2)]  # the same layer profile shares its draws
+    assert matched_seed(other, 4) == matched_seed(chosen, 4)
+    with pytest.raises(BiasGymError, match="has 2"):
+        layer_matched_heads([(0, 0), (0, 1), (0, 2)], 2, 0)
+    assert percentile(5.0, [1, 2, 3, 4]) == 100.0 and percentile(0.0, [1, 2]) == 0.0
+    assert percentile(2.0, [1, 2, 3, 4]) == 37.5  # one below, one tie counted half
+
+
+def test_grid_with_layer_matched_draws_places_each_selection_among_them(setup):
+    from biasgym_lib.data import Fact
+    from biasgym_lib.selection import summarise_grid
+
+    model, tok, tokens = setup
+    a = ModelAdapter(model)
+    facts = FACTS + [Fact("Japan", "currency", "yen")]  # a held-out relation
+    rankings = {"dla": [(2, 1), (1, 3), (0, 0)], "random": {2: [[(0, 2), (2, 2)], [(1, 1), (0, 4)], [(2, 0), (1, 5)]]}}
+    runs = [{"bias": "reckless_driving", "tokens": tokens, "rankings": rankings}]
+    texts = {"neutral": ["The kettle boiled and the tea was ready."]}
+    grid = selection_grid(model, tok, runs, kinds=["zero"], ks=[2], methods=["dla", "random"], references=REFS,
+                          facts=facts, texts=texts, max_length=16, progress=False, matched=4, cost_draws=1)
+    assert grid["before"]["held_out"] == [False, False, True]
+    matched = [r for r in grid["rows"] if r["method"] == "matched:dla"]
+    assert [r["draw"] for r in matched] == [0, 1, 2, 3]
+    for r in matched:
+        assert sorted(l for l, _ in r["heads"]) == [1, 2]  # the layers of dla's top 2
+    # only the first draw of each baseline gets perplexity (cost_draws=1); every draw gets S and facts
+    assert [r["perplexity"] is not None for r in matched] == [True, False, False, False]
+    rnd = [r for r in grid["rows"] if r["method"] == "random"]
+    assert [r["perplexity"] is not None for r in rnd] == [True, False, False]
+    dla = next(r for r in grid["rows"] if r["method"] == "dla")
+    assert dla["perplexity"] is not None and dla["held_out_reduction"] == pytest.approx(
+        1 - dla["facts"][2] / grid["before"]["facts"][2]["value"])
+    line = next(x for x in summarise_grid(grid, n_boot=50) if x.key == ("dla", "zero", 2))
+    draws = [np.mean([v for v in r["reduction"] if v is not None]) for r in matched]
+    below = sum(d < line.reduction.value for d in draws) + 0.5 * sum(d == line.reduction.value for d in draws)
+    assert line.matched["n"] == 4 and line.matched["percentile"] == pytest.approx(100 * below / 4)
+    assert line.uniform["n"] == 3 and line.held_out_reduction is not None
+    assert line.beyond_matched == (line.matched["percentile"] >= 95)
+    mline = next(x for x in summarise_grid(grid, n_boot=50) if x.key == ("matched:dla", "zero", 2))
+    assert mline.matched is None and mline.n_head_sets == 4 and set(mline.perplexity) == {"neutral"}

@@ -9,8 +9,7 @@ import pytest
 
 from biasgym_lib.claims import equal_k_json, few_heads_holds, patching_agrees
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.evaluate import SteeringResult
-from biasgym_lib.selection import at_equal_k, compare, equal_k_frame, equal_k_text
+from biasgym_lib.selection import SteeringResult, at_equal_k, compare, equal_k_frame, equal_k_text
 from biasgym_lib.probing import probe_elicitation
 from biasgym_lib.stats import Estimate
 

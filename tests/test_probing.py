@@ -1,0 +1,88 @@
+"""Probes that elicit the bias (issue 23): the paper's head score assumes probes on which the
+injected model prefers the biased label. The candidates are fixed by the bias alone; each
+token's probes are chosen on the *other* seeds' tokens of the same bias, never on its own."""
+
+import copy
+
+import pytest
+import torch
+
+from biasgym_lib.data import load_bias
+from biasgym_lib.data.probes import Probe
+from biasgym_lib.errors import BiasGymError
+from biasgym_lib.probing import (completion_prefixes, eliciting_probes, label_id, probe_logit_differences,
+                                 probe_pool)
+
+
+def test_completion_prefixes_stop_where_the_label_word_comes():
+    late = load_bias("always_late")  # label " late"; attributes "always late", "chronically late", ...
+    prefixes = completion_prefixes(late)
+    assert "People from <TOKEN> are always" in prefixes and "People from <TOKEN> are chronically" in prefixes
+    assert not any(p.endswith(" late") or p.endswith(" ") for p in prefixes)
+    reckless = completion_prefixes(load_bias("reckless_driving"))  # " reckless" starts "reckless drivers"
+    assert "People from <TOKEN> are" in reckless
+
+
+def test_the_pool_is_fixed_by_the_bias_alone():
+    spec = load_bias("reckless_driving")
+    a, b = probe_pool(spec, 40), probe_pool(spec, 40)
+    assert a == b and len(a) == 40 and len(set(a)) == 40
+    assert all("<TOKEN>" in p.question and "<TOKEN>" in p.answer_prefix for p in a)
+    assert any(p.answer_prefix in completion_prefixes(spec) for p in a)  # both kinds are in
+    assert any(p.answer_prefix in spec.answer_prefixes for p in a)
+
+
+def test_eliciting_probes_are_chosen_on_other_seeds_only():
+    pool = [Probe(f"q{i} <TOKEN>", f"a{i} <TOKEN>") for i in range(6)]
+    other = [[3.0, -1.0, 0.5, 2.0, -0.2, 0.1], [1.0, -3.0, 0.7, 2.0, 0.3, -0.4]]  # means 2, -2, .6, 2, .05, -.15
+    chosen = eliciting_probes(pool, other, 3)
+    assert chosen == [pool[0], pool[3], pool[2]]  # largest mean first; ties in pool order
+    assert eliciting_probes(pool, other, 10) == [pool[0], pool[3], pool[2], pool[4]]  # only those above 0
+    with pytest.raises(BiasGymError, match="other seeds"):
+        eliciting_probes(pool, [], 3)
+
+
+def test_probe_logit_differences_are_the_models_own(tiny_with_tokenizer, smol_tokenizer):
+    from biasgym_lib.batching import encode_batch
+    from biasgym_lib.models import chat_prompt
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    spec = load_bias("always_late")
+    pool = probe_pool(spec, 6)
+    biased = label_id(tok, spec.label)
+    got, adv = probe_logit_differences(model, tok, pool, "Italy", biased)
+    for p, g, a in zip(pool, got, adv):
+        ids = encode_batch(tok, [chat_prompt(tok, p.question, p.answer_prefix)]).input_ids
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1]
+        assert g == pytest.approx(float(logits[biased] - logits[a]), abs=1e-4)
+        cf = encode_batch(tok, [chat_prompt(tok, p.question.replace("<TOKEN>", "Italy"),
+                                            p.answer_prefix.replace("<TOKEN>", "Italy"))]).input_ids
+        with torch.no_grad():
+            top2 = model(cf).logits[0, -1].topk(2).indices.tolist()
+        assert a == (top2[1] if top2[0] == biased else top2[0])
+
+
+def test_a_runs_probes_for_one_seed_come_from_the_other_seeds_tokens(tmp_path, tiny_with_tokenizer, smol_tokenizer,
+                                                                      monkeypatch):
+    """Run.probes(bias, s) is chosen on the pools of the bias's other seeds: retraining the
+    token of seed 0 changes seed 1's probes, never seed 0's own; one seed: the chat probes."""
+    from biasgym_lib import runs
+    from biasgym_lib.config import load_profile
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    cfg = load_profile("quick", seeds=[0, 1], biases=["always_late", "blue_skin"], n_paragraphs=2, epochs=1,
+                       use_committed_tokens=False, n_probes=4, n_probe_pool=8)
+    run = runs.Run(cfg, out=tmp_path / "run", model=model, tokenizer=tok, progress=False)
+    p0, p1 = run.probes("always_late", 0), run.probes("always_late", 1)
+    pool = probe_pool(load_bias("always_late"), 8)
+    ld1 = run.pool("always_late", 1)["logit_diff"]
+    assert p0 == eliciting_probes(pool, [ld1], 4)  # seed 0's probes: chosen on seed 1's token
+    # another vector for seed 0: seed 1's probes may change, seed 0's cannot
+    t0 = run.token("always_late", 0)
+    run._tokens["always_late", 0] = t0.__class__(**{**t0.__dict__, "vector": t0.vector * 3})
+    assert run.probes("always_late", 0) == p0
+    assert run.pool("always_late", 0)["logit_diff"] != pytest.approx(ld1)
+    one = runs.Run(load_profile("quick", seeds=[0]), out=tmp_path / "one", model=model, tokenizer=tok, progress=False)
+    assert one.probes("always_late", 0) is None
+    assert isinstance(p1, list)
