@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .artifacts import parse_json, write_json
+from .artifacts import read_json, write_json
 from .config import PROJECT_ROOT
 from .errors import BiasGymError
 
@@ -37,17 +37,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _read(path: Path) -> dict:
-    try:
-        return parse_json(path.read_bytes(), path, "stage result")
-    except OSError as exc:
-        raise BiasGymError(f"cannot read {path}: {exc}") from exc
-
-
 def stage_hashes(folder: Path) -> set[str]:
     """The code-and-data hashes that computed the stage results in ``folder``."""
     return {str(v["code"]).split("-")[0] for p in sorted(Path(folder).rglob("*.json"))
-            if isinstance(v := _read(p), dict) and "code" in v}
+            if "code" in (v := read_json(p, "stage result"))}
 
 
 def record(folder, out: Path | None = None, commit: str | None = None, overwrite: bool = False) -> Path:
@@ -76,14 +69,14 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
     if commit is None and run_hash == source_hash():
         head, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "biasgym_lib", "data")
         commit = head and head + ("+uncommitted" if dirty else "")
-    claims, grid = _read(claims_file), _read(grid_file)
+    claims, grid = read_json(claims_file, "claims"), read_json(grid_file, "grid")
     out = Path(out) if out is not None else recorded_path(str(claims.get("profile")))
     if out.exists() and not overwrite:
         raise BiasGymError(f"{out} exists; pass --overwrite to replace that recording.")
     seconds_file = folder / "stage_seconds.json"
     data = {"format": FORMAT, "profile": claims.get("profile"), "commit": commit, "source_hash": run_hash,
             "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "stage_seconds": _read(seconds_file) if seconds_file.is_file() else None,
+            "stage_seconds": read_json(seconds_file, "stage log") if seconds_file.is_file() else None,
             "grid_parts": grid.get("parts"), "claims": claims}
     return write_json(out, data)
 
@@ -93,7 +86,7 @@ def load_recorded(profile: str = "teaching", path: Path | None = None) -> dict |
     path = Path(path) if path is not None else recorded_path(profile)
     if not path.is_file():
         return None
-    data = _read(path)
+    data = read_json(path, "recorded run")
     if data.get("format") != FORMAT:
         raise BiasGymError(f"{path} is not a recorded run of this library (format {data.get('format')!r}); "
                            "write it with biasgym record.")
