@@ -93,9 +93,23 @@ def load_recorded(profile: str = "teaching", path: Path | None = None) -> dict |
     return data
 
 
+def changed_since(commit: str | None) -> list[str] | None:
+    """The library and data files (those :func:`~biasgym_lib.cache.source_hash` reads) that
+    differ between ``commit`` and this checkout, committed or not; None where that cannot be
+    told (no commit recorded, no git, or a shallow clone without it)."""
+    commit = (commit or "").split("+")[0]
+    if not commit or _git("cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return None
+    out = _git("diff", "--name-only", commit, "--", "biasgym_lib", "data", ":(exclude)data/tokens",
+               ":(exclude)data/recorded")
+    return None if out is None else sorted(f for f in out.splitlines()
+                                           if f.startswith("data/") or f.endswith(".py"))
+
+
 def status(recorded: dict | None) -> str:
     """One line for the book: where the recorded numbers come from, and a warning when the
-    library or its data has changed since they were recorded."""
+    library or its data has changed since they were recorded, naming the files that changed
+    (from git, where the recorded commit is in this clone's history) so a reader can judge."""
     from .cache import source_hash
 
     if recorded is None:
@@ -103,7 +117,10 @@ def status(recorded: dict | None) -> str:
                 "biasgym reproduce --full-grid, then biasgym record, makes one.")
     where = f"recorded on commit {recorded.get('commit') or 'unknown'} ({recorded.get('recorded_at')}, code hash {recorded['source_hash']})"
     if recorded["source_hash"] != source_hash():
+        files = changed_since(recorded.get("commit"))
+        which = ("" if files is None else f" Changed since (git diff {str(recorded['commit'])[:7]}): "
+                 + (", ".join(files) if files else "only files the hash reads outside git's view") + ".")
         return (f"WARNING: the library or its data changed since this run was {where}; this build runs hash "
-                f"{source_hash()}. Its numbers may differ from what the current code computes: rerun biasgym "
-                "reproduce --full-grid and biasgym record.")
+                f"{source_hash()}.{which} Its numbers may differ from what the current code computes: rerun "
+                "biasgym reproduce --full-grid and biasgym record.")
     return f"The recorded numbers were {where}: the library and data this build runs."

@@ -92,3 +92,19 @@ def test_the_record_command(tmp_path, capsys):
     assert main(["record", str(run), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["record", str(tmp_path / "missing")]) == 2
+
+
+def test_the_warning_names_the_files_changed_since_the_recorded_commit():
+    """The book's warning lists what changed (git diff of the files the hash reads), so a
+    reader can judge whether it could touch a number; it can fail: a commit that changed a
+    library file must be listed, and the commit itself changes nothing against itself."""
+    head = recorded._git("rev-parse", "HEAD")
+    last = recorded._git("log", "-1", "--format=%H", "--", "biasgym_lib")
+    if not head or not last or recorded._git("cat-file", "-e", f"{last}~1^{{commit}}") is None:
+        pytest.skip("needs this project's git history (a shallow clone has none)")
+    touched = recorded._git("diff", "--name-only", f"{last}~1", last, "--", "biasgym_lib").splitlines()
+    since = recorded.changed_since(f"{last}~1+uncommitted")
+    assert {f for f in touched if f.endswith(".py")} <= set(since)
+    assert recorded.changed_since(None) is None and recorded.changed_since("0" * 40) is None
+    data = {"commit": f"{last}~1", "recorded_at": "x", "source_hash": "abc123"}
+    assert all(f in recorded.status(data) for f in touched if f.endswith(".py"))
