@@ -124,3 +124,17 @@ def status(recorded: dict | None) -> str:
                 f"{source_hash()}.{which} Its numbers may differ from what the current code computes: rerun "
                 "biasgym reproduce --full-grid and biasgym record.")
     return f"The recorded numbers were {where}: the library and data this build runs."
+
+
+def parts_frame(recorded: dict):
+    """The whole grid's time on the machine that recorded it: seconds per part (rows the
+    biases, columns k), as each part was kept (``grid_parts``; a part kept in an earlier
+    sitting keeps the time it took then)."""
+    import pandas as pd
+
+    parts = recorded.get("grid_parts") or []
+    if not parts:
+        raise BiasGymError("this recording has no grid parts: it was not made from a --full-grid run kept in parts.")
+    df = pd.DataFrame(parts).pivot(index="bias", columns="k", values="seconds")
+    return df.loc[list(dict.fromkeys(p["bias"] for p in parts))].round(0)
+
