@@ -193,16 +193,22 @@ def mean_ablate_heads(model: nn.Module, heads: Iterable, means: torch.Tensor) ->
 def entity_token_ids(tokenizer, names: Iterable[str], token: str | None = "<TOKEN>") -> dict[str, int]:
     """The token ids that count as an entity for :func:`blind_heads`: each name as one token,
     with a leading space (" Italy", mid-sentence) and without ("Italy", after a newline),
-    where the tokenizer has it as a single token; plus the injected ``token`` if the
-    tokenizer knows it. Returns ``{token text: id}``."""
+    where the tokenizer has it as a single token; plus the injected ``token``, added to the
+    tokenizer here if it is not there yet (:func:`~biasgym_lib.tokens.add_token`, as every
+    scoring of it does). It used to be included only "if the tokenizer knows it", so the set
+    depended on what the process had run before: a full grid resumed in a new process, where
+    no token had been scored yet, blinded the country names but not ``<TOKEN>``. Returns
+    ``{token text: id}``."""
+    from .tokens import add_token
+
     out: dict[str, int] = {}
     for name in names:
         for text in (" " + name, name):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) == 1:
                 out[text] = int(ids[0])
-    if token and token in tokenizer.get_vocab():
-        out[token] = int(tokenizer.convert_tokens_to_ids(token))
+    if token:
+        out[token] = int(add_token(tokenizer, token))
     if not out:
         raise BiasGymError("none of the entity names is a single token for this tokenizer.")
     return out
