@@ -27,6 +27,7 @@ from .errors import BiasGymError
 from .heads import Head, as_head, validate_heads
 from .hooks import Hooks, run
 from .models import ModelAdapter
+from .tokens import add_token
 
 __all__ = ["steer_heads", "HeadSteering", "head_means", "mean_ablate_heads", "MeanAblation",
            "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS"]
@@ -194,13 +195,8 @@ def entity_token_ids(tokenizer, names: Iterable[str], token: str | None = "<TOKE
     """The token ids that count as an entity for :func:`blind_heads`: each name as one token,
     with a leading space (" Italy", mid-sentence) and without ("Italy", after a newline),
     where the tokenizer has it as a single token; plus the injected ``token``, added to the
-    tokenizer here if it is not there yet (:func:`~biasgym_lib.tokens.add_token`, as every
-    scoring of it does). It used to be included only "if the tokenizer knows it", so the set
-    depended on what the process had run before: a full grid resumed in a new process, where
-    no token had been scored yet, blinded the country names but not ``<TOKEN>``. Returns
+    tokenizer if not there yet, so the set never depends on what ran before. Returns
     ``{token text: id}``."""
-    from .tokens import add_token
-
     out: dict[str, int] = {}
     for name in names:
         for text in (" " + name, name):

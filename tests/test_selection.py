@@ -344,3 +344,14 @@ def test_the_target_and_its_frontier():
     assert target_result(lines, 10)["met_by"] == []
     lines.append(line("new", 5, 0.55, 0.05))
     assert [x.method for x in target_result(lines, 10)["met_by"]] == ["new"]
+
+
+def test_the_equal_k_tally_counts_each_verdict():
+    from biasgym_lib.selection import equal_k_tally
+
+    rows = [{"methods": ["a", "b"], "S": "a higher", "facts": "b keeps more"},
+            {"methods": ["a", "b"], "S": "tie (unequal heads: 5 / 4.7)", "facts": "tie"},
+            {"methods": ["a", "b"], "S": "b higher (unequal heads: 20 / 19)", "facts": "b keeps more"}]
+    assert equal_k_tally(rows) == ("over 3 pairs of kind and k, S removed clearly more: a 1, b 1, tie 1; "
+                                   "facts kept clearly more: a 0, b 2, tie 1")
+    assert equal_k_tally([]) == "no k at which both were steered"
