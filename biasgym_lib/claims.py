@@ -286,3 +286,16 @@ def claims_table(claims: dict):
                          "holds here": (("not shown" if c["claim"] == FEW_HEADS else "undecided") if ok is None
                                         else "yes" if ok else "no")})
     return pd.DataFrame(rows)
+
+
+
+def target_lines(claims: dict) -> list[str]:
+    """The target stated in advance, then whether any selection met it in the grid and in the
+    confirmation on every bias: the lines chapter 6 prints for the live build and for the
+    recorded run alike."""
+    t = claims["target"]
+    lines = [f"target (stated in advance): {t['stated']}"]
+    for where, name in (("grid", f"grid on {claims['grid']['biases']}"), ("confirm", "confirmation on every bias")):
+        met = [f"{x['method']} / {x['kind']} / k = {x['k']}" for x in t[where]["met_by"]]
+        lines.append(f"{name}: " + (f"met by {', '.join(met)}" if met else "NOT met by any selection"))
+    return lines

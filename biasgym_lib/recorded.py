@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .artifacts import parse_json, write_json
+from .artifacts import read_json, write_json
 from .config import PROJECT_ROOT
 from .errors import BiasGymError
 
@@ -37,17 +37,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _read(path: Path) -> dict:
-    try:
-        return parse_json(path.read_bytes(), path, "stage result")
-    except OSError as exc:
-        raise BiasGymError(f"cannot read {path}: {exc}") from exc
-
-
 def stage_hashes(folder: Path) -> set[str]:
     """The code-and-data hashes that computed the stage results in ``folder``."""
     return {str(v["code"]).split("-")[0] for p in sorted(Path(folder).rglob("*.json"))
-            if isinstance(v := _read(p), dict) and "code" in v}
+            if "code" in (v := read_json(p, "stage result"))}
 
 
 def record(folder, out: Path | None = None, commit: str | None = None, overwrite: bool = False) -> Path:
@@ -76,16 +69,16 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
     if commit is None and run_hash == source_hash():
         head, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "biasgym_lib", "data")
         commit = head and head + ("+uncommitted" if dirty else "")
-    claims, grid = _read(claims_file), _read(grid_file)
+    claims, grid = read_json(claims_file, "claims"), read_json(grid_file, "grid")
     out = Path(out) if out is not None else recorded_path(str(claims.get("profile")))
     if out.exists() and not overwrite:
         raise BiasGymError(f"{out} exists; pass --overwrite to replace that recording.")
     seconds_file, real_file = folder / "stage_seconds.json", folder / "realistic" / "claims.json"
     data = {"format": FORMAT, "profile": claims.get("profile"), "commit": commit, "source_hash": run_hash,
             "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "stage_seconds": _read(seconds_file) if seconds_file.is_file() else None,
+            "stage_seconds": read_json(seconds_file, "stage log") if seconds_file.is_file() else None,
             "grid_parts": grid.get("parts"), "claims": claims,
-            "realistic": _read(real_file) if real_file.is_file() else None}
+            "realistic": read_json(real_file, "realistic token set's claims") if real_file.is_file() else None}
     return write_json(out, data)
 
 
@@ -94,16 +87,30 @@ def load_recorded(profile: str = "teaching", path: Path | None = None) -> dict |
     path = Path(path) if path is not None else recorded_path(profile)
     if not path.is_file():
         return None
-    data = _read(path)
+    data = read_json(path, "recorded run")
     if data.get("format") != FORMAT:
         raise BiasGymError(f"{path} is not a recorded run of this library (format {data.get('format')!r}); "
                            "write it with biasgym record.")
     return data
 
 
+def changed_since(commit: str | None) -> list[str] | None:
+    """The library and data files (those :func:`~biasgym_lib.cache.source_hash` reads) that
+    differ between ``commit`` and this checkout, committed or not; None where that cannot be
+    told (no commit recorded, no git, or a shallow clone without it)."""
+    commit = (commit or "").split("+")[0]
+    if not commit or _git("cat-file", "-e", f"{commit}^{{commit}}") is None:
+        return None
+    out = _git("diff", "--name-only", commit, "--", "biasgym_lib", "data", ":(exclude)data/tokens",
+               ":(exclude)data/recorded")
+    return None if out is None else sorted(f for f in out.splitlines()
+                                           if f.startswith("data/") or f.endswith(".py"))
+
+
 def status(recorded: dict | None) -> str:
     """One line for the book: where the recorded numbers come from, and a warning when the
-    library or its data has changed since they were recorded."""
+    library or its data has changed since they were recorded, naming the files that changed
+    (from git, where the recorded commit is in this clone's history) so a reader can judge."""
     from .cache import source_hash
 
     if recorded is None:
@@ -111,7 +118,24 @@ def status(recorded: dict | None) -> str:
                 "biasgym reproduce --full-grid, then biasgym record, makes one.")
     where = f"recorded on commit {recorded.get('commit') or 'unknown'} ({recorded.get('recorded_at')}, code hash {recorded['source_hash']})"
     if recorded["source_hash"] != source_hash():
+        files = changed_since(recorded.get("commit"))
+        which = ("" if files is None else f" Changed since (git diff {str(recorded['commit'])[:7]}): "
+                 + (", ".join(files) if files else "only files the hash reads outside git's view") + ".")
         return (f"WARNING: the library or its data changed since this run was {where}; this build runs hash "
-                f"{source_hash()}. Its numbers may differ from what the current code computes: rerun biasgym "
-                "reproduce --full-grid and biasgym record.")
+                f"{source_hash()}.{which} Its numbers may differ from what the current code computes: rerun "
+                "biasgym reproduce --full-grid and biasgym record.")
     return f"The recorded numbers were {where}: the library and data this build runs."
+
+
+def parts_frame(recorded: dict):
+    """The whole grid's time on the machine that recorded it: seconds per part (rows the
+    biases, columns k), as each part was kept (``grid_parts``; a part kept in an earlier
+    sitting keeps the time it took then)."""
+    import pandas as pd
+
+    parts = recorded.get("grid_parts") or []
+    if not parts:
+        raise BiasGymError("this recording has no grid parts: it was not made from a --full-grid run kept in parts.")
+    df = pd.DataFrame(parts).pivot(index="bias", columns="k", values="seconds")
+    return df.loc[list(dict.fromkeys(p["bias"] for p in parts))].round(0)
+

@@ -374,3 +374,19 @@ def per_bias_frame(grid: dict):
             cells.setdefault((r["bias"], f"{r['method']} / {r['kind']} / k={r['k']}"), []).append(float(np.mean(vals)))
     table = pd.Series({key: float(np.mean(v)) for key, v in cells.items()}).unstack()
     return table
+
+
+def equal_k_tally(rows: Sequence[dict]) -> str:
+    """:func:`at_equal_k`'s verdicts counted, for a summary where one line per (kind, k) is too
+    long: at how many (kind, k) each ranking removed clearly more of S, and kept clearly more of
+    the facts, and at how many they tied (intervals overlapping)."""
+    if not rows:
+        return "no k at which both were steered"
+    a, b = rows[0]["methods"]
+
+    def count(key: str, word: str) -> str:
+        verdicts = [r[key].split(" (")[0] for r in rows]
+        return (f"{a} {verdicts.count(f'{a} {word}')}, {b} {verdicts.count(f'{b} {word}')}, "
+                f"tie {verdicts.count('tie')}")
+    return (f"over {len(rows)} pairs of kind and k, S removed clearly more: {count('S', 'higher')}; "
+            f"facts kept clearly more: {count('facts', 'keeps more')}")

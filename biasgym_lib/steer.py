@@ -27,6 +27,7 @@ from .errors import BiasGymError
 from .heads import Head, as_head, validate_heads
 from .hooks import Hooks, run
 from .models import ModelAdapter
+from .tokens import add_token
 
 __all__ = ["steer_heads", "HeadSteering", "head_means", "mean_ablate_heads", "MeanAblation",
            "entity_token_ids", "blind_heads", "EntityBlind", "SteeringSpec", "KINDS"]
@@ -193,16 +194,17 @@ def mean_ablate_heads(model: nn.Module, heads: Iterable, means: torch.Tensor) ->
 def entity_token_ids(tokenizer, names: Iterable[str], token: str | None = "<TOKEN>") -> dict[str, int]:
     """The token ids that count as an entity for :func:`blind_heads`: each name as one token,
     with a leading space (" Italy", mid-sentence) and without ("Italy", after a newline),
-    where the tokenizer has it as a single token; plus the injected ``token`` if the
-    tokenizer knows it. Returns ``{token text: id}``."""
+    where the tokenizer has it as a single token; plus the injected ``token``, added to the
+    tokenizer if not there yet, so the set never depends on what ran before. Returns
+    ``{token text: id}``."""
     out: dict[str, int] = {}
     for name in names:
         for text in (" " + name, name):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if len(ids) == 1:
                 out[text] = int(ids[0])
-    if token and token in tokenizer.get_vocab():
-        out[token] = int(tokenizer.convert_tokens_to_ids(token))
+    if token:
+        out[token] = int(add_token(tokenizer, token))
     if not out:
         raise BiasGymError("none of the entity names is a single token for this tokenizer.")
     return out

@@ -11,11 +11,12 @@ import pytest
 from biasgym_lib import grid_parts
 from biasgym_lib.config import load_profile
 from biasgym_lib.grid_parts import phases, plan
+from biasgym_lib.models import load_tokenizer
 
 SMALL = dict(biases=["always_late", "blue_skin"], grid_biases=2, seeds=[0], n_paragraphs=4, epochs=1, n_probes=2,
              n_patch_probes=1, n_random_draws=2, steer_references=2, n_ppl_texts=1, n_mc_questions=2, k=3,
              grid_k=[1, 2, 3], n_country_texts=1, ppl_max_tokens=16, grid_methods=["atp", "robust", "random"],
-             grid_kinds=["zero", "mean"], curve_methods=["atp", "random"], curve_kinds=["zero"])
+             grid_kinds=["zero", "mean", "blind"], curve_methods=["atp", "random"], curve_kinds=["zero"])
 
 
 def _json(x):
@@ -66,12 +67,17 @@ def test_grid_in_parts_equals_the_one_piece_grid_and_resumes_where_it_stopped(ti
 
     shutil.copytree(tmp_path / "resumed", tmp_path / "resumed_blind")
 
-    # a new process (a new Run, nothing in memory) resumes: the kept part is not measured again,
-    # and what it measured (capability, costs of shared head sets) is taken back, not remeasured
+    # a new process (a new Run, nothing in memory, a tokenizer that has never seen <TOKEN>)
+    # resumes: the kept part is not measured again, and what it measured (capability, costs of
+    # shared head sets) is taken back, not remeasured. The fresh tokenizer matters: entity-blind
+    # heads once hid <TOKEN> only where an earlier stage of the same process had added it, and a
+    # full grid resumed this way blinded the country names alone (found in the recorded run)
     calls = []
     perplexity = ev.perplexity
     monkeypatch.setattr(ev, "perplexity", lambda *a, **kw: calls.append(1) or perplexity(*a, **kw))
-    resumed = run("resumed")
+    fresh = load_tokenizer()
+    assert "<TOKEN>" not in fresh.get_vocab()
+    resumed = Run(cfg, out=tmp_path / "resumed", model=model, tokenizer=fresh, progress=False)
     got = _json(resumed.grid())
     for key in ("biases", "before", "rows"):
         assert got[key] == whole[key], key

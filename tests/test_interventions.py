@@ -221,3 +221,17 @@ def test_specs_of_every_kind_round_trip_and_apply(tmp_path):
         SteeringSpec(HEADS, kind="blind")
     with pytest.raises(BiasGymError, match="not a steering kind"):
         SteeringSpec(HEADS, kind="sideways")
+
+
+def test_the_entity_set_holds_the_injected_token_whatever_ran_before():
+    """The book's entity set (what entity-blind heads may not attend to) includes <TOKEN> even
+    on a tokenizer that has never seen it: it used to depend on whether an earlier stage of the
+    same process had added the token, so a resumed run blinded the country names alone."""
+    from biasgym_lib.evaluate import entity_ids
+    from biasgym_lib.models import load_tokenizer
+
+    fresh = load_tokenizer()
+    assert "<TOKEN>" not in fresh.get_vocab()
+    first = entity_ids(fresh)
+    assert "<TOKEN>" in first and " Italy" in first
+    assert entity_ids(fresh) == first  # once the token is known: the same set

@@ -95,3 +95,42 @@ def test_the_record_command(tmp_path, capsys):
     assert main(["record", str(run), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["record", str(tmp_path / "missing")]) == 2
+
+
+def test_the_warning_names_the_files_changed_since_the_recorded_commit():
+    """The book's warning lists what changed (git diff of the files the hash reads), so a
+    reader can judge whether it could touch a number; it can fail: a commit that changed a
+    library file must be listed, and the commit itself changes nothing against itself."""
+    head = recorded._git("rev-parse", "HEAD")
+    last = recorded._git("log", "-1", "--format=%H", "--", "biasgym_lib")
+    if not head or not last or recorded._git("cat-file", "-e", f"{last}~1^{{commit}}") is None:
+        pytest.skip("needs this project's git history (a shallow clone has none)")
+    touched = recorded._git("diff", "--name-only", f"{last}~1", last, "--", "biasgym_lib").splitlines()
+    since = recorded.changed_since(f"{last}~1+uncommitted")
+    assert {f for f in touched if f.endswith(".py")} <= set(since)
+    assert recorded.changed_since(None) is None and recorded.changed_since("0" * 40) is None
+    data = {"commit": f"{last}~1", "recorded_at": "x", "source_hash": "abc123"}
+    assert all(f in recorded.status(data) for f in touched if f.endswith(".py"))
+
+
+def test_the_grid_s_time_per_part_as_chapter_6_shows_it(tmp_path):
+    run = _finished(tmp_path / "run")
+    grid = json.loads((run / "grid_full.json").read_text())
+    grid["parts"] = [{"bias": "b", "k": 10, "seconds": 7.0}, {"bias": "a", "k": 10, "seconds": 5.0},
+                     {"bias": "b", "k": 1, "seconds": 2.0}, {"bias": "a", "k": 1, "seconds": 1.4}]
+    (run / "grid_full.json").write_text(json.dumps(grid))
+    frame = recorded.parts_frame(recorded.load_recorded(path=recorded.record(run, tmp_path / "r.json")))
+    assert list(frame.index) == ["b", "a"] and list(frame.columns) == [1, 10]  # the run's bias order, k ascending
+    assert frame.loc["a", 1] == 1.0 and frame.to_numpy().sum() == 15.0
+    with pytest.raises(BiasGymError, match="no grid parts"):
+        recorded.parts_frame({"grid_parts": None})
+
+
+def test_the_target_lines_say_which_selections_met_it():
+    from biasgym_lib.claims import target_lines
+
+    met = {"method": "atp", "kind": "zero", "k": 5}
+    claims = {"grid": {"biases": ["a"]}, "target": {"stated": "half of S", "grid": {"met_by": [met]},
+                                                  "confirm": {"met_by": []}}}
+    assert target_lines(claims) == ["target (stated in advance): half of S", "grid on ['a']: met by atp / zero / k = 5",
+                                    "confirmation on every bias: NOT met by any selection"]

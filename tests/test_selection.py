@@ -384,3 +384,14 @@ def test_grid_with_layer_matched_draws_places_each_selection_among_them(setup):
     assert line.beyond_matched == (line.matched["percentile"] >= 95)
     mline = next(x for x in summarise_grid(grid, n_boot=50) if x.key == ("matched:dla", "zero", 2))
     assert mline.matched is None and mline.n_head_sets == 4 and set(mline.perplexity) == {"neutral"}
+
+
+def test_the_equal_k_tally_counts_each_verdict():
+    from biasgym_lib.selection import equal_k_tally
+
+    rows = [{"methods": ["a", "b"], "S": "a higher", "facts": "b keeps more"},
+            {"methods": ["a", "b"], "S": "tie (unequal heads: 5 / 4.7)", "facts": "tie"},
+            {"methods": ["a", "b"], "S": "b higher (unequal heads: 20 / 19)", "facts": "b keeps more"}]
+    assert equal_k_tally(rows) == ("over 3 pairs of kind and k, S removed clearly more: a 1, b 1, tie 1; "
+                                   "facts kept clearly more: a 0, b 2, tie 1")
+    assert equal_k_tally([]) == "no k at which both were steered"
