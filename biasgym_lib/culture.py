@@ -37,6 +37,7 @@ from .data.culture import CULTURE_DIMENSIONS, load_culture
 from .errors import BiasGymError
 from .measure import _logits, continuation_logprobs
 from .models import ModelAdapter
+from .selection import is_random
 from .stats import Estimate
 
 QUESTION = "In which country was this photo taken?"
@@ -390,9 +391,13 @@ def culture_steering(run, n_boot: int = 1000) -> dict:
                   "draw": r["draw"], "heads": r["heads"], "reduction": _mean_or_none(r["reduction"]),
                   "facts_reduction": r["facts_reduction"]}
                  for r in grid["rows"] if r["k"] == run.cfg.k and r["method"] in compared]
+        s_before = np.mean([x["value"] for x in seeg["before"]["S"]])  # the pairs' S, as seegull_lines reads it
         rows += [{"source": "seegull", "bias": None, "method": r["method"], "kind": r["kind"], "k": r["k"],
-                  "draw": r["draw"], "heads": r["heads"], "reduction": _mean_or_none(r["reduction"]),
+                  "draw": r["draw"], "heads": r["heads"],
+                  "reduction": float(1 - np.mean([x["value"] for x in r["S"]]) / s_before),
                   "facts_reduction": r["facts_reduction"]} for r in seeg["rows"]]
+        # culture is a cost, measured like perplexity and MC: on the first n_cost_draws of each random baseline
+        rows = [r for r in rows if r["draw"] is None or r["draw"] < run.cfg.n_cost_draws]
         sets = list(dict.fromkeys((r["kind"], tuple(map(tuple, r["heads"]))) for r in rows))
         resume = Resumer(run.model, {min(l for l, _ in heads) for _, heads in sets if heads})
 
@@ -422,7 +427,8 @@ def culture_summary(result: dict, n_boot: int = 1000) -> list[dict]:
     stereotype reduction and facts' reduction over its rows (biases, or random draws), and the
     culture change averaged over them with a paired bootstrap over items, per dimension;
     ``keeps``: :func:`keeps_culture` against the random heads of the same source, kind and k
-    (on all items); ``keeps_as_stated``: the same with the per-dimension bounds as first stated."""
+    (layer-matched to the selection where drawn, else uniform; named in ``against``), on all
+    items; ``keeps_as_stated``: the same with the per-dimension bounds as first stated."""
     groups: dict = {}
     for r in result["rows"]:
         groups.setdefault((r["source"], r["method"], r["kind"], r["k"]), []).append(r)
@@ -435,8 +441,10 @@ def culture_summary(result: dict, n_boot: int = 1000) -> list[dict]:
                     "facts_reduction": _mean_or_none(r["facts_reduction"] for r in rows),
                     "culture": culture_change(before, afters, n_boot=n_boot)}
     for key, line in out.items():
-        rand = out.get((key[0], "random", key[2], key[3]))
-        against = None if key[1] == "random" or rand is None else rand["culture"]
+        # against the layer-matched draws of the same selection where there are some, else uniform random heads
+        rand = out.get((key[0], f"matched:{key[1]}", key[2], key[3])) or out.get((key[0], "random", key[2], key[3]))
+        against = None if is_random(key[1]) or rand is None else rand["culture"]
+        line["against"] = None if against is None else rand["method"]
         line["keeps"] = keeps_culture(line["culture"], against)
         line["keeps_as_stated"] = keeps_culture(line["culture"], against, per_dimension=True)
     return list(out.values())
@@ -458,7 +466,7 @@ def culture_frame(lines: list[dict]):
         "facts' S lost": None if x["facts_reduction"] is None else round(x["facts_reduction"], 3),
         "culture margin lost, % [95%]": _ci(x["culture"]["all"]["margin_lost"]),
         "culture accuracy change, points [95%]": _ci(x["culture"]["all"]["accuracy_change"]),
-        "keeps culture": "yes" if x["keeps"] else "no",
+        "keeps culture": "yes" if x["keeps"] else "no", "random heads it is compared with": x.get("against") or "-",
         "as first stated (per dimension too)": "yes" if x["keeps_as_stated"] else "no"} for x in lines])
 
 
@@ -482,7 +490,7 @@ def twins_frame(result: dict):
 
     rows = []
     for r in result["rows"]:
-        if r.get("twins") and r["method"] != "random":
+        if r.get("twins") and not is_random(r["method"]):
             b, a = np.mean(r["twins"]["margin_before"]), np.mean(r["twins"]["margin_after"])
             rows.append({"bias": r["bias"], "selection": f"{r['method']} / {r['kind']} / k = {r['k']}",
                          "twin items": ", ".join(r["twins"]["items"]), "S removed": None if r["reduction"] is None else round(r["reduction"], 3),

@@ -116,7 +116,7 @@ def eliciting_probes(pool: list, other_seeds: list, n: int) -> list:
     return [pool[i] for i in order[:n]]
 
 
-def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0, chat: bool = False) -> list[dict]:
     """Do the probes elicit the bias that DLA is asked to explain (issue 23)? For each injected
     token's BiasScope result (:class:`~biasgym_lib.heads.ScopeResult`): the mean logit
     difference logit(biased) - logit(adversarial) over its probes with a bootstrap 95%
@@ -124,14 +124,15 @@ def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     criterion, as for injection: the probes elicit the bias when the interval lies above 0.
     DLA splits whatever difference there is, and its top heads push towards the biased label
     either way; where the model's output does not show the bias, nothing shows that those
-    heads carry it."""
+    heads carry it. ``chat``: the paper's chat probes (the variant kept beside the probes that
+    elicit the bias) instead of the probes the token's scores were computed on."""
     import numpy as np
 
     from .stats import bootstrap
 
     out = []
     for s in scopes:
-        diffs = np.asarray(s.logit_diff_per_probe, dtype=float)
+        diffs = np.asarray(s.chat_logit_diff_per_probe if chat else s.logit_diff_per_probe, dtype=float)
         if diffs.size == 0:
             raise BiasGymError(f"the BiasScope result of {s.bias} (seed {s.seed}) has no probes.")
         est = bootstrap(diffs, n_boot, seed, interval="bootstrap 95% over probes")

@@ -345,8 +345,9 @@ def _points(v: Estimate | None) -> str:
 
 def summary_frame(summary: Sequence[SteeringResult | dict]):
     """The lines of :func:`summarise_grid` as a table for the book: S removed, the facts'
-    S lost, the perplexity change on each text set and the MC change, each with its 95%
-    interval, and whether the bounds of :data:`GRID_BOUNDS` hold."""
+    S lost (and the held-out relation's, where measured), the reduction's percentile among its
+    layer-matched random draws (where drawn), the perplexity change on each text set and the
+    MC change, each with its 95% interval, and whether the bounds of :data:`GRID_BOUNDS` hold."""
     import pandas as pd
 
     rows = []
@@ -354,6 +355,10 @@ def summary_frame(summary: Sequence[SteeringResult | dict]):
         x = x if isinstance(x, SteeringResult) else SteeringResult.from_dict(x)  # a line read from claims.json
         row = {"method": x.method, "kind": x.kind, "k": x.k, "heads": round(x.mean_heads, 1),
                "S removed": _interval(x.reduction), "facts lost": _interval(x.facts_reduction)}
+        if x.held_out_reduction is not None:
+            row["held-out relation lost"] = _interval(x.held_out_reduction)
+        if x.matched is not None:  # where the reduction falls among its layer-matched random draws
+            row["percentile among matched draws"] = f"{x.matched['percentile']:.0f} of {x.matched['n']}"
         row.update({f"perplexity ({n})": _interval(v) for n, v in x.perplexity.items()})
         row["MC change (points)"] = _points(x.mc)
         ok = bool(x.facts_ok and x.perplexity_ok and x.mc_ok is not False)

@@ -312,6 +312,14 @@ def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
 
     frame = summary_frame([line(None), line(True), line(False)])
     assert list(frame["within bounds"]) == ["yes (MC not measured)", "yes", "no"]
+    assert "held-out relation lost" not in frame and "percentile among matched draws" not in frame
+    # the held-out relation and the layer-matched draws get columns of their own where measured,
+    # and a held-out relation over the bound breaks the bounds though the other facts hold
+    held = replace(line(True), held_out_reduction=Estimate(0.3, 0.2, 0.4, 3, "t"),
+                   matched={"n": 20, "mean": 0.02, "p95": 0.05, "percentile": 97.5})
+    frame = summary_frame([held])
+    assert list(frame["held-out relation lost"]) == ["+30% [+20%, +40%]"]
+    assert list(frame["percentile among matched draws"]) == ["98 of 20"] and list(frame["within bounds"]) == ["no"]
 
 
 def test_the_target_and_its_frontier():

@@ -69,8 +69,9 @@ def test_rankings_are_compared_only_where_both_were_steered_at_the_same_kind_and
     assert "facts lost 0% vs -12%" in equal_k_text(tiny) and "-0%" not in equal_k_text(tiny)
 
 
-def _scope(bias, seed, diffs):
-    return SimpleNamespace(bias=bias, seed=seed, logit_diff_per_probe=list(diffs))
+def _scope(bias, seed, diffs, chat=None):
+    return SimpleNamespace(bias=bias, seed=seed, logit_diff_per_probe=list(diffs),
+                           chat_logit_diff_per_probe=None if chat is None else list(chat))
 
 
 def test_probes_elicit_the_bias_only_when_the_interval_lies_above_zero():
@@ -85,6 +86,10 @@ def test_probes_elicit_the_bias_only_when_the_interval_lies_above_zero():
     assert (rows[2]["bias"], rows[2]["seed"], rows[2]["n_probes"]) == ("c", 1, 6)
     with pytest.raises(BiasGymError, match="has no probes"):
         probe_elicitation([_scope("d", 0, [])])
+    # the paper's chat probes, kept beside the probes that elicit the bias, are read on request
+    both = _scope("e", 2, [1.0, 1.2, 0.9, 1.1], chat=[-1.0, -0.8, -1.2, -0.9])
+    assert probe_elicitation([both])[0]["elicits"] and not probe_elicitation([both], chat=True)[0]["elicits"]
+    assert probe_elicitation([both], chat=True)[0]["logit_diff"].value == pytest.approx(-0.975)
 
 
 def test_few_heads_needs_the_patching_agreement_it_promises():
