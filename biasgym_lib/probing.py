@@ -113,6 +113,10 @@ def eliciting_probes(pool: list, other_seeds: list, n: int) -> list:
         raise BiasGymError("eliciting probes are chosen on other seeds' tokens; with one seed there are none.")
     mean = torch.tensor(other_seeds, dtype=torch.float64).mean(0)
     order = [int(i) for i in torch.argsort(mean, descending=True, stable=True) if mean[i] > 0]
+    if not order:
+        raise BiasGymError(f"none of the {len(pool)} probes of the pool has a positive mean logit difference on the "
+                           "other seeds' tokens, so no probe elicits the bias: check that the injection worked "
+                           "(chapter 2's S), or enlarge the pool (n_probe_pool in profiles.yaml).")
     return [pool[i] for i in order[:n]]
 
 

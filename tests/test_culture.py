@@ -90,7 +90,7 @@ class _Run:
         from biasgym_lib.steer import head_means
 
         self.model, self.tokenizer, self.biases = model, tok, ["heavy_drinking", "spicy_food"]
-        self.cfg = SimpleNamespace(culture_per_dimension=0, k=2)
+        self.cfg = SimpleNamespace(culture_per_dimension=0, k=2, n_cost_draws=1)
         self._rows, self.seeg_rows, self.grid_rows = rows, seeg_rows, list(grid_rows)
         self.setting = {"means": head_means(model, tok, ["A plain sentence about the weather."]),
                         "entities": entity_ids(tok)}
@@ -130,9 +130,13 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
             _row("spicy_food", "atp", "zero", [[1, 2], [1, 3]], red=(0.2, None)),
             _row("heavy_drinking", "random", "zero", [[0, 1], [1, 5]], draw=0),
             _row("spicy_food", "random", "zero", [[0, 1], [1, 5]], draw=0),
-            _row("heavy_drinking", "atp", "mean", [[1, 0]])]
-    seeg = [{"method": "atp", "kind": "zero", "k": 2, "draw": None, "heads": [[1, 2], [1, 3]],
-             "reduction": [0.1, None, 0.3], "facts_reduction": 0.02}]
+            _row("heavy_drinking", "atp", "mean", [[1, 0]]),
+            _row("heavy_drinking", "matched:atp", "zero", [[1, 0], [1, 4]], draw=0),
+            _row("heavy_drinking", "matched:atp", "zero", [[1, 1], [1, 5]], draw=1)]  # past n_cost_draws: left out
+    # SeeGULL's rows hold the pairs' S; the reduction is 1 - mean after / mean before (0.2 here)
+    seeg = {"before": {"S": [{"value": v} for v in (1.0, 2.0, 3.0)]},
+            "rows": [{"method": "atp", "kind": "zero", "k": 2, "draw": None, "heads": [[1, 2], [1, 3]],
+                      "S": [{"value": v} for v in (0.8, 1.6, 2.4)], "facts_reduction": 0.02}]}
     grid = [_row("heavy_drinking", "atp", "zero", [[1, 2], [1, 3]]),  # the confirmation's set: not measured again
             _row("heavy_drinking", "atp", "blind", [[1, 2], [1, 3]]),  # another kind the grid knows
             _row("heavy_drinking", "robust", "zero", [[0, 3], [1, 4]]),  # the paper's ranking at the same k
@@ -140,14 +144,16 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
             _row("heavy_drinking", "dla", "zero", [[0, 0], [1, 1]]),  # neither compared ranking: left out
             _row("heavy_drinking", "atp", "zero", [[1, 2], [1, 3], [0, 2]])]  # not the profile's k: left out
     run = _Run(model, tok, rows, seeg, grid)
-    monkeypatch.setattr(generalise, "seegull_steering", lambda r: {"rows": r.seeg_rows})
+    monkeypatch.setattr(generalise, "seegull_steering", lambda r: r.seeg_rows)
     calls = []
     plain = culture.culture_under
     monkeypatch.setattr(culture, "culture_under", lambda m, t, spec, *a, **kw: (calls.append(spec), plain(m, t, spec, *a, **kw))[1])
     got = culture.culture_steering(run, n_boot=50)
-    # before, three distinct (kind, heads) in the confirmation and three more in the grid; the seegull set is the confirm's
-    assert len(calls) == 1 + 3 + 3
-    assert [r["source"] for r in got["rows"]] == ["confirm"] * 5 + ["grid"] * 4 + ["seegull"]
+    # before, four distinct (kind, heads) in the confirmation (the second matched draw is past n_cost_draws)
+    # and three more in the grid; the seegull set is the confirm's
+    assert len(calls) == 1 + 4 + 3
+    assert [r["source"] for r in got["rows"]] == ["confirm"] * 6 + ["grid"] * 4 + ["seegull"]
+    got["rows"] = got["rows"][:5] + got["rows"][6:]  # below, the rows as they were before the matched draw
     assert [(r["method"], r["kind"]) for r in got["rows"][5:9]] == [("atp", "zero"), ("atp", "blind"), ("robust", "zero"),
                                                                     ("random", "blind")]
     assert got["rows"][1]["reduction"] == 0.2 and got["rows"][9]["reduction"] == pytest.approx(0.2)
@@ -173,6 +179,13 @@ def test_culture_under_every_steered_head_set_once_resumed_and_exact(tiny_with_t
     rand = lines[("confirm", "random", "zero", 2)]["culture"]
     assert atp["keeps"] == culture.keeps_culture(atp["culture"], rand)
     assert atp["keeps_as_stated"] == culture.keeps_culture(atp["culture"], rand, per_dimension=True)
+    assert atp["against"] == "random"
+    # with its layer-matched draw, a selection is compared with that instead of the uniform draws
+    full = culture.culture_steering(run, n_boot=50)
+    lines = {(x["source"], x["method"], x["kind"], x["k"]): x for x in culture.culture_summary(full, n_boot=50)}
+    atp, matched = lines[("confirm", "atp", "zero", 2)], lines[("confirm", "matched:atp", "zero", 2)]
+    assert atp["against"] == "matched:atp" and matched["n_rows"] == 1 and matched["against"] is None
+    assert atp["keeps"] == culture.keeps_culture(atp["culture"], matched["culture"])
     grid_atp = lines[("grid", "atp", "blind", 2)]  # judged against the grid's random heads of its kind and k
     assert grid_atp["keeps"] == culture.keeps_culture(grid_atp["culture"], lines[("grid", "random", "blind", 2)]["culture"])
     assert ("confirm", "atp", "mean", 1) in lines and lines[("confirm", "atp", "mean", 1)]["keeps"] == \

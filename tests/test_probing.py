@@ -40,6 +40,9 @@ def test_eliciting_probes_are_chosen_on_other_seeds_only():
     assert eliciting_probes(pool, other, 10) == [pool[0], pool[3], pool[2], pool[4]]  # only those above 0
     with pytest.raises(BiasGymError, match="other seeds"):
         eliciting_probes(pool, [], 3)
+    # no probe elicits the bias on the other seeds: a clear error, not an empty set of probes
+    with pytest.raises(BiasGymError, match="no probe elicits the bias"):
+        eliciting_probes(pool, [[-1.0, -2.0, 0.0, -0.1, -3.0, -0.5]], 3)
 
 
 def test_probe_logit_differences_are_the_models_own(tiny_with_tokenizer, smol_tokenizer):
@@ -73,8 +76,22 @@ def test_a_runs_probes_for_one_seed_come_from_the_other_seeds_tokens(tmp_path, t
     model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
     cfg = load_profile("quick", seeds=[0, 1], biases=["always_late", "blue_skin"], n_paragraphs=2, epochs=1,
                        use_committed_tokens=False, n_probes=4, n_probe_pool=8)
+    # a random model never prefers the biased label to its own top token: no probe elicits the bias,
+    # and the run says so instead of scoring heads on no probes
+    bare = runs.Run(cfg, out=tmp_path / "bare", model=model, tokenizer=tok, progress=False)
+    with pytest.raises(BiasGymError, match="no probe elicits the bias"):
+        bare.probes("always_late", 0)
+    # the plumbing, on logit differences shifted above 0 (their order, and their dependence on
+    # the token, are the model's own)
+    real = runs.probe_logit_differences
+
+    def shifted(*args, **kwargs):
+        diffs, adv = real(*args, **kwargs)
+        return [d + 100.0 for d in diffs], adv
+    monkeypatch.setattr(runs, "probe_logit_differences", shifted)
     run = runs.Run(cfg, out=tmp_path / "run", model=model, tokenizer=tok, progress=False)
     p0, p1 = run.probes("always_late", 0), run.probes("always_late", 1)
+    assert len(p0) == 4 and len(p1) == 4
     pool = probe_pool(load_bias("always_late"), 8)
     ld1 = run.pool("always_late", 1)["logit_diff"]
     assert p0 == eliciting_probes(pool, [ld1], 4)  # seed 0's probes: chosen on seed 1's token
