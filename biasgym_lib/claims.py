@@ -41,11 +41,13 @@ def debiasing_holds(line: SteeringResult | None) -> bool | None:
     """The one standard every claim that a debiasing works is judged by (:data:`STANDARD`):
     an effect beyond layer-matched random heads at the same k and kind, with the facts, the
     held-out relation and capability within :data:`~biasgym_lib.selection.GRID_BOUNDS`.
-    None (undecided) where fewer than :data:`MIN_DRAWS` draws were made or a cost was not measured."""
+    None (undecided) where fewer than :data:`MIN_DRAWS` draws were made or a cost was not
+    measured, unless a bound that was measured already fails (then False)."""
     if line is None or line.reduction is None:
         return None
     if line.matched is None or line.matched["n"] < MIN_DRAWS or line.mc is None or not line.perplexity:
-        return None if line.facts_ok else False
+        failed = not line.facts_ok or (line.perplexity and not line.perplexity_ok) or line.mc_ok is False
+        return False if failed else None
     return bool(line.beyond_matched and line.facts_ok and line.perplexity_ok and line.mc_ok)
 
 

@@ -293,8 +293,8 @@ def bias_rankings(scopes: list[ScopeResult], k_max: int, patching: dict | None =
         atp = mean_scores(scopes, "atp")
         out["atp_selective"] = top_k_heads(atp - torch.as_tensor(knowledge, dtype=atp.dtype), k_max)
     if patching is not None:
-        scored = nan_tensor(patching["scores"])
-        out["patching"] = top_k_heads(scored, min(k_max, int((~torch.isnan(scored)).sum())))
+        exact = nan_tensor(patching["scores"])
+        out["patching"] = top_k_heads(exact, min(k_max, int((~torch.isnan(exact)).sum())))
     dla = [r.scores["dla"] for r in scopes]
     m = (len(dla) + 1) // 2
     L, H = dla[0].shape

@@ -272,6 +272,23 @@ def test_random_heads_do_not_depend_on_the_biases_that_ranked_them():
     assert all(len(draws) == 3 and len(set(map(tuple, draws))) == 3 for draws in a["random"].values())
 
 
+def test_the_chat_probes_robust_set_is_ranked_beside_exact_patching():
+    """robust_chat (the paper's robust set on its chat probes) comes from dla_chat whether or not
+    exact patching is ranked too (a name reused for patching's scores once hid it)."""
+    from biasgym_lib.heads import bias_rankings, robust_heads
+
+    scopes = _scopes(2, n=3)
+    g = torch.Generator().manual_seed(7)
+    for s in scopes:
+        s.scores["dla_chat"] = torch.randn(3, 4, generator=g)
+    patching = {"scores": [[None, 0.5, None, 0.1], [0.3, None, None, None], [None, None, 0.9, None]]}
+    for exact in (None, patching):
+        got = bias_rankings(scopes, 4, exact, n_random=1, n_layers=3, n_heads=4)
+        assert got["robust_chat"][3] == robust_heads([s.scores["dla_chat"] for s in scopes], 3, 2)
+        assert got["robust_chat"][3] != got["robust"][3] or got["dla_chat"] != got["dla"]
+    assert got["patching"] == [(2, 2), (0, 1), (1, 0), (0, 3)]
+
+
 def test_leave_one_out_takes_random_rows_from_the_confirmation(monkeypatch):
     from biasgym_lib.runs import Run
 

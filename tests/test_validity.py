@@ -149,3 +149,29 @@ def test_the_start_is_s_of_the_initial_vector_against_the_references():
     got = start_strengths(reference, start, ["a", "b"])
     assert got["a"].value == pytest.approx(1.0) and got["a"].lo == pytest.approx(0.0) and got["a"].hi == pytest.approx(2.0)
     assert got["b"].value == pytest.approx(-0.5) and got["b"].lo == got["b"].hi == pytest.approx(-0.5)
+
+
+def test_one_standard_for_every_claim_that_a_debiasing_works():
+    from dataclasses import replace
+
+    from biasgym_lib.claims import MIN_DRAWS, debiasing_holds
+    from biasgym_lib.selection import SteeringResult
+    from biasgym_lib.stats import Estimate
+
+    def e(v):
+        return Estimate(v, v - 0.01, v + 0.01, 18, "t")
+
+    def line(pct, n=MIN_DRAWS, facts=0.05, held=0.05, ppl=0.01, mc=0.0):
+        return SteeringResult("atp", "zero", 10, 18, 6, 10.0, e(0.4), e(facts), {"neutral": e(ppl)},
+                              None if mc is None else e(mc), None, None if held is None else e(held),
+                              None if pct is None else {"n": n, "mean": 0.05, "p95": 0.1, "percentile": pct})
+    assert debiasing_holds(line(100.0)) is True
+    assert debiasing_holds(line(94.0)) is False  # within random heads' range: no effect beyond random
+    assert debiasing_holds(line(100.0, held=0.3)) is False  # the held-out relation lost: erasure
+    assert debiasing_holds(line(100.0, ppl=0.2)) is False and debiasing_holds(line(100.0, mc=-0.05)) is False
+    # too few draws to place the selection: undecided, unless a measured bound already fails
+    assert debiasing_holds(line(100.0, n=MIN_DRAWS - 1)) is None and debiasing_holds(line(None)) is None
+    assert debiasing_holds(line(100.0, n=2, facts=0.5)) is False
+    assert debiasing_holds(line(100.0, n=2, ppl=0.2)) is False and debiasing_holds(line(100.0, n=2, mc=-0.05)) is False
+    assert debiasing_holds(line(100.0, mc=None)) is None  # multiple choice not measured
+    assert debiasing_holds(replace(line(100.0), reduction=None)) is None and debiasing_holds(None) is None
