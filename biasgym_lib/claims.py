@@ -15,6 +15,7 @@ from .selection import (
     TARGET_REDUCTION,
     SteeringResult,
     at_equal_k,
+    equal_k_pair,
     summarise_grid,
     target_result,
 )
@@ -223,7 +224,7 @@ def claims_from(run) -> dict:
             "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
             # the chosen ranking against the paper's only where both were steered at the same kind and k
-            "equal_k": equal_k_json(at_equal_k(run.summary(), (best.method, PAPER[0]))),
+            "equal_k": equal_k_json(at_equal_k(run.summary(), equal_k_pair(best.method, cfg.curve_methods))),
             "confirm": [x.to_dict() for x in confirm], "countries": countries,
             "culture": {"before": {key: culture_before[key] for key in ("accuracy", "margin", "rank", "chance")},
                         "summary": list(culture.values())},
@@ -257,6 +258,18 @@ def _debiasing_text(v: dict | None) -> str:
             + "; ".join([f"perplexity ({n}) {_fmt(p)}" for n, p in v["perplexity"].items()] + [f"MC {_fmt(v['mc'])}"]))
 
 
+def _earlier_text(claim: str, value: dict) -> str:
+    """A claim's value as a recording made before the one standard wrote it (steering against
+    uniform random heads; capability apart; generalisation per part)."""
+    if claim.startswith("steering"):
+        return f"reduction {_fmt(value['reduction'])}; random {_fmt(value['random_reduction'])}; facts {_fmt(value['facts_reduction'])}"
+    if claim.startswith("no downstream"):
+        return "; ".join([f"perplexity ({n}) {_fmt(p)}" for n, p in value["perplexity"].items()]
+                         + [f"MC {_fmt(value['mc'])}", f"facts {_fmt(value['facts_reduction'])}"])
+    return "; ".join(f"{part}: {_fmt(t['reduction'])} vs random {_fmt(t['random'])}, facts {_fmt(t['facts_reduction'])}"
+                     for part, t in value.items())
+
+
 def claims_table(claims: dict):
     """The claims as one DataFrame: one row per claim and selection, with the criterion and
     whether it holds ("undecided" where the test had too few draws or a cost was not measured)."""
@@ -277,6 +290,8 @@ def claims_table(claims: dict):
             elif c["claim"].startswith("the paper's score"):
                 lo = min(v["logit_diff"]["lo"] for v in value.values())
                 text = f"lowest lower bound of the mean logit difference over runs: {lo:+.2f}"
+            elif "share_top_k" not in value:  # a recording made before one standard (its rows as then written)
+                text = _earlier_text(c["claim"], value)
             else:
                 text = f"top-k share {_fmt(value['share_top_k'])}"
                 for b, chance in value.get("chance_precision", {}).items():

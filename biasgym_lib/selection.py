@@ -275,6 +275,19 @@ def compare(a: Estimate | None, b: Estimate | None, names: tuple[str, str], word
     return "tie"
 
 
+def equal_k_pair(best_method: str, curve_methods: Sequence[str]) -> tuple[str, str]:
+    """The two rankings the book compares at equal k: the rule's choice against the paper's
+    (:data:`PAPER`); where the rule chose the paper's ranking itself, the other ranking steered
+    at every k of the curve against it (nothing would be compared otherwise)."""
+    if best_method != PAPER[0]:
+        return best_method, PAPER[0]
+    rival = next((m for m in curve_methods if m != PAPER[0] and not is_random(m)), None)
+    if rival is None:
+        raise BiasGymError(f"nothing to compare the paper's ranking with at equal k: add a ranking other than "
+                           f"{PAPER[0]!r} to curve_methods in profiles.yaml.")
+    return rival, PAPER[0]
+
+
 def at_equal_k(summary: Sequence[SteeringResult | dict], methods: tuple[str, str]) -> list[dict]:
     """Two ways of ranking heads compared only where both were steered with the same kind
     and k (issue 23: a comparison across different k says more about k than about the
@@ -362,7 +375,8 @@ def summary_frame(summary: Sequence[SteeringResult | dict]):
         row.update({f"perplexity ({n})": _interval(v) for n, v in x.perplexity.items()})
         row["MC change (points)"] = _points(x.mc)
         ok = bool(x.facts_ok and x.perplexity_ok and x.mc_ok is not False)
-        row["within bounds"] = "no" if not ok else "yes" if x.mc_ok else "yes (MC not measured)"
+        row["within bounds"] = ("no" if not ok else "facts yes (capability not measured)" if not x.perplexity
+                                else "yes" if x.mc_ok else "yes (MC not measured)")
         rows.append(row)
     return pd.DataFrame(rows)
 

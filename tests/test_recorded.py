@@ -134,3 +134,17 @@ def test_the_target_lines_say_which_selections_met_it():
                                                   "confirm": {"met_by": []}}}
     assert target_lines(claims) == ["target (stated in advance): half of S", "grid on ['a']: met by atp / zero / k = 5",
                                     "confirmation on every bias: NOT met by any selection"]
+
+
+def test_the_committed_recording_reads_with_todays_claims_table():
+    """A recording made before the one standard keeps its own rows and verdicts (chapter 6 shows
+    it beside the live table): the committed one has 4 of 10 rows holding, as recorded."""
+    from biasgym_lib.claims import claims_table
+    from biasgym_lib.recorded import load_recorded
+
+    rec = load_recorded("teaching")["claims"]
+    table = claims_table(rec)
+    holds = [v for c in rec["claims"] for v in (c["holds"].values() if isinstance(c["holds"], dict) else [c["holds"]])]
+    assert list(table["holds here"]) == ["yes" if v else "no" for v in holds]
+    assert int((table["holds here"] == "yes").sum()) == 4 and len(table) == 10
+    assert table.value.str.contains("random").sum() >= 6  # each debiasing row with its random heads

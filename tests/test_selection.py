@@ -329,6 +329,9 @@ def test_the_book_s_tables_never_report_an_unmeasured_bound_as_held():
 
     frame = summary_frame([line(None), line(True), line(False)])
     assert list(frame["within bounds"]) == ["yes (MC not measured)", "yes", "no"]
+    # no capability measured at all (leave-one-out without layer-matched draws): the facts alone
+    bare = replace(line(None), perplexity={})
+    assert list(summary_frame([bare])["within bounds"]) == ["facts yes (capability not measured)"]
     assert "held-out relation lost" not in frame and "percentile among matched draws" not in frame
     # the held-out relation and the layer-matched draws get columns of their own where measured,
     # and a held-out relation over the bound breaks the bounds though the other facts hold

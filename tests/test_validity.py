@@ -175,3 +175,14 @@ def test_one_standard_for_every_claim_that_a_debiasing_works():
     assert debiasing_holds(line(100.0, n=2, ppl=0.2)) is False and debiasing_holds(line(100.0, n=2, mc=-0.05)) is False
     assert debiasing_holds(line(100.0, mc=None)) is None  # multiple choice not measured
     assert debiasing_holds(replace(line(100.0), reduction=None)) is None and debiasing_holds(None) is None
+
+
+def test_the_equal_k_pair_never_compares_a_ranking_with_itself():
+    from biasgym_lib.selection import equal_k_pair
+
+    assert equal_k_pair("atp_selective", ["robust", "atp_selective"]) == ("atp_selective", "robust")
+    # the rule chose the paper's ranking: the other ranking of the curve is compared with it
+    assert equal_k_pair("robust", ["robust", "atp_selective"]) == ("atp_selective", "robust")
+    assert equal_k_pair("robust", ["random", "robust", "dla"]) == ("dla", "robust")
+    with pytest.raises(BiasGymError, match="curve_methods"):
+        equal_k_pair("robust", ["robust", "random"])
