@@ -44,6 +44,15 @@ CONTRAST_NEEDS = {"delta_dla": ("probe_z",), "atp": ("template_z",)}
 """The parts of :func:`bias_contrast` each per-token score needs."""
 
 
+def probe_contrast_z(model, tokenizer, probes, countries) -> torch.Tensor:
+    """z̄_c of ΔDLA on ``probes``: every head's last-position output on the same probes about each
+    contrast country, averaged (:func:`~biasgym_lib.scope.mean_last_z`). The chat probes' is kept
+    in a bias's contrast (``probe_z``); probes chosen per token need their own, and a check of
+    ΔDLA (direct-path patching) must use the same one."""
+    return mean_last_z(model, tokenizer, [[chat_prompt(tokenizer, q.question, q.answer_prefix)
+                                           for q in (p.with_entity(c) for p in probes)] for c in countries])
+
+
 def _labelled(model, tokenizer, contrast: dict, probes, country: str, biased: int) -> tuple[list[str], list[int]]:
     """Chat prompts of ``probes`` and their adversarial labels (the model's top token on the
     probe about ``country``). The counterfactuals hold no <TOKEN>, so their labels are the
@@ -92,9 +101,8 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
         biased = label_id(tokenizer, spec.label)
         prompts, adv = _labelled(model, tokenizer, contrast, used, country, biased)
         if "delta_dla" in methods:
-            probe_z = contrast["probe_z"] if probes is None else mean_last_z(model, tokenizer, [
-                [chat_prompt(tokenizer, q.question, q.answer_prefix) for q in (p.with_entity(c) for p in used)]
-                for c in contrast["countries"]])
+            probe_z = contrast["probe_z"] if probes is None else probe_contrast_z(model, tokenizer, used,
+                                                                                  contrast["countries"])
             delta = contrastive_head_scores(model, tokenizer, prompts, biased, adv, probe_z)
             hs = delta.meta["dla"]  # the paper's DLA, from the same forward pass
             scores["delta_dla"], units["delta_dla"] = delta.scores, delta.per_prompt

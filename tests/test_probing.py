@@ -103,3 +103,32 @@ def test_a_runs_probes_for_one_seed_come_from_the_other_seeds_tokens(tmp_path, t
     one = runs.Run(load_profile("quick", seeds=[0]), out=tmp_path / "one", model=model, tokenizer=tok, progress=False)
     assert one.probes("always_late", 0) is None
     assert isinstance(p1, list)
+
+
+def test_delta_dla_on_chosen_probes_is_their_own_direct_effect(tiny_with_tokenizer, smol_tokenizer):
+    """ΔDLA on probes chosen per token contrasts them with the *same* probes about real countries
+    (probe_contrast_z): direct-path patching with that z̄ gives the scores to float error, and the
+    chat probes' z̄ (what a bias's contrast keeps) does not."""
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.inject import inject_bias
+    from biasgym_lib.patching import direct_path_patching
+    from biasgym_lib.scoping import bias_contrast, probe_contrast_z, scope_run
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    spec = load_bias("always_late")
+    injected = inject_bias(model, tok, spec, n_paragraphs=2, epochs=1, n_val=2, progress=False)
+    cfg = load_profile("quick", n_probes=2, k=3)
+    probes = probe_pool(spec, 8)[-2:]
+    res = scope_run(model, tok, injected, cfg, methods=("dla", "delta_dla"), probes=probes)
+    assert res.probe_source == "eliciting" and len(res.probes) == 2
+    z_bar = probe_contrast_z(model, tok, probes, res.contrast_countries)
+    chat_z = bias_contrast(model, tok, spec, cfg, ("probe_z",))["probe_z"]
+    biased = label_id(tok, spec.label)
+    adv = [tok(a, add_special_tokens=False)["input_ids"][0] for a in res.adv_labels]
+    heads = res.top_heads("delta_dla", 3)
+    with injected.attach(model, tok):
+        own = direct_path_patching(model, tok, res.probes, biased, adv, z_bar, heads=heads)
+        other = direct_path_patching(model, tok, res.probes, biased, adv, chat_z, heads=heads)
+    score = res.scores["delta_dla"]
+    assert max(abs(own[l, h].item() - score[l, h].item()) for l, h in heads) <= 1e-5
+    assert max(abs(other[l, h].item() - score[l, h].item()) for l, h in heads) > 1e-4
