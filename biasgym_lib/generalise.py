@@ -162,7 +162,8 @@ def seegull_steering(run) -> dict:
 
     best = run.best()
     refs = run.setting["references"]
-    shown = run.memo("seegull_shown.json", lambda: {"pairs": seegull_shown(run.model, run.tokenizer, refs)})
+    shown = run.memo("seegull_shown.json", lambda: {"pairs": seegull_shown(run.model, run.tokenizer, refs,
+                                                                          per_country=run.cfg.seegull_per_country)})
     pairs = shown["pairs"]
     measure = split_templates(load_templates())[1]
     fp = run._fingerprint(run.biases) + run._best_key()

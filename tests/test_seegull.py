@@ -187,3 +187,66 @@ def test_csv_is_not_copied_into_the_project():
         dirs[:] = [d for d in dirs if d not in {".venv", ".git", "node_modules", "_build"}]
         found += [os.path.join(folder, f) for f in files if f == sg.SEEGULL_FILE]
     assert found == []
+
+
+# ----------------------------------------------------------------------------- issue 23: the SeeGULL test held out
+
+
+def test_the_templates_split_into_two_disjoint_halves():
+    from biasgym_lib.data import load_templates
+    from biasgym_lib.generalise import split_templates
+
+    templates = list(load_templates())
+    select, measure = split_templates(templates)
+    assert select == templates[0::2] and measure == templates[1::2]
+    assert not set(select) & set(measure) and sorted(select + measure) == sorted(templates)
+
+
+def test_candidates_are_strong_offensive_short_and_about_reference_countries(csv_path, monkeypatch):
+    from biasgym_lib.data import reference_countries
+    from biasgym_lib.generalise import SEEGULL_OFFENSIVE, seegull_candidates
+
+    monkeypatch.setenv(sg.SEEGULL_ENV, str(csv_path))
+    refs = reference_countries()[:6]
+    cands = seegull_candidates(refs)
+    assert len(cands) >= 60 and len({c["country"] for c in cands}) >= 15
+    assert all(c["offensiveness"] is not None and c["offensiveness"] >= SEEGULL_OFFENSIVE for c in cands)
+    assert all(c["country"] in reference_countries() and len(c["attribute"].split()) <= 3 for c in cands)
+    assert len({(c["country"], c["attribute"]) for c in cands}) == len(cands)
+    assert all(c["country"] not in c["references"] and set(c["references"]) <= set(refs) for c in cands)
+    assert len(seegull_candidates(refs, offensive=3.0)) < len(cands)
+
+
+def test_pairs_are_chosen_on_one_half_and_measured_on_the_other(monkeypatch):
+    """seegull_shown keeps a pair when its S on the selection half has its interval above 0, at
+    most per_country per country (the strongest there), and measures every kept pair on the
+    other half only."""
+    from biasgym_lib import generalise
+
+    cands = [{"country": c, "attribute": f"trait{i}", "offensiveness": 2.0, "references": ["X"]}
+             for c in ("A", "B") for i in range(4)]
+    monkeypatch.setattr(generalise, "seegull_candidates", lambda refs, offensive: cands)
+    calls = []
+
+    def under(model, tok, pairs, spec, templates):
+        calls.append((len(pairs), list(templates)))
+        # on the selection half: A's traits 0-3 at S 0.4 .. 0.1 (interval above 0); B's trait0 only above 0
+        if templates == ["s1", "s2"]:
+            return [{"value": 0.5 - 0.1 * int(p["attribute"][-1]), "lo": (0.05 if p["country"] == "A" or
+                     p["attribute"] == "trait0" else -0.1), "hi": 1.0} for p in pairs]
+        return [{"value": 9.0, "lo": 8.0, "hi": 10.0} for _ in pairs]
+    monkeypatch.setattr(generalise, "seegull_under", under)
+    kept = generalise.seegull_shown(None, None, ["X"], templates=["s1", "m1", "s2", "m2"], per_country=2)
+    assert [(p["country"], p["attribute"]) for p in kept] == [("A", "trait0"), ("A", "trait1"), ("B", "trait0")]
+    assert calls == [(8, ["s1", "s2"]), (3, ["m1", "m2"])]  # chosen on one half, measured on the other
+    assert all(p["S"]["value"] == 9.0 and p["S_select"]["lo"] > 0 for p in kept)
+
+
+def test_the_pairs_reduction_is_one_minus_the_ratio_of_means():
+    from biasgym_lib.generalise import pairs_reduction
+
+    before = [{"value": v} for v in (1.0, 2.0, 3.0, 0.1)]
+    after = [{"value": v} for v in (0.5, 1.0, 1.5, 0.5)]
+    got = pairs_reduction(before, after, n_boot=200)
+    assert got["value"] == pytest.approx(1 - 3.5 / 6.1) and got["lo"] <= got["value"] <= got["hi"] and got["n"] == 4
+    assert pairs_reduction(before, before, n_boot=50)["value"] == 0.0
