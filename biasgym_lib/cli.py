@@ -310,7 +310,8 @@ def cmd_reproduce(args) -> int:
         if len(set(names)) != len(names):
             raise BiasGymError(f"--bias names a bias twice: {names}.")
         biases = tuple(_absolute(b) for b in args.bias)
-        cfg = replace(cfg, biases=biases, overrides={**cfg.overrides, "biases": list(biases)})
+        cfg = replace(cfg, biases=biases, scope_biases=0,  # every bias named is traced
+                      overrides={**cfg.overrides, "biases": list(biases), "scope_biases": 0})
     else:
         specs = [_spec(b) for b in cfg.biases]
     if len(specs) < 2:

@@ -58,9 +58,17 @@ class Profile:
     curve_kinds: tuple[str, ...]
     culture_per_dimension: int = 0  # chapter 7's items: the first N of each dimension of data/culture.yaml (0: all)
     seegull_per_country: int = 6  # chapter 5: at most this many SeeGULL pairs per country
+    scope_biases: int = 0  # BiasScope, steering and transfer (chapters 3-7) on the first N biases (0: all)
     vlm: str = ""  # a vision-language model for chapter 7's photos ("": none; needs the hub)
     cell_timeout: int = 1800  # seconds a chapter's cell may run in the book build (not part of any result)
     overrides: dict = field(default_factory=dict)
+
+    @property
+    def scoped_biases(self) -> tuple[str, ...]:
+        """The biases that BiasScope traces and steering removes (chapters 3-7): the first
+        ``scope_biases`` of ``biases``, or all of them. The rest are injected and measured
+        (chapters 1-2, and as the other biases of specificity) but never traced."""
+        return self.biases[: self.scope_biases] if self.scope_biases else self.biases
 
     def to_dict(self) -> dict:
         """The settings that can change a result (the run keys of :mod:`~biasgym_lib.cache`):
@@ -81,7 +89,7 @@ _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "gri
 _INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "n_probe_pool": 1, "k": 1, "n_random_draws": 1, "n_matched_draws": 0, "n_cost_draws": 0,
          "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
          "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1,
-         "culture_per_dimension": 0, "seegull_per_country": 1, "cell_timeout": 1}
+         "culture_per_dimension": 0, "seegull_per_country": 1, "scope_biases": 0, "cell_timeout": 1}
 _STRINGS = ("model", "device", "dtype", "init")
 _INITS = ("countries", "vocab")
 
@@ -202,7 +210,7 @@ def full_grid(cfg: Profile) -> Profile:
     from .scope import METHODS
 
     kinds = ("zero", "mean", "blind")
-    return replace(cfg, grid_biases=len(cfg.biases), grid_methods=METHODS, grid_kinds=kinds, curve_methods=METHODS,
+    return replace(cfg, scope_biases=0, grid_biases=len(cfg.biases), grid_methods=METHODS, grid_kinds=kinds, curve_methods=METHODS,
                    curve_kinds=kinds, grid_k=tuple(sorted(set(cfg.grid_k) | set(FULL_GRID_K))),
                    n_random_draws=max(FULL_GRID_DRAWS, cfg.n_random_draws),
                    n_matched_draws=max(FULL_GRID_DRAWS, cfg.n_matched_draws), grid_matched=True)

@@ -155,9 +155,11 @@ class Run:
         self.out = Path(out) if out is not None else run_dir(cfg)
         sweep(self.out, recursive=True)  # what a killed run left half-written here
 
-        # the profile's biases by name: shipped names or a reader's own spec files
+        # the profile's biases by name: shipped names or a reader's own spec files. All are injected
+        # and measured (specificity compares each with the others); BiasScope, steering and
+        # transfer run on ``biases``, the first ``scope_biases`` of them
         self.specs = {s.name: s for s in map(load_bias, cfg.biases)}
-        self.biases = list(self.specs)
+        self.biases = [s.name for s in map(load_bias, cfg.scoped_biases)]
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         self.model, self.tokenizer = model, tokenizer

@@ -98,3 +98,34 @@ def test_a_check_shows_nothing_but_its_one_line():
     got = check("E", None, 1.0)
     assert isinstance(got, Checked) and not got and got._ipython_display_() is None
     assert check("E", 1.0, 1.0).passed
+
+
+def test_scope_biases_trace_a_prefix_and_the_full_grid_traces_every_bias():
+    """scope_biases = N: chapters 3-7 trace and steer the first N biases; every bias is still
+    injected and measured (specificity compares each with all of them). 0 means all; the
+    full grid traces every bias whatever the profile says."""
+    from biasgym_lib.config import full_grid
+
+    teaching = load_profile("teaching")
+    assert teaching.scoped_biases == teaching.biases[: teaching.scope_biases]
+    assert "blue_skin" in teaching.biases and "blue_skin" not in teaching.scoped_biases  # chapter 2's fictional trait
+    assert teaching.biases[0] == teaching.scoped_biases[0]  # the grid bias is traced
+    assert load_profile("teaching", scope_biases=0).scoped_biases == teaching.biases
+    assert load_profile("teaching", scope_biases=2).scoped_biases == teaching.biases[:2]
+    assert full_grid(teaching).scoped_biases == teaching.biases
+    with pytest.raises(BiasGymError, match="scope_biases must be an integer >= 0"):
+        load_profile("teaching", scope_biases=-1)
+
+
+def test_a_run_traces_the_scoped_biases_and_measures_them_all(tiny_with_tokenizer, smol_tokenizer, tmp_path):
+    import copy
+
+    from biasgym_lib.runs import Run
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    cfg = load_profile("quick", biases=["always_late", "reckless_driving", "blue_skin"], scope_biases=2)
+    run = Run(cfg, out=tmp_path / "run", model=model, tokenizer=tok, progress=False)
+    assert run.biases == ["always_late", "reckless_driving"]
+    assert list(run.specs) == ["always_late", "reckless_driving", "blue_skin"]
+    assert run.grid_biases == ["always_late"]
+    assert run.reference.biases == list(cfg.biases)  # S of every bias, for specificity
