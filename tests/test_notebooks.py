@@ -330,7 +330,7 @@ def test_the_introduction_states_the_findings_glued_from_the_chapters():
         if key.endswith("_reduction"):
             assert {f"{base}_random", f"{base}_facts"} <= keys, f"{key} needs its random heads and facts"
         if key.endswith("_seegull"):
-            assert {f"{key}_random", key.replace("_seegull", "_facts")} <= keys, f"{key} needs its random heads and facts"
+            assert {f"{key}_random", f"{key}_facts"} <= keys, f"{key} needs its random heads and facts"
     assert not re.search(r"\d+(\.\d+)?\s*%", re.sub(r"\{glue:text\}`[^`]+`", "", section)), \
         "a percentage is typed into the findings instead of glued"
 

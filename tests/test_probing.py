@@ -49,11 +49,17 @@ def test_probe_logit_differences_are_the_models_own(tiny_with_tokenizer, smol_to
     from biasgym_lib.batching import encode_batch
     from biasgym_lib.models import chat_prompt
 
+    from biasgym_lib.tokens import TokenHook, add_token
+
     model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
     spec = load_bias("always_late")
     pool = probe_pool(spec, 6)
     biased = label_id(tok, spec.label)
+    # <TOKEN> with a vector attached, as the caller attaches it (whether or not an earlier test
+    # already added the token to the shared tokenizer: the tiny model has no row for it)
+    hook = TokenHook(model, add_token(tok), 0.02 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)))
     got, adv = probe_logit_differences(model, tok, pool, "Italy", biased)
+    assert any("<TOKEN>" in p.question or "<TOKEN>" in p.answer_prefix for p in pool)
     for p, g, a in zip(pool, got, adv):
         ids = encode_batch(tok, [chat_prompt(tok, p.question, p.answer_prefix)]).input_ids
         with torch.no_grad():
@@ -64,6 +70,7 @@ def test_probe_logit_differences_are_the_models_own(tiny_with_tokenizer, smol_to
         with torch.no_grad():
             top2 = model(cf).logits[0, -1].topk(2).indices.tolist()
         assert a == (top2[1] if top2[0] == biased else top2[0])
+    hook.remove()
 
 
 def test_a_runs_probes_for_one_seed_come_from_the_other_seeds_tokens(tmp_path, tiny_with_tokenizer, smol_tokenizer,

@@ -199,18 +199,18 @@ def test_reproduce_killed_at_several_points_ends_with_the_same_numbers(tmp_path,
     rc, _, err = stop_at(reproduce(tmp_path / "whole"), r"^$", signal.SIGINT)  # uninterrupted
     assert rc == 0, err
     out, work = tmp_path / "D", work_folder_of(tmp_path / "D")
-    rc, text, err = stop_at(reproduce(out), r"^\[3/9\] selection grid", signal.SIGTERM, 1.0)
+    rc, text, err = stop_at(reproduce(out), r"^\[3/10\] selection grid", signal.SIGTERM, 1.0)
     assert rc == 143 and "terminated (SIGTERM)" in err and "its finished stages are kept in" in err, err
     assert {p.relative_to(work).as_posix() for p in work.rglob("always_late_seed0.json")} == \
         {"injection/always_late_seed0.json", "scope/always_late_seed0.json"}  # always_late's two stages are kept
-    rc, text, _ = stop_at(reproduce(out), r"^\[4/9\] injection of blue_skin", signal.SIGKILL, 1.0)
+    rc, text, _ = stop_at(reproduce(out), r"^\[4/10\] injection of blue_skin", signal.SIGKILL, 1.0)
     assert rc == -signal.SIGKILL  # in the middle of training blue_skin's token
-    assert "[1/9] injection of always_late (seed 0): kept from an earlier run" in text
-    rc, text, err = stop_at(reproduce(out), r"^\[6/9\] confirmation", signal.SIGINT, 1.0)
+    assert "[1/10] injection of always_late (seed 0): kept from an earlier run" in text
+    rc, text, err = stop_at(reproduce(out), r"^\[6/10\] confirmation", signal.SIGINT, 1.0)
     assert rc == 130 and "its finished stages are kept in" in err, err
     rc, text, err = stop_at(reproduce(out), r"^$", signal.SIGINT)
     assert rc == 0, err
-    assert "[3/9] selection grid on always_late: kept from an earlier run" in text
+    assert "[3/10] selection grid on always_late: kept from an earlier run" in text
     # how long each stage took, kept across the four sittings (for biasgym record): every stage once
     log = json.loads((out / "stage_seconds.json").read_text())["seconds"]
     assert len(log) == 9 and "selection grid on always_late" in log and all(v >= 0 for v in log.values()), log
