@@ -283,7 +283,7 @@ def cmd_steer(args) -> int:
     steering = SteeringSpec(heads=heads, alpha=alpha, source={"method": args.method, "k": k, "bias": source["bias"]})
     result = {"bias": spec.name, "seed": injected.seed, "method": args.method, "k": k, "alpha": alpha,
               "intervention": intervention(alpha), "heads_from": source, **steer_token(
-                  model, tokenizer, injected, steering, steer_references(cfg, cfg.steer_references), load_facts(),
+                  model, tokenizer, injected, steering, steer_references(cfg, cfg.steer_references), load_facts(per_relation=cfg.facts_per_relation),
                   load_neutral_texts()[: cfg.n_ppl_texts], cfg.n_random_draws)}
     s0, s1 = result["token"]["before"]["value"], result["token"]["after"]["value"]
     ppl, change = result["capability"], result["capability"]["perplexity_change"]["change"]

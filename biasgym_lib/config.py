@@ -58,6 +58,7 @@ class Profile:
     curve_kinds: tuple[str, ...]
     culture_per_dimension: int = 0  # chapter 7's items: the first N of each dimension of data/culture.yaml (0: all)
     seegull_per_country: int = 6  # chapter 5: at most this many SeeGULL pairs per country
+    facts_per_relation: int = 0  # the knowledge control: the first N facts of each relation (0: all)
     scope_biases: int = 0  # BiasScope, steering and transfer (chapters 3-7) on the first N biases (0: all)
     vlm: str = ""  # a vision-language model for chapter 7's photos ("": none; needs the hub)
     cell_timeout: int = 1800  # seconds a chapter's cell may run in the book build (not part of any result)
@@ -89,7 +90,7 @@ _TUPLES = {"seeds": int, "biases": str, "k_grid": int, "alpha_grid": float, "gri
 _INTS = {"n_paragraphs": 1, "epochs": 1, "batch_size": 1, "n_probes": 1, "n_probe_pool": 1, "k": 1, "n_random_draws": 1, "n_matched_draws": 0, "n_cost_draws": 0,
          "n_generations": 0, "steer_references": 0, "n_patch_probes": 0, "n_ppl_texts": 1,
          "n_mc_questions": 1, "n_country_texts": 1, "ppl_max_tokens": 2, "patch_top": 1, "grid_biases": 1,
-         "culture_per_dimension": 0, "seegull_per_country": 1, "scope_biases": 0, "cell_timeout": 1}
+         "culture_per_dimension": 0, "seegull_per_country": 1, "scope_biases": 0, "facts_per_relation": 0, "cell_timeout": 1}
 _STRINGS = ("model", "device", "dtype", "init")
 _INITS = ("countries", "vocab")
 

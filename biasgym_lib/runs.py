@@ -299,7 +299,7 @@ class Run:
 
             neutral = load_neutral_texts()
             self._kept["setting"] = {
-                "references": steer_references(self.cfg, self.cfg.steer_references), "facts": load_facts(),
+                "references": steer_references(self.cfg, self.cfg.steer_references), "facts": load_facts(per_relation=self.cfg.facts_per_relation),
                 "texts": {"neutral": neutral[: self.cfg.n_ppl_texts],
                           "countries": load_country_texts()[: self.cfg.n_country_texts]},
                 "questions": load_mc()[: self.cfg.n_mc_questions],

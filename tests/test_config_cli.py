@@ -129,3 +129,32 @@ def test_a_run_traces_the_scoped_biases_and_measures_them_all(tiny_with_tokenize
     assert list(run.specs) == ["always_late", "reckless_driving", "blue_skin"]
     assert run.grid_biases == ["always_late"]
     assert run.reference.biases == list(cfg.biases)  # S of every bias, for specificity
+
+
+def test_facts_per_relation_keeps_the_first_of_every_relation():
+    """CI's knowledge control (quick: facts_per_relation) is the first N facts of each relation
+    in file order, every relation kept, the held-out one included; 0 keeps every fact."""
+    from biasgym_lib.data import held_out_relations, load_facts
+
+    every = load_facts()
+    few = load_facts(per_relation=2)
+    relations = list(dict.fromkeys(f.relation for f in every))
+    assert set(held_out_relations()) <= set(relations) and len(relations) >= 3
+    assert few == [f for f in every if f in [g for g in every if g.relation == f.relation][:2]]
+    assert [sum(f.relation == r for f in few) for r in relations] == [2] * len(relations)
+    assert load_facts(per_relation=0) == every
+    assert len(load_facts(per_relation=10 ** 6)) == len(every)
+    assert load_profile("teaching").facts_per_relation == 0  # the book's knowledge control: every fact
+
+
+def test_a_run_steers_with_its_profiles_facts(tiny_with_tokenizer, smol_tokenizer, tmp_path):
+    import copy
+
+    from biasgym_lib.data import load_facts
+    from biasgym_lib.runs import Run
+
+    model, tok = tiny_with_tokenizer("llama"), copy.deepcopy(smol_tokenizer)
+    for n in (0, 3):
+        cfg = load_profile("quick", facts_per_relation=n)
+        run = Run(cfg, out=tmp_path / f"run{n}", model=model, tokenizer=tok, progress=False)
+        assert run.setting["facts"] == load_facts(per_relation=n)

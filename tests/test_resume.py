@@ -213,7 +213,7 @@ def test_reproduce_killed_at_several_points_ends_with_the_same_numbers(tmp_path,
     assert "[3/10] selection grid on always_late: kept from an earlier run" in text
     # how long each stage took, kept across the four sittings (for biasgym record): every stage once
     log = json.loads((out / "stage_seconds.json").read_text())["seconds"]
-    assert len(log) == 9 and "selection grid on always_late" in log and all(v >= 0 for v in log.values()), log
+    assert len(log) == 10 and "selection grid on always_late" in log and all(v >= 0 for v in log.values()), log
     assert not work.exists() and hidden(tmp_path) == [], hidden(tmp_path)
     resumed, whole = numbers(out), numbers(tmp_path / "whole")
     assert resumed.keys() == whole.keys()

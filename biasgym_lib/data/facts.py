@@ -75,9 +75,11 @@ def held_out_relations(path: str | Path | None = None) -> tuple[str, ...]:
     return tuple(rel)
 
 
-def load_facts(path: str | Path | None = None) -> list[Fact]:
+def load_facts(path: str | Path | None = None, per_relation: int = 0) -> list[Fact]:
     """The shipped factual pairs, validated (known relation, no duplicates), each with its
-    relation's own templates where it has some."""
+    relation's own templates where it has some. ``per_relation`` > 0 keeps the first that many
+    of each relation, in file order (a profile's ``facts_per_relation``: CI's small knowledge
+    control; every relation, the held-out one included, stays)."""
     path, rows = yaml_list(path, FACTS_FILE, "facts")
     own = relation_templates(path)
     out, seen = [], set()
@@ -93,6 +95,11 @@ def load_facts(path: str | Path | None = None) -> list[Fact]:
             raise DataFileError(f"{path}: fact #{i} ({fact.country} / {fact.attribute}) is listed twice.")
         seen.add(fact)
         out.append(fact)
+    if per_relation > 0:
+        by_relation: dict = {}
+        for f in out:
+            by_relation.setdefault(f.relation, []).append(f)
+        out = [f for f in out if f in by_relation[f.relation][:per_relation]]
     return out
 
 
