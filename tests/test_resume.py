@@ -148,7 +148,12 @@ SMALL = ["--profile", "quick", "--set", "n_paragraphs=4", "--set", "epochs=1", "
          "--set", "n_ppl_texts=1", "--set", "n_mc_questions=2", "--set", "k=3", "--set", "grid_k=[3]",
          "--set", "n_country_texts=1", "--set", "ppl_max_tokens=16", "--set", "grid_methods=[atp,robust,random]",
          "--set", "grid_kinds=[zero]", "--set", "curve_methods=[atp]", "--set", "curve_kinds=[zero]",
-         "--set", "culture_per_dimension=1"]
+         "--set", "culture_per_dimension=1",
+         # every fact: with quick's 4 per relation the facts' mean S on this random model is near 0,
+         # and 1 - after / before amplifies float32 rounding between a resumed and a whole run to
+         # 1.8e-4 in the bootstrap bounds (measured 2026-12-05: 191 of 5168 numbers differ, the
+         # largest on facts_reduction.lo = -1.68); with all 70 the test's tolerance holds
+         "--set", "facts_per_relation=0"]
 
 CLI = "import sys\nfrom biasgym_lib.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
