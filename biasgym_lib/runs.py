@@ -159,7 +159,7 @@ class Run:
         # and measured (specificity compares each with the others); BiasScope, steering and
         # transfer run on ``biases``, the first ``scope_biases`` of them
         self.specs = {s.name: s for s in map(load_bias, cfg.biases)}
-        self.biases = [s.name for s in map(load_bias, cfg.scoped_biases)]
+        self.biases = list(self.specs)[: len(cfg.scoped_biases)]
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         self.model, self.tokenizer = model, tokenizer
