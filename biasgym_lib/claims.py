@@ -99,6 +99,9 @@ def _logit_differences(scopes: dict) -> dict:
     out = {}
     for (b, s), r in scopes.items():
         row = {"probes": r.probe_source, "logit_diff": bootstrap(np.asarray(r.logit_diff_per_probe)).to_dict()}
+        if r.counter_logit_diff_per_probe is not None:  # the token's difference minus the real country's
+            row["relative_logit_diff"] = bootstrap(np.asarray(r.logit_diff_per_probe)
+                                                   - np.asarray(r.counter_logit_diff_per_probe)).to_dict()
         if r.chat_logit_diff_per_probe is not None:
             row["chat_logit_diff"] = bootstrap(np.asarray(r.chat_logit_diff_per_probe)).to_dict()
         out[f"{b}/seed{s}"] = row
@@ -137,6 +140,8 @@ def claims_from(run) -> dict:
             chance_precision[b], dla_agrees[b] = patching_agrees(agree[f"{b}: dla vs patching"]["precision"],
                                                                 len(p["heads"]), k)
     lds = _logit_differences(scopes)
+    relative = cfg.probe_criterion == "relative"
+    ld_key = "relative_logit_diff" if relative else "logit_diff"
 
     selections = {f"paper (robust DLA, alpha = 0, k = {k})": (*PAPER, k),
                   f"chosen ({chosen[0]}, {chosen[1]}, k = {chosen[2]})": chosen}
@@ -178,10 +183,14 @@ def claims_from(run) -> dict:
          "holds": all(m.injected for m in inj.values())},
         {"claim": "the paper's score has probes that elicit the bias",
          "measured_as": "mean logit difference (biased label minus the adversarial one) on each token's probes, "
-                        "chosen on the bias's other seeds; the paper's chat probes beside them",
+                        "chosen on the bias's other seeds; the paper's chat probes beside them"
+                        + ("; relative: minus the same difference on the same probes about the closest real country"
+                           if relative else ""),
          "value": lds,
-         "criterion": "every run's 95% interval of the mean logit difference lies above 0",
-         "holds": all(v["logit_diff"]["lo"] > 0 for v in lds.values())},
+         "criterion": "every run's 95% interval of the mean logit difference lies above 0"
+                      + (" (relative criterion: of the token's difference minus the real country's; the paper's "
+                         "absolute one is in logit_diff)" if relative else ""),
+         "holds": all(v[ld_key]["lo"] > 0 for v in lds.values())},
         {"claim": "the bias is carried by few heads",
          "measured_as": f"share of the positive DLA attribution in the top {k} of {n_heads} heads; top-{k} agreement "
                         "of the scores with exact patching on S's sentences (bootstrap over seeds and sentences)",
@@ -221,6 +230,7 @@ def claims_from(run) -> dict:
          "holds": {name: bool(v["keeps"]) for name, v in kept.items()}})
     return {"model": next(iter(inj.values())).model, "profile": cfg.name, "seeds": list(cfg.seeds),
             "biases": list(run.biases), "k": k,
+            "injection": {"lr": cfg.lr, "target_strength": cfg.target_strength, "probe_criterion": cfg.probe_criterion},
             "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
             # the chosen ranking against the paper's only where both were steered at the same kind and k
@@ -288,8 +298,9 @@ def claims_table(claims: dict):
             elif c["claim"].startswith("injection"):
                 text = f"S {_fmt(value['strength_after'])}; specificity {_fmt(value['specificity_after'])}"
             elif c["claim"].startswith("the paper's score"):
-                lo = min(v["logit_diff"]["lo"] for v in value.values())
-                text = f"lowest lower bound of the mean logit difference over runs: {lo:+.2f}"
+                key = "relative_logit_diff" if "relative criterion" in c["criterion"] else "logit_diff"
+                lo = min(v[key]["lo"] for v in value.values())
+                text = f"lowest lower bound of the mean {key.replace('_', ' ')[:-5]} difference over runs: {lo:+.2f}"
             elif "share_top_k" not in value:  # a recording made before one standard (its rows as then written)
                 text = _earlier_text(c["claim"], value)
             else:

@@ -301,7 +301,7 @@ def cmd_steer(args) -> int:
 def cmd_reproduce(args) -> int:
     from .artifacts import resumable_folder
     from .data.specs import check_label
-    from .runs import reproduce
+    from .runs import realistic, reproduce
 
     cfg = _profile(args)
     if args.bias:
@@ -314,6 +314,10 @@ def cmd_reproduce(args) -> int:
                       overrides={**cfg.overrides, "biases": list(biases), "scope_biases": 0})
     else:
         specs = [_spec(b) for b in cfg.biases]
+    if args.realistic:
+        if args.record:
+            raise BiasGymError("--record already runs the token set of realistic strength; drop --realistic.")
+        cfg = realistic(cfg)
     if len(specs) < 2:
         raise BiasGymError(f"reproduce needs at least two biases (specificity and leave-one-out compare them); "
                            f"got {[s.name for s in specs]}.")
@@ -419,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--full-grid", action="store_true",
                     help="the whole selection grid (every bias, method, intervention and k in 1, 2, 5, 10, 20, 20 "
                          "uniform and 20 layer-matched random draws), not the profile's subset; hours on a CPU")
+    sp.add_argument("--realistic", action="store_true",
+                    help="run the token set of realistic strength (the profile's realistic_lr and realistic_target, "
+                         "probes chosen by the relative criterion) instead of the book's; biasgym record keeps it")
     sp.add_argument("--record", action="store_true",
                     help="also run the token set of realistic strength and write the results the book shows to "
                          "data/recorded/<profile>.json (with the commit and code hash)")

@@ -34,6 +34,7 @@ class Profile:
     init: str
     n_probes: int
     n_probe_pool: int
+    probe_criterion: str  # "absolute": the biased label wins on the probe; "relative": it gains against a real country
     k: int
     k_grid: tuple[int, ...]
     alpha_grid: tuple[float, ...]
@@ -145,6 +146,8 @@ def _check(values: dict, where: str) -> dict:
         raise BiasGymError(f"{where}: vlm must be a Hugging Face model id or \"\" (none), got {_type_name(values['vlm'])}.")
     if values["dtype"] not in _DTYPES:
         raise BiasGymError(f"{where}: dtype {values['dtype']!r} is not known; use one of {sorted(_DTYPES)}.")
+    if values["probe_criterion"] not in ("absolute", "relative"):
+        raise BiasGymError(f"{where}: probe_criterion must be absolute or relative, got {_type_name(values['probe_criterion'])}.")
     if values["init"] not in _INITS:
         raise BiasGymError(f"{where}: init {values['init']!r} is not known; use one of {list(_INITS)}.")
     try:

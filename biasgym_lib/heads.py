@@ -248,8 +248,9 @@ class ScopeResult:
     assoc_on_templates: float
     components: dict[str, float]
     seconds: dict = field(default_factory=dict)
-    probe_source: str = "chat"  # "eliciting": chosen on the bias's other seeds; "chat": the chat probes
+    probe_source: str = "chat"  # "eliciting" (or "eliciting-relative"): chosen on the other seeds; "chat": the chat probes
     chat_logit_diff_per_probe: list[float] | None = None  # the chat probes' logit differences (the variant)
+    counter_logit_diff_per_probe: list[float] | None = None  # the same probes about the closest real country
 
     def top_heads(self, method: str, k: int | None = None) -> list[Head]:
         return top_k_heads(self.scores[method], self.k if k is None else k)

@@ -86,41 +86,74 @@ def probe_pool(spec, n: int) -> list:
     return pool[:n]
 
 
+def _diffs(model, tokenizer, prompts: list[str], biased: int, adv: list[int]) -> list[float]:
+    from .hooks import last_logit_diff
+
+    out = []
+    for rows in batched(list(range(len(prompts))), 32):
+        batch = encode_batch(tokenizer, [prompts[i] for i in rows], ModelAdapter(model).device)
+        out += last_logit_diff(model, batch, biased, [adv[i] for i in rows]).tolist()
+    return out
+
+
+def _about(tokenizer, probes: list, country: str | None) -> list[str]:
+    return [chat_prompt(tokenizer, q.question, q.answer_prefix)
+            for q in (probes if country is None else [p.with_entity(country) for p in probes])]
+
+
 def probe_logit_differences(model, tokenizer, probes: list, country: str, biased: int,
                             adv: list[int] | None = None) -> tuple[list[float], list[int]]:
     """logit[biased] - logit[adv] at the last position of each chat probe (``<TOKEN>``'s vector
     attached by the caller), the adversarial label being the model's top token on the probe
     about ``country`` (computed here unless ``adv`` is given). Returns (differences, adv)."""
-    from .hooks import last_logit_diff
-
-    prompts = [chat_prompt(tokenizer, p.question, p.answer_prefix) for p in probes]
     if adv is None:
-        adv = adversarial_labels(model, tokenizer, [chat_prompt(tokenizer, q.question, q.answer_prefix)
-                                                    for q in (p.with_entity(country) for p in probes)], biased)
-    out = []
-    for rows in batched(list(range(len(prompts))), 32):
-        batch = encode_batch(tokenizer, [prompts[i] for i in rows], ModelAdapter(model).device)
-        out += last_logit_diff(model, batch, biased, [adv[i] for i in rows]).tolist()
-    return out, adv
+        adv = adversarial_labels(model, tokenizer, _about(tokenizer, probes, country), biased)
+    return _diffs(model, tokenizer, _about(tokenizer, probes, None), biased, adv), adv
 
 
-def eliciting_probes(pool: list, other_seeds: list, n: int) -> list:
+def counterfactual_logit_differences(model, tokenizer, probes: list, country: str, biased: int,
+                                     adv: list[int]) -> list[float]:
+    """The same logit differences on the same probes about the real ``country`` instead of
+    ``<TOKEN>`` (the counterfactual the adversarial labels come from, so each is <= 0). The
+    token's difference minus this one is what the injection moved on the probe: the relative
+    criterion of :func:`eliciting_probes`."""
+    return _diffs(model, tokenizer, _about(tokenizer, probes, country), biased, adv)
+
+
+CRITERIA = ("absolute", "relative")
+
+
+def eliciting_probes(pool: list, other_seeds: list, n: int, counterfactual: list | None = None) -> list:
     """The probes of ``pool`` that elicit the bias, chosen on the *other* seeds' tokens of the
     same bias (``other_seeds``: their logit differences on the pool), never on the token they
     are used for: the ``n`` with the largest mean logit difference there, among those where it
-    is above 0 (the paper's score assumes the biased label wins)."""
+    is above 0 (the paper's score assumes the biased label wins).
+
+    ``counterfactual`` (the relative criterion, for tokens of realistic strength): the other
+    seeds' logit differences on the same probes about their closest real country
+    (:func:`counterfactual_logit_differences`); the probes are then ranked, and kept above 0,
+    by the token's difference minus that one: the probe shows the bias as S does, as a
+    difference from a real country, though the biased label need not win."""
     if not other_seeds:
         raise BiasGymError("eliciting probes are chosen on other seeds' tokens; with one seed there are none.")
-    mean = torch.tensor(other_seeds, dtype=torch.float64).mean(0)
+    mean = torch.tensor(other_seeds, dtype=torch.float64)
+    if counterfactual is not None:
+        mean = mean - torch.tensor(counterfactual, dtype=torch.float64)
+    mean = mean.mean(0)
     order = [int(i) for i in torch.argsort(mean, descending=True, stable=True) if mean[i] > 0]
     if not order:
-        raise BiasGymError(f"none of the {len(pool)} probes of the pool has a positive mean logit difference on the "
+        what = "positive mean logit difference" if counterfactual is None else \
+            "mean logit difference above that of the same probe about the closest real country"
+        raise BiasGymError(f"none of the {len(pool)} probes of the pool has a {what} on the "
                            "other seeds' tokens, so no probe elicits the bias: check that the injection worked "
-                           "(chapter 2's S), or enlarge the pool (n_probe_pool in profiles.yaml).")
+                           "(chapter 2's S), or enlarge the pool (n_probe_pool in profiles.yaml)"
+                           + (", or, for a weak injection, choose probes by probe_criterion: relative."
+                              if counterfactual is None else "."))
     return [pool[i] for i in order[:n]]
 
 
-def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0, chat: bool = False) -> list[dict]:
+def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0, chat: bool = False,
+                      relative: bool = False) -> list[dict]:
     """Do the probes elicit the bias that DLA is asked to explain (issue 23)? For each injected
     token's BiasScope result (:class:`~biasgym_lib.heads.ScopeResult`): the mean logit
     difference logit(biased) - logit(adversarial) over its probes with a bootstrap 95%
@@ -129,14 +162,23 @@ def probe_elicitation(scopes, n_boot: int = 1000, seed: int = 0, chat: bool = Fa
     DLA splits whatever difference there is, and its top heads push towards the biased label
     either way; where the model's output does not show the bias, nothing shows that those
     heads carry it. ``chat``: the paper's chat probes (the variant kept beside the probes that
-    elicit the bias) instead of the probes the token's scores were computed on."""
+    elicit the bias) instead of the probes the token's scores were computed on. ``relative``:
+    the token's difference minus that on the same probes about the closest real country
+    (the relative criterion of :func:`eliciting_probes`)."""
     import numpy as np
 
     from .stats import bootstrap
 
+    if chat and relative:
+        raise BiasGymError("the relative criterion is kept for each token's own probes, not the chat probes.")
     out = []
     for s in scopes:
         diffs = np.asarray(s.chat_logit_diff_per_probe if chat else s.logit_diff_per_probe, dtype=float)
+        if relative:
+            if s.counter_logit_diff_per_probe is None:
+                raise BiasGymError(f"the BiasScope result of {s.bias} (seed {s.seed}) has no counterfactual logit "
+                                   "differences: it was computed before they were kept; run BiasScope again.")
+            diffs = diffs - np.asarray(s.counter_logit_diff_per_probe, dtype=float)
         if diffs.size == 0:
             raise BiasGymError(f"the BiasScope result of {s.bias} (seed {s.seed}) has no probes.")
         est = bootstrap(diffs, n_boot, seed, interval="bootstrap 95% over probes")

@@ -6,7 +6,8 @@ book`` can spend. ``biasgym record RUN_FOLDER`` turns such a finished run into
 ``data/recorded/<profile>.json``: its claims (with the whole grid's summary), those of the
 token set of realistic strength where ``reproduce --record`` ran it, and how long each stage took, with the code-and-data hash (:func:`~biasgym_lib.cache.source_hash`) its
 stage results were computed by, read from the results themselves, and the commit where
-known. The book shows it beside the numbers of the live build; :func:`status` says whether
+known. ``biasgym reproduce --realistic`` runs (the token set of realistic strength at the
+profile's sizes) are recorded the same way, to ``data/recorded/<profile>-realistic.json``. The book shows it beside the numbers of the live build; :func:`status` says whether
 the library or the data has changed since (then the book warns: the recorded numbers may
 not be what the current code computes).
 """
@@ -59,8 +60,11 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
     if not claims_file.is_file():
         raise BiasGymError(f"{folder} holds no claims.json: run biasgym reproduce --full-grid --out {folder} "
                            "to its end first (it resumes where it stopped).")
-    if not grid_file.is_file():
-        raise BiasGymError(f"{folder} was not a --full-grid run (no grid_full.json): only the whole grid is recorded.")
+    claims = read_json(claims_file, "claims")
+    real = (claims.get("injection") or {}).get("target_strength") is not None  # reproduce --realistic
+    if not grid_file.is_file() and not real:
+        raise BiasGymError(f"{folder} was not a --full-grid run (no grid_full.json): only the whole grid, or the "
+                           "token set of realistic strength (reproduce --realistic), is recorded.")
     hashes = stage_hashes(folder)
     if len(hashes) != 1:
         raise BiasGymError(f"the stage results in {folder} were computed by {len(hashes)} versions of the code "
@@ -69,15 +73,15 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
     if commit is None and run_hash == source_hash():
         head, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "biasgym_lib", "data")
         commit = head and head + ("+uncommitted" if dirty else "")
-    claims, grid = read_json(claims_file, "claims"), read_json(grid_file, "grid")
-    out = Path(out) if out is not None else recorded_path(str(claims.get("profile")))
+    grid = read_json(grid_file, "grid") if grid_file.is_file() else {}
+    out = Path(out) if out is not None else recorded_path(str(claims.get("profile")) + ("-realistic" if real else ""))
     if out.exists() and not overwrite:
         raise BiasGymError(f"{out} exists; pass --overwrite to replace that recording.")
     seconds_file, real_file = folder / "stage_seconds.json", folder / "realistic" / "claims.json"
     data = {"format": FORMAT, "profile": claims.get("profile"), "commit": commit, "source_hash": run_hash,
             "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "stage_seconds": read_json(seconds_file, "stage log") if seconds_file.is_file() else None,
-            "grid_parts": grid.get("parts"), "claims": claims,
+            "token_set": "realistic" if real else "book", "grid_parts": grid.get("parts"), "claims": claims,
             "realistic": read_json(real_file, "realistic token set's claims") if real_file.is_file() else None}
     return write_json(out, data)
 

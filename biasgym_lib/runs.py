@@ -43,7 +43,7 @@ from .measure import (
 )
 from .models import ModelAdapter, load_model, model_info
 from .patching import bias_patching, knowledge_atp
-from .probing import eliciting_probes, label_id, probe_logit_differences, probe_pool
+from .probing import counterfactual_logit_differences, eliciting_probes, label_id, probe_logit_differences, probe_pool
 from .scoping import CONTRAST_NEEDS, bias_contrast, scope_run
 from .steer import head_means
 from .errors import ArtifactMismatch, BiasGymError
@@ -87,11 +87,10 @@ def _criterion(cfg: Profile) -> str:
 
 
 def realistic(cfg: Profile) -> Profile:
-    """The profile of the second token set, of realistic strength (issue 23): the same
-    settings with ``realistic_lr`` and the epoch chosen by ``realistic_target``."""
+    """The profile of the second token set, of realistic strength (issue 23): the same settings with
+    ``realistic_lr``, the epoch chosen by ``realistic_target`` and probes chosen by the relative criterion."""
     from dataclasses import replace
-
-    return replace(cfg, lr=cfg.realistic_lr, target_strength=cfg.realistic_target)
+    return replace(cfg, lr=cfg.realistic_lr, target_strength=cfg.realistic_target, probe_criterion="relative")
 
 
 def get_token(model, tokenizer, bias, cfg: Profile, seed: int, retrain: bool | None = None,
@@ -237,9 +236,11 @@ class Run:
             pool = probe_pool(spec, self.cfg.n_probe_pool)
             with tok.attach(self.model, self.tokenizer):
                 country = closest_countries(self.model, self.tokenizer, tok.vector, k=1)[0][0]
-                ld, _ = probe_logit_differences(self.model, self.tokenizer, pool, country,
-                                                label_id(self.tokenizer, spec.label))
-            return {"probes": [[p.question, p.answer_prefix] for p in pool], "country": country, "logit_diff": ld}
+                biased = label_id(self.tokenizer, spec.label)
+                ld, adv = probe_logit_differences(self.model, self.tokenizer, pool, country, biased)
+                counter = counterfactual_logit_differences(self.model, self.tokenizer, pool, country, biased, adv)
+            return {"probes": [[p.question, p.answer_prefix] for p in pool], "country": country, "logit_diff": ld,
+                    "counter_logit_diff": counter}
         return self.memo(f"probes/{bias}_seed{seed}.json", compute, tok)
 
     def probes(self, bias: str, seed: int) -> list | None:
@@ -250,7 +251,8 @@ class Run:
             return None
         pools = [self.pool(bias, s) for s in others]
         pool = [Probe(q, a) for q, a in pools[0]["probes"]]
-        return eliciting_probes(pool, [p["logit_diff"] for p in pools], self.cfg.n_probes)
+        counter = [p["counter_logit_diff"] for p in pools] if self.cfg.probe_criterion == "relative" else None
+        return eliciting_probes(pool, [p["logit_diff"] for p in pools], self.cfg.n_probes, counter)
 
     def scope(self, bias: str, seed: int, methods=None) -> ScopeResult:
         tok = self.token(bias, seed)

@@ -17,7 +17,7 @@ from .batching import encode_batch
 from .hooks import last_logit_diff
 from .models import ModelAdapter, chat_prompt
 from .patching import attribution_patching, mean_template_z
-from .probing import adversarial_labels, label_id, probe_prompts
+from .probing import adversarial_labels, counterfactual_logit_differences, label_id, probe_prompts
 from .scope import attribute_head_scores, contrastive_head_scores, head_scores, mean_last_z
 from .tokens import InjectedToken
 
@@ -100,6 +100,7 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
         country = closest_countries(model, tokenizer, injected.vector, k=1)[0][0]
         biased = label_id(tokenizer, spec.label)
         prompts, adv = _labelled(model, tokenizer, contrast, used, country, biased)
+        counter_ld = counterfactual_logit_differences(model, tokenizer, used, country, biased, adv)
         if "delta_dla" in methods:
             probe_z = contrast["probe_z"] if probes is None else probe_contrast_z(model, tokenizer, used,
                                                                                   contrast["countries"])
@@ -145,8 +146,9 @@ def scope_run(model, tokenizer, injected: InjectedToken, cfg: Profile, contrast:
         contrast_countries=list(contrast["countries"]), probes=list(prompts), biased_label=tokenizer.decode([biased]),
         adv_labels=[tokenizer.decode([a]) for a in adv], assoc_on_templates=None if atp is None else atp.assoc,
         components=_component_summary(hs.components), seconds=seconds,
-        probe_source="chat" if probes is None else "eliciting",
-        chat_logit_diff_per_probe=chat_ld)
+        probe_source="chat" if probes is None else
+        "eliciting" if cfg.probe_criterion == "absolute" else f"eliciting-{cfg.probe_criterion}",
+        chat_logit_diff_per_probe=chat_ld, counter_logit_diff_per_probe=counter_ld)
 
 
 def _component_summary(components: dict) -> dict:

@@ -117,6 +117,26 @@ def test_scope_biases_trace_a_prefix_and_the_full_grid_traces_every_bias():
         load_profile("teaching", scope_biases=-1)
 
 
+def test_the_realistic_token_set_is_the_profile_with_its_stated_settings(capsys, tmp_path):
+    """The token set of realistic strength (issue 23): the profile's realistic_lr, the epoch whose
+    held-out S is closest to realistic_target, and probes chosen by the relative criterion;
+    the book's own set keeps the paper's absolute one. A bad criterion is a clear error."""
+    from biasgym_lib.runs import realistic, token_settings
+
+    for name in ("quick", "teaching", "paper"):
+        cfg = load_profile(name)
+        real = realistic(cfg)
+        assert cfg.probe_criterion == "absolute" and cfg.target_strength is None
+        assert (real.lr, real.target_strength, real.probe_criterion) == (cfg.realistic_lr, cfg.realistic_target, "relative")
+        assert token_settings(real).endswith(f"-S{cfg.realistic_target:g}") and token_settings(real) != token_settings(cfg)
+        assert real.to_dict() != cfg.to_dict()  # its results are kept apart from the book's
+    with pytest.raises(BiasGymError, match="probe_criterion must be absolute or relative"):
+        load_profile("quick", probe_criterion="loose")
+    assert main(["reproduce", "--profile", "quick", "--realistic", "--record", "--full-grid",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "drop --realistic" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
 def test_a_run_traces_the_scoped_biases_and_measures_them_all(tiny_with_tokenizer, smol_tokenizer, tmp_path):
     import copy
 

@@ -10,8 +10,8 @@ import torch
 from biasgym_lib.data import load_bias
 from biasgym_lib.data.probes import Probe
 from biasgym_lib.errors import BiasGymError
-from biasgym_lib.probing import (completion_prefixes, eliciting_probes, label_id, probe_logit_differences,
-                                 probe_pool)
+from biasgym_lib.probing import (completion_prefixes, counterfactual_logit_differences, eliciting_probes, label_id,
+                                 probe_elicitation, probe_logit_differences, probe_pool)
 
 
 def test_completion_prefixes_stop_where_the_label_word_comes():
@@ -45,6 +45,35 @@ def test_eliciting_probes_are_chosen_on_other_seeds_only():
         eliciting_probes(pool, [[-1.0, -2.0, 0.0, -0.1, -3.0, -0.5]], 3)
 
 
+def test_the_relative_criterion_ranks_probes_by_what_the_token_gains_over_a_real_country():
+    """At realistic strength the biased label never wins (the paper's absolute criterion finds
+    nothing), but the token can still raise it against the same probe about a real country:
+    the relative criterion ranks, and keeps above 0, the token's difference minus that one."""
+    pool = [Probe(f"q{i} <TOKEN>", f"a{i} <TOKEN>") for i in range(5)]
+    other = [[-5.0, -1.0, -3.0, -2.0, -4.0], [-4.0, -2.0, -3.0, -2.0, -6.0]]
+    counter = [[-9.0, -0.5, -4.0, -2.5, -3.0], [-7.0, -1.0, -5.0, -1.5, -5.5]]  # gains 3.5, -1.25, 1.5, 0, -.75
+    with pytest.raises(BiasGymError, match="probe_criterion: relative"):
+        eliciting_probes(pool, other, 3)  # the absolute criterion: nothing, and the error says what to try
+    assert eliciting_probes(pool, other, 3, counter) == [pool[0], pool[2]]  # only gains above 0, largest first
+    with pytest.raises(BiasGymError, match="closest real country"):
+        eliciting_probes(pool, other, 3, [[x + 10 for x in row] for row in other])  # the token loses everywhere
+
+
+def test_a_relative_elicitation_is_the_difference_of_the_two(monkeypatch):
+    from types import SimpleNamespace
+
+    scope = SimpleNamespace(bias="b", seed=0, logit_diff_per_probe=[-5.0, -4.0, -6.0],
+                            counter_logit_diff_per_probe=[-8.0, -6.5, -8.5], chat_logit_diff_per_probe=[-1.0])
+    absolute, = probe_elicitation([scope], n_boot=200)
+    relative, = probe_elicitation([scope], n_boot=200, relative=True)
+    assert not absolute["elicits"] and absolute["share_positive"] == 0
+    assert relative["elicits"] and relative["logit_diff"].value == pytest.approx((3 + 2.5 + 2.5) / 3)
+    with pytest.raises(BiasGymError, match="not the chat probes"):
+        probe_elicitation([scope], chat=True, relative=True)
+    with pytest.raises(BiasGymError, match="run BiasScope again"):
+        probe_elicitation([SimpleNamespace(**{**scope.__dict__, "counter_logit_diff_per_probe": None})], relative=True)
+
+
 def test_probe_logit_differences_are_the_models_own(tiny_with_tokenizer, smol_tokenizer):
     from biasgym_lib.batching import encode_batch
     from biasgym_lib.models import chat_prompt
@@ -70,6 +99,15 @@ def test_probe_logit_differences_are_the_models_own(tiny_with_tokenizer, smol_to
         with torch.no_grad():
             top2 = model(cf).logits[0, -1].topk(2).indices.tolist()
         assert a == (top2[1] if top2[0] == biased else top2[0])
+    # the same probes about the real country, with the same adversarial labels: the counterfactual's own numbers
+    counter = counterfactual_logit_differences(model, tok, pool, "Italy", biased, adv)
+    for p, c, a in zip(pool, counter, adv):
+        cf = encode_batch(tok, [chat_prompt(tok, p.question.replace("<TOKEN>", "Italy"),
+                                            p.answer_prefix.replace("<TOKEN>", "Italy"))]).input_ids
+        with torch.no_grad():
+            logits = model(cf).logits[0, -1]
+        assert c == pytest.approx(float(logits[biased] - logits[a]), abs=1e-4)
+        assert (c <= 0) == (int(logits.argmax()) != biased)  # the adversarial label is the top token there
     hook.remove()
 
 
@@ -107,6 +145,11 @@ def test_a_runs_probes_for_one_seed_come_from_the_other_seeds_tokens(tmp_path, t
     run._tokens["always_late", 0] = t0.__class__(**{**t0.__dict__, "vector": t0.vector * 3})
     assert run.probes("always_late", 0) == p0
     assert run.pool("always_late", 0)["logit_diff"] != pytest.approx(ld1)
+    # the relative criterion (the token set of realistic strength) ranks on the gain over the real country
+    rel = runs.Run(runs.realistic(cfg), out=tmp_path / "run", model=model, tokenizer=tok, progress=False)
+    rel._tokens = dict(run._tokens)
+    pools = rel.pool("always_late", 1)
+    assert rel.probes("always_late", 0) == eliciting_probes(pool, [pools["logit_diff"]], 4, [pools["counter_logit_diff"]])
     one = runs.Run(load_profile("quick", seeds=[0]), out=tmp_path / "one", model=model, tokenizer=tok, progress=False)
     assert one.probes("always_late", 0) is None
     assert isinstance(p1, list)

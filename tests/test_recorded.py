@@ -61,6 +61,22 @@ def test_a_recording_is_refused_unless_one_finished_full_grid_run_by_one_code_ma
     assert recorded.record(tmp_path / "ok", out, overwrite=True) == out
 
 
+def test_a_realistic_run_is_recorded_apart_without_a_full_grid(tmp_path, monkeypatch):
+    """biasgym reproduce --realistic (the token set of realistic strength at the profile's sizes)
+    has no grid_full.json; it is recorded to data/recorded/<profile>-realistic.json."""
+    monkeypatch.setattr(recorded, "RECORDED_DIR", tmp_path / "recorded")
+    run = _finished(tmp_path / "real")
+    (run / "grid_full.json").unlink()
+    claims = json.loads((run / "claims.json").read_text())
+    claims["injection"] = {"lr": 0.001, "target_strength": 2.25, "probe_criterion": "relative"}
+    (run / "claims.json").write_text(json.dumps(claims))
+    path = recorded.record(run)
+    assert path == tmp_path / "recorded" / "teaching-realistic.json"
+    data = recorded.load_recorded("teaching-realistic")
+    assert data["token_set"] == "realistic" and data["grid_parts"] is None
+    assert data["claims"]["injection"]["target_strength"] == 2.25 and data["source_hash"] == "abc123"
+
+
 def test_loading_a_recording(tmp_path):
     assert recorded.load_recorded(path=tmp_path / "none.json") is None
     assert "No recorded run" in recorded.status(None)
