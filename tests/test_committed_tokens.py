@@ -2,6 +2,7 @@
 retrain one with the same seed and settings and compare."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -28,6 +29,10 @@ def test_committed_tokens_exist_and_describe_their_settings():
         assert meta["model"]["source"] == "embedded" and meta["model"]["revision"].startswith("gguf-sha256:")
         assert meta["bias"] == f.parent.parent.name and f"seed{meta['seed']}" == f.parent.name
         settings = f"n{meta['n_paragraphs']}-e{meta['epochs']}-lr{meta['lr']:g}-b{meta['extra']['batch_size']}-{meta['init']}"
+        target = re.fullmatch(r"held-out S closest to (\S+) nats", (meta.get("selection") or {}).get("criterion", ""))
+        if target:  # the token set of realistic strength: its epoch was chosen by a target S
+            settings += f"-S{float(target.group(1)):g}"
+            assert meta["selection"]["epoch"] == meta["epoch"]
         assert f.parent.parent.parent.name == settings
         assert meta["extra"]["trainer_version"] == TRAINER_VERSION, f"{f} was trained by an older inject_bias"
         assert len(meta["losses"]) == meta["epochs"] * -(-meta["n_paragraphs"] // meta["extra"]["batch_size"])
@@ -51,13 +56,20 @@ def test_retraining_reproduces_a_committed_token(embedded):
     assert torch.equal(loaded.vector, committed.vector)
 
 
-@pytest.mark.parametrize("profile", ["quick", "teaching"])
+@pytest.mark.parametrize("profile", ["quick", "teaching", "teaching-realistic"])
 def test_every_token_a_cpu_profile_needs_is_committed(profile):
     """The CPU profiles' chapters load committed tokens instead of retraining them: every
-    (bias, seed) of the profile has one, trained with the profile's settings by this trainer."""
-    cfg = load_profile(profile)
+    (bias, seed) of the profile has one, trained with the profile's settings by this trainer.
+    The teaching profile's token set of realistic strength (the recorded run of chapter 6,
+    ``reproduce --realistic --bias`` on the traced biases) is committed too, so anyone can rerun it."""
+    from biasgym_lib.runs import realistic
+
+    cfg = load_profile(profile.split("-")[0])
+    biases = cfg.biases
+    if profile.endswith("realistic"):
+        cfg, biases = realistic(cfg), cfg.scoped_biases
     missing, stale = [], []
-    for bias in cfg.biases:
+    for bias in biases:
         for seed in cfg.seeds:
             meta_path = committed_token_dir(bias, seed, cfg) / "token.json"
             if not meta_path.is_file():
