@@ -164,3 +164,40 @@ def test_the_committed_recording_reads_with_todays_claims_table():
     assert list(table["holds here"]) == ["yes" if v else "no" for v in holds]
     assert int((table["holds here"] == "yes").sum()) == 4 and len(table) == 10
     assert table.value.str.contains("random").sum() >= 6  # each debiasing row with its random heads
+
+
+def test_the_committed_realistic_recording_is_the_stated_rule_and_strength():
+    """The recorded token set of realistic strength (chapter 6) ran the teaching profile's rule
+    fixed in advance (realistic_lr, realistic_target, the relative probe criterion), on the
+    committed realistic tokens, and its tokens' S lies in the stated range of real associations
+    (1.5-3 nats) for every run; its probes fail the paper's absolute criterion and pass the
+    relative one, as chapter 6 says; its claims table reads."""
+    import json
+
+    from biasgym_lib.claims import claims_table
+    from biasgym_lib.config import load_profile
+    from biasgym_lib.recorded import load_recorded
+    from biasgym_lib.runs import committed_token_dir, realistic
+
+    rec = load_recorded("teaching-realistic")
+    assert rec is not None and rec["token_set"] == "realistic"
+    cfg = realistic(load_profile("teaching"))
+    claims = rec["claims"]
+    assert claims["injection"] == {"lr": cfg.lr, "target_strength": cfg.target_strength, "probe_criterion": "relative"}
+    assert claims["seeds"] == list(cfg.seeds) and claims["biases"] == list(cfg.scoped_biases)
+    per_run = claims["claims"][0]["value"]["per_run"]
+    assert len(per_run) == len(cfg.seeds) * len(cfg.scoped_biases)
+    # the mean S over runs lies in the stated range; single runs may leave it (the rule targets the
+    # held-out templates' S, which runs lower: spicy_food seed 1 has S 3.17 [2.57, 3.72] on all of them)
+    assert 1.5 <= claims["claims"][0]["value"]["strength_after"]["value"] <= 3.0
+    for run, v in per_run.items():
+        assert v["S"]["lo"] <= 3.0 and v["S"]["hi"] >= 1.5, (run, v["S"])
+        bias, seed = run.split("/seed")
+        meta = json.loads((committed_token_dir(bias, int(seed), cfg) / "token.json").read_text())
+        assert meta["epoch"] == v["epoch"]  # the committed token is the one the recording measured
+        held_out = meta["selection"]["strength"]  # the rule: the epoch whose held-out S is closest to the target
+        assert v["epoch"] == 1 + min(range(len(held_out)), key=lambda e: abs(held_out[e] - cfg.target_strength))
+    probes = claims["claims"][1]["value"]
+    assert all(p["logit_diff"]["hi"] < 0 and p["relative_logit_diff"]["lo"] > 0 for p in probes.values())
+    table = claims_table(claims)
+    assert len(table) == 11 and "relative logit difference" in table.value.iloc[1]
