@@ -231,6 +231,9 @@ def claims_from(run) -> dict:
     return {"model": next(iter(inj.values())).model, "profile": cfg.name, "seeds": list(cfg.seeds),
             "biases": list(run.biases), "k": k,
             "injection": {"lr": cfg.lr, "target_strength": cfg.target_strength, "probe_criterion": cfg.probe_criterion},
+            "draws": {"uniform": cfg.n_random_draws, "matched": cfg.n_matched_draws, "cost": cfg.n_cost_draws,
+                      "grid_matched": cfg.grid_matched, "mc_questions": len(run.setting["questions"]),
+                      "references": len(run.setting["references"])},
             "best": {"method": best.method, "kind": best.kind, "k": best.k, "why": best.why},
             "grid": {"biases": run.grid_biases, "full": run.full_grid, "summary": [x.to_dict() for x in run.summary()]},
             # the chosen ranking against the paper's only where both were steered at the same kind and k

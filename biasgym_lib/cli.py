@@ -3,29 +3,27 @@
     biasgym inject --bias NAME|FILE --out DIR [--model M] [--device D] [--seed N]
     biasgym scope --injected DIR --out DIR2 [--k K]
     biasgym steer --injected DIR --heads DIR2 --k K --alpha A --out DIR3 [--heads-from-other-bias]
-    biasgym reproduce --out DIR [--bias NAME|FILE ...] [--model M] [--retrain]
+    biasgym reproduce --out DIR [--bias NAME|FILE ...] [--model M] [--retrain] [--full-grid|--power|--realistic]
     biasgym record RUN_FOLDER [--out FILE] [--commit SHA]
     biasgym book --profile P
     biasgym bench --out FILE.json
 
-Every command also takes ``--profile P`` (quick, teaching, paper; default teaching),
-``--set KEY=VALUE`` (repeatable: override one profile setting, e.g. ``--set epochs=1``)
-and ``--overwrite``.
+Every command also takes ``--profile P`` (quick, teaching, paper; default teaching), ``--set KEY=VALUE``
+(repeatable: override one profile setting, e.g. ``--set epochs=1``) and ``--overwrite``.
 
-``--bias`` is a bias name from data/biases.yaml or the path of your own YAML spec file
-(``FILE:NAME`` picks one bias of several in a file). The injected token keeps the whole
-spec, so ``scope`` and ``steer`` never need the file again.
+``--bias`` is a bias name from data/biases.yaml or the path of your own YAML spec file (``FILE:NAME``
+picks one bias of several in a file). The injected token keeps the whole spec, so ``scope`` and
+``steer`` never need the file again.
 
-``--alpha`` scales the output of the top k heads: 0 removes them (zero-ablation, the
-paper's setting), 0 < alpha < 1 weakens them, 1 changes nothing, and 1 < alpha <= 2 is
-*amplification* (the heads are strengthened: the opposite of debiasing, for dose-response
-checks only). Negative, larger or non-finite values are refused.
+``--alpha`` scales the output of the top k heads: 0 removes them (zero-ablation, the paper's setting),
+0 < alpha < 1 weakens them, 1 changes nothing, and 1 < alpha <= 2 is *amplification* (the heads are
+strengthened: the opposite of debiasing, for dose-response checks only). Negative, larger or non-finite
+values are refused.
 
-Every input and ``--out`` are checked before any model work. A result is a folder that
-appears whole (written next to it and renamed into place); a folder that already holds a
-result is replaced only with ``--overwrite``. A bad input prints a one-line error (exit
-2); an unexpected internal error prints one line and the file holding the full trace
-(exit 1).
+Every input and ``--out`` are checked before any model work. A result is a folder that appears whole
+(written next to it and renamed into place); a folder that already holds a result is replaced only with
+``--overwrite``. A bad input prints a one-line error (exit 2); an unexpected internal error prints one
+line and the file holding the full trace (exit 1).
 """
 
 from __future__ import annotations
@@ -301,6 +299,7 @@ def cmd_steer(args) -> int:
 def cmd_reproduce(args) -> int:
     from .artifacts import resumable_folder
     from .data.specs import check_label
+    from .config import power
     from .runs import realistic, reproduce
 
     cfg = _profile(args)
@@ -314,6 +313,7 @@ def cmd_reproduce(args) -> int:
                       overrides={**cfg.overrides, "biases": list(biases), "scope_biases": 0})
     else:
         specs = [_spec(b) for b in cfg.biases]
+    cfg = power(cfg) if args.power else cfg  # (argparse refuses --power with --full-grid, which draws as many)
     if args.realistic:
         if args.record:
             raise BiasGymError("--record already runs the token set of realistic strength; drop --realistic.")
@@ -420,12 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bias", nargs="+", default=None,
                     help="the biases to run instead of the profile's: names and/or spec files (at least two)")
     sp.add_argument("--retrain", action="store_true", help="retrain tokens instead of loading committed ones")
-    sp.add_argument("--full-grid", action="store_true",
+    draws = sp.add_mutually_exclusive_group()
+    draws.add_argument("--full-grid", action="store_true",
                     help="the whole selection grid (every bias, method, intervention and k in 1, 2, 5, 10, 20, 20 "
                          "uniform and 20 layer-matched random draws), not the profile's subset; hours on a CPU")
     sp.add_argument("--realistic", action="store_true",
                     help="run the token set of realistic strength (the profile's realistic_lr and realistic_target, "
                          "probes chosen by the relative criterion) instead of the book's; biasgym record keeps it")
+    draws.add_argument("--power", action="store_true", help="the profile's grid, with 20 layer-matched random draws per "
+                    "compared selection in every later stage, 5 with costs, and all 232 MC questions; biasgym record keeps it")
     sp.add_argument("--record", action="store_true",
                     help="also run the token set of realistic strength and write the results the book shows to "
                          "data/recorded/<profile>.json (with the commit and code hash)")

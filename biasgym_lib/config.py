@@ -220,6 +220,25 @@ def full_grid(cfg: Profile) -> Profile:
                    n_matched_draws=max(FULL_GRID_DRAWS, cfg.n_matched_draws), grid_matched=True)
 
 
+POWER_COST_DRAWS = 5
+
+
+def power(cfg: Profile) -> Profile:
+    """The profile's own grid and stages with the power a claim needs (what ``biasgym reproduce
+    --power`` runs, issue 23): 20 layer-matched random draws for each compared selection in every
+    stage after the grid (confirmation, leave-one-bias-out, SeeGULL, culture), the first 5 of
+    every kind of random draw also with perplexity and multiple choice, and every one of the
+    shipped multiple-choice questions wherever MC is measured (the grid too); everything else
+    (grid, sizes, seeds, references) as in ``cfg``."""
+    from dataclasses import replace
+
+    from .data.capability import load_mc
+
+    return replace(cfg, n_matched_draws=max(FULL_GRID_DRAWS, cfg.n_matched_draws),
+                   n_cost_draws=max(POWER_COST_DRAWS, cfg.n_cost_draws),
+                   n_mc_questions=max(len(load_mc()), cfg.n_mc_questions))
+
+
 def load_profile(name: str | None = None, path: Path = PROFILES_FILE, **overrides) -> Profile:
     """The profile ``name`` (default ``teaching``), with every non-None override applied.
 

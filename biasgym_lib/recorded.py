@@ -21,6 +21,7 @@ from pathlib import Path
 from .artifacts import read_json, write_json
 from .config import PROJECT_ROOT
 from .errors import BiasGymError
+from .claims import MIN_DRAWS
 
 RECORDED_DIR = PROJECT_ROOT / "data" / "recorded"  # left out of source_hash: a recording never invalidates itself
 FORMAT = "biasgym.recorded_run/1"
@@ -62,9 +63,12 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
                            "to its end first (it resumes where it stopped).")
     claims = read_json(claims_file, "claims")
     real = (claims.get("injection") or {}).get("target_strength") is not None  # reproduce --realistic
-    if not grid_file.is_file() and not real:
-        raise BiasGymError(f"{folder} was not a --full-grid run (no grid_full.json): only the whole grid, or the "
-                           "token set of realistic strength (reproduce --realistic), is recorded.")
+    # reproduce --power: the profile's grid with the layer-matched draws a claim needs in every later stage
+    powered = not grid_file.is_file() and (claims.get("draws") or {}).get("matched", 0) >= MIN_DRAWS
+    if not grid_file.is_file() and not real and not powered:
+        raise BiasGymError(f"{folder} was not a --full-grid run (no grid_full.json): only the whole grid, the "
+                           "token set of realistic strength (reproduce --realistic) or a run with the power a "
+                           f"claim needs (reproduce --power: {MIN_DRAWS} layer-matched draws) is recorded.")
     hashes = stage_hashes(folder)
     if len(hashes) != 1:
         raise BiasGymError(f"the stage results in {folder} were computed by {len(hashes)} versions of the code "
@@ -74,16 +78,40 @@ def record(folder, out: Path | None = None, commit: str | None = None, overwrite
         head, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "biasgym_lib", "data")
         commit = head and head + ("+uncommitted" if dirty else "")
     grid = read_json(grid_file, "grid") if grid_file.is_file() else {}
-    out = Path(out) if out is not None else recorded_path(str(claims.get("profile")) + ("-realistic" if real else ""))
+    kind = ("-realistic" if real else "") + ("-power" if powered else "")
+    out = Path(out) if out is not None else recorded_path(str(claims.get("profile")) + kind)
     if out.exists() and not overwrite:
         raise BiasGymError(f"{out} exists; pass --overwrite to replace that recording.")
     seconds_file, real_file = folder / "stage_seconds.json", folder / "realistic" / "claims.json"
+    check_file = folder / "reference_check.json"
     data = {"format": FORMAT, "profile": claims.get("profile"), "commit": commit, "source_hash": run_hash,
             "recorded_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "stage_seconds": read_json(seconds_file, "stage log") if seconds_file.is_file() else None,
-            "token_set": "realistic" if real else "book", "grid_parts": grid.get("parts"), "claims": claims,
+            "token_set": "realistic" if real else "book", "power": powered, "grid_parts": grid.get("parts"),
+            "claims": claims,
+            "reference_check": read_json(check_file, "reference check") if check_file.is_file() else None,
             "realistic": read_json(real_file, "realistic token set's claims") if real_file.is_file() else None}
     return write_json(out, data)
+
+
+def reference_frame(check: dict):
+    """Do the steering references stand for all of them? :func:`~biasgym_lib.runs.reference_check`
+    (kept in a recording) as a table: per selection and token, S against the steering
+    references and against every reference country, whether the second lies inside the first's
+    95% interval, and the share of S each removes."""
+    import pandas as pd
+
+    n = {r: len(c) for r, c in check["references"].items()}
+    rows = []
+    for name, per_ref in check["S"].items():
+        for i, (a, b) in enumerate(zip(per_ref["steering"], per_ref["all"])):
+            red = check["reduction"].get(name, {})
+            rows.append({"selection": name, "seed": check["seeds"][i],
+                         f"S, {n['steering']} references": a["value"], "95% lo": a["lo"], "95% hi": a["hi"],
+                         f"S, all {n['all']}": b["value"], "inside the interval": a["lo"] <= b["value"] <= a["hi"],
+                         f"removed, {n['steering']}": red["steering"][i] if red else None,
+                         f"removed, all {n['all']}": red["all"][i] if red else None})
+    return pd.DataFrame(rows).set_index(["selection", "seed"]).round(3)
 
 
 def load_recorded(profile: str = "teaching", path: Path | None = None) -> dict | None:

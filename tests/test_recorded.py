@@ -77,6 +77,54 @@ def test_a_realistic_run_is_recorded_apart_without_a_full_grid(tmp_path, monkeyp
     assert data["claims"]["injection"]["target_strength"] == 2.25 and data["source_hash"] == "abc123"
 
 
+def test_a_power_run_is_recorded_apart_with_its_reference_check(tmp_path, monkeypatch):
+    """biasgym reproduce --power (the profile's grid, 20 layer-matched draws per compared selection
+    in every later stage) has no grid_full.json; it is recorded to <profile>-power.json only when
+    it drew at least MIN_DRAWS layer-matched heads, and keeps the reference check beside it."""
+    from biasgym_lib.claims import MIN_DRAWS
+
+    monkeypatch.setattr(recorded, "RECORDED_DIR", tmp_path / "recorded")
+    run = _finished(tmp_path / "power")
+    (run / "grid_full.json").unlink()
+    claims = json.loads((run / "claims.json").read_text())
+    claims["draws"] = {"uniform": 2, "matched": MIN_DRAWS - 1, "cost": 5, "mc_questions": 232, "references": 6}
+    (run / "claims.json").write_text(json.dumps(claims))
+    with pytest.raises(BiasGymError, match="not a --full-grid run"):  # too few draws to decide a claim
+        recorded.record(run)
+    claims["draws"]["matched"] = MIN_DRAWS
+    (run / "claims.json").write_text(json.dumps(claims))
+    S = [{"value": v, "lo": v - 0.5, "hi": v + 0.5} for v in (2.0, 3.0)]
+    check = {"bias": "a", "seeds": [0, 1], "references": {"steering": ["X"] * 6, "all": ["X"] * 32},
+             "S": {"unsteered": {"steering": S, "all": [{**S[0], "value": 2.4}, {**S[1], "value": 3.6}]},
+                   "chosen": {"steering": S, "all": S}},
+             "reduction": {"chosen": {"steering": [0.1, 0.2], "all": [0.15, 0.2]}}, "code": "abc123-p1"}
+    (run / "reference_check.json").write_text(json.dumps(check))
+    assert recorded.record(run) == tmp_path / "recorded" / "teaching-power.json"
+    data = recorded.load_recorded("teaching-power")
+    assert data["power"] is True and data["token_set"] == "book" and data["reference_check"]["bias"] == "a"
+    frame = recorded.reference_frame(data["reference_check"])
+    assert frame["inside the interval"].tolist() == [True, False, True, True]  # 3.6 lies outside [2.5, 3.5]
+    assert frame.loc[("chosen", 0), "removed, all 32"] == 0.15 and frame.loc[("unsteered", 1), "S, all 32"] == 3.6
+    assert frame.loc[("unsteered", 0)].isna()["removed, 6"]
+
+
+def test_the_power_profile_decides_claims_and_changes_nothing_else():
+    """--power: 20 layer-matched draws (the claims' MIN_DRAWS), 5 with costs, all 232 MC
+    questions; the grid, sizes, seeds and references are the profile's."""
+    from dataclasses import asdict
+
+    from biasgym_lib.claims import MIN_DRAWS
+    from biasgym_lib.config import load_profile, power
+    from biasgym_lib.data.capability import load_mc
+
+    cfg = load_profile("teaching")
+    pw = power(cfg)
+    assert (pw.n_matched_draws, pw.n_cost_draws, pw.n_mc_questions) == (MIN_DRAWS, 5, len(load_mc())) == (20, 5, 232)
+    changed = {k for k, v in asdict(pw).items() if asdict(cfg)[k] != v}
+    assert changed == {"n_matched_draws", "n_cost_draws", "n_mc_questions"}
+    assert main(["reproduce", "--out", "x", "--power", "--full-grid"]) == 2  # the full grid draws as many already
+
+
 def test_loading_a_recording(tmp_path):
     assert recorded.load_recorded(path=tmp_path / "none.json") is None
     assert "No recorded run" in recorded.status(None)
