@@ -26,13 +26,15 @@ FEW_HEADS = "the bias is carried by few heads"
 
 MIN_DRAWS = 20
 """A selection's place among random draws decides a claim only with at least this many
-layer-matched draws; with fewer the claim is left undecided (stated in advance, issue 23)."""
+layer-matched draws; with fewer the claim is left undecided (stated in advance, issue 23). The
+draws are distinct head sets, none the selection itself (:func:`~biasgym_lib.heads.layer_matched_draws`):
+a selection whose layer profile admits fewer (one head in a layer of 9) stays undecided."""
 
 SHARE_TOP_K = 0.25
 """\"Few heads\": the top k carry at least a quarter of the positive DLA attribution (and exact
 patching agrees with DLA's top k: :func:`patching_agrees`)."""
 
-STANDARD = (f"the reduction lies above {BEYOND_RANDOM:.0f}% of at least {MIN_DRAWS} layer-matched random draws "
+STANDARD = (f"the reduction lies above {BEYOND_RANDOM:.0f}% of at least {MIN_DRAWS} distinct layer-matched random draws "
             f"of the same kind and k; the facts and the held-out relation each lose at most "
             f"{GRID_BOUNDS['facts']:.0%} of their S; perplexity rises by at most {GRID_BOUNDS['perplexity']:.0%} "
             f"on every text set; multiple-choice accuracy falls by at most {-GRID_BOUNDS['mc'] * 100:.0f} points")

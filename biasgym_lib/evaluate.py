@@ -15,7 +15,7 @@ import numpy as np
 from .capability import mc_accuracy, mc_raw, paired_change, perplexity, ppl_raw
 from .data import contrast_countries, held_out_relations, load_bias, reference_countries
 from .errors import BiasGymError
-from .heads import head_sets, layer_matched_heads, matched_seed, random_heads
+from .heads import head_sets, layer_matched_draws, random_heads
 from .layerskip import Resumer
 from .measure import assoc_table, assoc_tables, stereotype_strength
 from .models import ModelAdapter
@@ -149,7 +149,8 @@ def make_spec(heads, kind: str, means=None, entities: dict | None = None, source
 def grid_points(runs: Sequence[dict], methods, kinds, ks, n_heads: int, matched: int = 0) -> list[tuple]:
     """``(run, method, kind, k, head sets)`` of a grid: each method's top k (one set; random
     heads: one set per draw) and, with ``matched`` > 0, that many layer-matched random draws
-    for each selected set, under the method name ``matched:<method>``."""
+    for each selected set, distinct and never the set itself (fewer where its layer profile
+    admits fewer: :func:`~biasgym_lib.heads.layer_matched_draws`), as ``matched:<method>``."""
     out = []
     for run in runs:
         for m in methods:
@@ -162,8 +163,7 @@ def grid_points(runs: Sequence[dict], methods, kinds, ks, n_heads: int, matched:
                     out.append((run, m, kind, k, sets))
                     if matched and m != "random":
                         out.append((run, f"matched:{m}", kind, k,
-                                    [layer_matched_heads(sets[0], n_heads, matched_seed(sets[0], d))
-                                     for d in range(matched)]))
+                                    layer_matched_draws(sets[0], n_heads, matched)))
     return out
 
 

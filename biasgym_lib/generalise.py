@@ -14,7 +14,7 @@ from .capability import mc_accuracy, mc_raw, perplexity, ppl_raw
 from .data import load_templates, reference_countries
 from .data.seegull import seegull_stereotypes
 from .evaluate import facts_reduction, held_out_mask, make_spec, strength_under
-from .heads import bias_rankings, head_sets, layer_matched_heads, matched_seed, nan_tensor, nan_to_none
+from .heads import bias_rankings, head_sets, layer_matched_draws, nan_tensor, nan_to_none
 from .layerskip import Resumer
 from .measure import assoc_tables, stereotype_strength
 from .models import ModelAdapter
@@ -177,8 +177,8 @@ def seegull_steering(run) -> dict:
             sets = head_sets(method, pooled[method], k)
             points += [(method, kind, k, draw, heads) for draw, heads in enumerate(sets)]
             if method != "random":
-                points += [(f"matched:{method}", kind, k, d, layer_matched_heads(sets[0], n_heads, matched_seed(sets[0], d)))
-                           for d in range(cfg.n_matched_draws)]
+                points += [(f"matched:{method}", kind, k, d, heads)
+                           for d, heads in enumerate(layer_matched_draws(sets[0], n_heads, cfg.n_matched_draws))]
         # each steered pass starts at its first edited layer (below it, the unmodified model's passes are reused)
         resume = Resumer(run.model, {min(l for l, _ in heads) for *_, heads in points if heads})
         bias0 = next(iter(run.specs.values()))

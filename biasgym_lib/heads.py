@@ -189,6 +189,31 @@ def layer_matched_heads(heads: Iterable, n_heads: int, seed: int) -> list[Head]:
     return sorted(out)
 
 
+def layer_matched_draws(heads: Iterable, n_heads: int, n: int) -> list[list[Head]]:
+    """``n`` layer-matched draws for the selection ``heads`` (:func:`layer_matched_heads`, the
+    d-th from :func:`matched_seed`), each a different head set and none the selection itself:
+    n draws are n different comparisons. Where the selection's layer profile admits fewer other
+    sets (one head in a layer of 9 heads admits 8), every one of them, so fewer than ``n``: a
+    draw repeated, or the selection met as its own baseline, would let a percentile look
+    resolved where it cannot be (one head of 9 is at best the top ninth, never above 95%)."""
+    selected = sorted(as_head(h) for h in heads)
+    counts: dict[int, int] = {}
+    for layer, _ in selected:
+        counts[layer] = counts.get(layer, 0) + 1
+    for layer, c in counts.items():
+        if c > n_heads:
+            raise BiasGymError(f"{c} heads asked for in layer {layer}, which has {n_heads}.")
+    others = math.prod(math.comb(n_heads, c) for c in counts.values()) - 1
+    seen, out, draw = {tuple(selected)}, [], 0
+    while len(out) < min(n, others):
+        got = layer_matched_heads(selected, n_heads, matched_seed(selected, draw))
+        draw += 1
+        if tuple(got) not in seen:
+            seen.add(tuple(got))
+            out.append(got)
+    return out
+
+
 def matched_seed(heads: Iterable, draw: int) -> int:
     """The seed of a layer-matched draw: from the selection's layer profile and the draw
     number only, so that selections with the same profile share their draws."""

@@ -380,6 +380,29 @@ def test_layer_matched_heads_keep_the_count_per_layer_and_are_reproducible():
     assert percentile(2.0, [1, 2, 3, 4]) == 37.5  # one below, one tie counted half
 
 
+def test_layer_matched_draws_are_distinct_never_the_selection_and_as_many_as_exist():
+    """A percentile over draws that repeat, or that meet the selection as its own baseline,
+    looks resolved where it is not: measured in a run with power, where the chosen k = 2
+    selection pooled for SeeGULL was one head, [27, 1], and its 20 draws with replacement were
+    8 heads of layer 27 repeated and itself once (97.5%, a "yes" the exact null cannot give:
+    one head of 9 is at best the top ninth)."""
+    from biasgym_lib.heads import layer_matched_draws, layer_matched_heads, matched_seed
+
+    one = layer_matched_draws([(27, 1)], 9, 20)
+    assert sorted(one) == [[(27, h)] for h in range(9) if h != 1]  # all 8 others, once each, not 20
+    chosen = [(21, 3), (21, 7), (10, 0), (29, 8)]
+    draws = layer_matched_draws(chosen, 9, 20)
+    assert len(draws) == 20 and len({tuple(d) for d in draws}) == 20 and sorted(chosen) not in draws
+    for d in draws:
+        assert sorted(l for l, _ in d) == sorted(l for l, _ in chosen)
+    assert draws[0] == layer_matched_heads(chosen, 9, matched_seed(chosen, 0))  # the same first draw as before
+    assert draws == layer_matched_draws(list(reversed(chosen)), 9, 20)  # reproducible, order-free
+    assert len(layer_matched_draws([(0, 0), (0, 1)], 3, 20)) == 2  # C(3, 2) = 3 sets, the selection one of them
+    assert layer_matched_draws([], 9, 20) == [] and layer_matched_draws(chosen, 9, 0) == []
+    with pytest.raises(BiasGymError, match="has 2"):
+        layer_matched_draws([(0, 0), (0, 1), (0, 2)], 2, 5)
+
+
 def test_grid_with_layer_matched_draws_places_each_selection_among_them(setup):
     from biasgym_lib.data import Fact
     from biasgym_lib.selection import summarise_grid
