@@ -249,3 +249,56 @@ def test_the_committed_realistic_recording_is_the_stated_rule_and_strength():
     assert all(p["logit_diff"]["hi"] < 0 and p["relative_logit_diff"]["lo"] > 0 for p in probes.values())
     table = claims_table(claims)
     assert len(table) == 11 and "relative logit difference" in table.value.iloc[1]
+
+
+def test_the_committed_power_recording_decides_with_the_stated_power():
+    """The recorded run with power (chapter 6) ran the teaching profile through config.power:
+    every selection a debiasing claim compares was placed among at least MIN_DRAWS layer-matched
+    draws with its perplexity and multiple choice on all 232 questions measured, so no such row is
+    undecided; the reference check compares the 6 steering references with all 32."""
+    from biasgym_lib.claims import MIN_DRAWS, claims_table, debiasing_holds
+    from biasgym_lib.config import load_profile, power
+    from biasgym_lib.recorded import load_recorded, reference_frame
+    from biasgym_lib.selection import SteeringResult
+
+    rec = load_recorded("teaching-power")
+    assert rec is not None and rec["power"] is True and rec["token_set"] == "book"
+    cfg, claims = power(load_profile("teaching")), rec["claims"]
+    assert claims["draws"] == {"uniform": cfg.n_random_draws, "matched": cfg.n_matched_draws, "cost": cfg.n_cost_draws,
+                               "grid_matched": False, "mc_questions": 232, "references": cfg.steer_references}
+    assert claims["seeds"] == list(cfg.seeds) and claims["biases"] == list(cfg.scoped_biases)
+    n_rows = 0
+    for c in claims["claims"]:
+        if c["criterion"] != claims["standard"]:
+            continue
+        for name, v in c["value"].items():
+            line = SteeringResult.from_dict(v)
+            assert line.mc is not None and line.mc.n == 232 and line.perplexity, (c["claim"], name)
+            assert 1 <= line.matched["n"] <= MIN_DRAWS  # distinct draws: fewer only where no more exist
+            assert debiasing_holds(line) is c["holds"][name]  # the verdict is today's standard's
+            if line.matched["n"] < MIN_DRAWS:  # too few distinct layer-matched sets: never a "yes"
+                assert c["holds"][name] is not True
+            elif line.facts_ok and line.perplexity_ok and line.mc_ok:
+                assert c["holds"][name] is line.beyond_matched  # decided by its place among the draws
+            n_rows += 1
+    assert n_rows == 6  # three claims x (paper, chosen)
+    assert len(claims_table(claims)) == 11
+    # what chapter 6's prose says of it, row by row
+    rows = {(c["claim"], n.split()[0]): SteeringResult.from_dict(v)
+            for c in claims["claims"] if c["criterion"] == claims["standard"] for n, v in c["value"].items()}
+    steer = rows[("steering the top heads removes the bias", "chosen")]
+    # beyond every draw, within the capability bounds; fails only the facts, with the bound inside their interval
+    assert steer.matched["percentile"] == 100 and steer.perplexity_ok and steer.mc_ok and not steer.facts_ok
+    assert steer.facts_reduction.lo <= 0.10 <= steer.facts_reduction.hi and steer.held_out_reduction.value <= 0.10
+    loo = rows[("the debiasing generalises to biases never injected", "chosen")]
+    assert loo.matched["percentile"] == 100 and not loo.facts_ok and not loo.mc_ok  # two bounds fail
+    real = rows[("the debiasing generalises to real stereotypes", "chosen")]
+    assert real.mean_heads == 1 and real.matched["n"] == 8  # one head: the 8 others of its layer, no more
+    assert real.matched["percentile"] == 100 and real.facts_ok and real.perplexity_ok and real.mc_ok
+    assert all(not v.facts_ok for (_, role), v in rows.items() if role == "paper")  # the paper's fail the facts
+    # the rows that hold are the injection and the probes; no debiasing row holds (chapter 6, the introduction)
+    assert [c["claim"] for c in claims["claims"] if c["holds"] is True] == [
+        "injection elicits the bias reliably", "the paper's score has probes that elicit the bias"]
+    assert not any(v is True for c in claims["claims"] if isinstance(c["holds"], dict) for v in c["holds"].values())
+    refs = reference_frame(rec["reference_check"])
+    assert len(refs) == 9 and refs.columns[0] == f"S, {cfg.steer_references} references"  # 3 selections x 3 seeds
