@@ -329,7 +329,7 @@ def test_the_committed_power_recording_places_every_grid_selection_among_20_laye
         drawn = [y for y in lines if (y.method, y.kind, y.k) == (f"matched:{key[0]}", key[1], key[2])]
         assert len(drawn) == 1 and drawn[0].n_head_sets == MIN_DRAWS, key  # distinct head sets, every one measured
     not_beyond = [key for key, x in selections.items() if not x.beyond_matched]
-    assert not_beyond == [("atp_selective", "zero", 2)]
+    assert not_beyond == [("atp_selective", "zero", 2)] and not selections[not_beyond[0]].facts_ok  # "fails the facts too"
     assert sum(x.matched["percentile"] == 95 for x in selections.values()) == 2  # "just at the mark"
     both = [key for key, x in selections.items() if x.beyond_matched and x.facts_ok and x.perplexity_ok and x.mc_ok]
     best = claims["best"]
