@@ -334,4 +334,5 @@ def test_the_committed_power_recording_places_every_grid_selection_among_20_laye
     both = [key for key, x in selections.items() if x.beyond_matched and x.facts_ok and x.perplexity_ok and x.mc_ok]
     best = claims["best"]
     assert both == [(best["method"], best["kind"], best["k"])] == [("robust", "zero", 2)]
+    assert selections[both[0]].mc.lo < -0.02  # "an interval that reaches past the 2-point bound"
 
